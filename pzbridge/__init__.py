@@ -48,6 +48,9 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "PzbridgeError": ("pzbridge.core.errors", "PzbridgeError"),
     "testing": ("pzbridge.testing", None),
     "nn": ("pzbridge.nn", None),
+    "bridge": ("pzbridge.bridge", None),
+    "lift": ("pzbridge.bridge.api", "lift"),
+    "lower": ("pzbridge.bridge.api", "lower"),
 }
 
 __all__ = sorted(_EXPORTS)

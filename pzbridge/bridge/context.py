@@ -1,0 +1,243 @@
+"""The state one lift or lower traversal carries: path, naming, and sharing.
+
+Sharing is the subtle part. In the original model one array (or one NNX
+Variable) can be reached from several places; the lifted model must hold one
+:class:`~pzbridge.Parameter` object in all of them, and the lowered model
+must again hold one array (one Variable) in all of them. Both contexts
+therefore keep an identity-keyed table shared by every child context of one
+traversal.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> ctx = LiftContext(framework="toy", lift_node=lambda m, c: m)
+    >>> w = jnp.ones(2)
+    >>> a = ctx.child("a").parameter(w, ("features",), "weight")
+    >>> b = ctx.child("b").parameter(w, ("features",), "weight")
+    >>> a is b, a.label, a.value.data_array is w
+    (True, 'a.weight', True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from pzbridge.bridge.naming import AxisNaming
+from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import LiftError, LowerError
+from pzbridge.core.variable_base import AbstractVariable
+from pzbridge.core.variables import Parameter, StateVariable
+
+
+def _path_text(path: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<root>"
+
+
+def _label_text(path: tuple[str | int, ...], names: Sequence[str]) -> str:
+    return ".".join(str(part) for part in (*path, *names))
+
+
+@dataclasses.dataclass
+class _Shared:
+    """Tables shared by all contexts of one traversal."""
+
+    by_identity: dict[int, Any] = dataclasses.field(default_factory=dict)
+    keep_alive: list[Any] = dataclasses.field(default_factory=list)
+    labels: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class LiftContext:
+    """Where a lift traversal is, and what it has created so far.
+
+    Attributes:
+      framework: ``"equinox"`` or ``"nnx"`` (for messages).
+      lift_node: The framework's dispatch function ``(module, ctx) -> lifted``.
+      naming: The axis-naming policy.
+      strict: Raise instead of producing ``Foreign``.
+      path: Attribute path from the root (strings and list indices).
+
+    Example:
+        >>> LiftContext(framework="toy", lift_node=lambda m, c: m).child("blocks", 3).where
+        'blocks[3]'
+    """
+
+    framework: str
+    lift_node: Callable[[Any, LiftContext], Any]
+    naming: AxisNaming = dataclasses.field(default_factory=AxisNaming)
+    strict: bool = False
+    path: tuple[str | int, ...] = ()
+    shared: _Shared = dataclasses.field(default_factory=_Shared)
+
+    @property
+    def where(self) -> str:
+        """The model path for messages, e.g. ``blocks[3].attn``."""
+        return _path_text(self.path)
+
+    def child(self, *keys: str | int) -> LiftContext:
+        """The context of a child at ``keys`` below this one (same shared tables)."""
+        return dataclasses.replace(self, path=(*self.path, *keys))
+
+    def lift(self, module: Any, *keys: str | int) -> Any:
+        """Lifts a child module found at ``keys`` below this context."""
+        return self.lift_node(module, self.child(*keys))
+
+    def label(self, *names: str) -> str:
+        """A variable label: the path joined with dots, e.g. ``blocks.3.attn.query.kernel``."""
+        return _label_text(self.path, names)
+
+    def _variable(self, kind: type, source: Any, value: Callable[[], Any], label: str, metadata: Mapping | None) -> Any:
+        existing = self.shared.by_identity.get(id(source))
+        if existing is not None:
+            if not isinstance(existing, kind):
+                raise LiftError(
+                    f"{self.where}: the object behind {label!r} was already lifted as a {type(existing).__name__} "
+                    f"({existing.label!r}) but is needed here as a {kind.__name__}. "
+                    "Fix: do not use one array both as a trainable parameter and as state."
+                )
+            return existing
+        if label in self.shared.labels:
+            raise LiftError(
+                f"{self.where}: two different arrays would both be labelled {label!r}. "
+                "Fix: this is a bug in a lifting rule; register a rule that names its variables uniquely."
+            )
+        variable = kind(value(), label, metadata)
+        self.shared.by_identity[id(source)] = variable
+        self.shared.keep_alive.append(source)
+        self.shared.labels[label] = variable
+        return variable
+
+    def parameter(
+        self, array: Any, axis_names: Sequence[str], *label_names: str, metadata: Mapping | None = None,
+        source: Any = None,
+    ) -> Parameter:
+        """The Parameter for ``array`` (named ``axis_names``), shared if seen before.
+
+        Args:
+          array: The array, kept as the very buffer (no copy).
+          axis_names: A name for each of its axes, in storage order.
+          *label_names: Label parts appended to the path (e.g. ``"weight"``).
+          metadata: Variable metadata (e.g. NNX sharding annotations).
+          source: The object whose identity defines sharing (default: ``array``;
+            NNX passes its Variable object).
+
+        Returns:
+          A :class:`~pzbridge.Parameter` whose value is a NamedArray over ``array``.
+        """
+        return self._variable(
+            Parameter, array if source is None else source, lambda: nx.wrap(array, *axis_names),
+            self.label(*label_names), metadata,
+        )
+
+    def raw_parameter(self, array: Any, *label_names: str, metadata: Mapping | None = None,
+                      source: Any = None) -> Parameter:
+        """A Parameter over an array whose axes have no known meaning (value kept as a plain array).
+
+        ``Foreign`` modules hold such arrays: their code, not pzbridge, gives
+        the axes meaning. Sharing works as in :meth:`parameter`.
+        """
+        return self._variable(
+            Parameter, array if source is None else source, lambda: array, self.label(*label_names), metadata
+        )
+
+    def state_variable(
+        self, value: Any, *label_names: str, metadata: Mapping | None = None, source: Any = None
+    ) -> StateVariable:
+        """The StateVariable for ``value`` (any pytree), shared if seen before."""
+        return self._variable(
+            StateVariable, value if source is None else source, lambda: value, self.label(*label_names), metadata
+        )
+
+
+@dataclasses.dataclass
+class LowerContext:
+    """Where a lower traversal is, and which variables it has lowered so far.
+
+    Attributes:
+      framework: Target framework name.
+      lower_node: The framework's dispatch function ``(layer, ctx) -> module``.
+      path: Attribute path from the root.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from pzbridge.core.variables import Parameter
+        >>> ctx = LowerContext(framework="toy", lower_node=lambda l, c: l)
+        >>> p = Parameter(nx.wrap(jnp.ones((2, 3)), "a", "b"), "p")
+        >>> ctx.array(p, ("b", "a")).shape
+        (3, 2)
+    """
+
+    framework: str
+    lower_node: Callable[[Any, LowerContext], Any]
+    path: tuple[str | int, ...] = ()
+    shared: _Shared = dataclasses.field(default_factory=_Shared)
+
+    @property
+    def where(self) -> str:
+        """The model path for messages."""
+        return _path_text(self.path)
+
+    def child(self, *keys: str | int) -> LowerContext:
+        """The context of a child at ``keys`` below this one."""
+        return dataclasses.replace(self, path=(*self.path, *keys))
+
+    def lower(self, layer: Any, *keys: str | int) -> Any:
+        """Lowers a child layer found at ``keys`` below this context."""
+        return self.lower_node(layer, self.child(*keys))
+
+    def array(self, variable: Any, axis_names: Sequence[str]) -> Any:
+        """The raw array of a parameter-like object, with axes in ``axis_names`` order.
+
+        Accepts a Parameter / StateVariable, a frozen value, or a NamedArray.
+        The same variable always lowers to the same array object, so sharing
+        survives lowering. No copy is made when the layout already matches.
+
+        Raises:
+          LowerError: If the value is a slot or its axes differ from ``axis_names``.
+        """
+        key = id(variable)
+        cached = self.shared.by_identity.get((key, tuple(axis_names)))
+        if cached is not None:
+            return cached
+        value = getattr(variable, "value", variable) if _has_value(variable) else None
+        if value is None:
+            raise LowerError(
+                f"{self.where}: cannot lower {variable!r}: it holds no value (an unbound slot?). "
+                "Fix: bind variables first with pzb.bind_variables(model, variables)."
+            )
+        if not nx.is_namedarray(value):
+            array = value
+        else:
+            if set(value.named_shape) != set(axis_names) or value.positional_shape:
+                raise LowerError(
+                    f"{self.where}: {getattr(variable, 'label', 'value')!r} has named axes "
+                    f"{dict(value.named_shape)} (positional {value.positional_shape}); the {self.framework} "
+                    f"layer needs exactly {list(axis_names)}. Fix: rename the axes (pzb.nn.RenameAxes) or "
+                    "restore the parameter's shape."
+                )
+            array = value.untag(*axis_names).unwrap()
+        if isinstance(variable, AbstractVariable) or hasattr(variable, "label"):
+            self.shared.by_identity[(key, tuple(axis_names))] = array
+            self.shared.keep_alive.append(variable)
+        return array
+
+    def cached(self, source: Any, make: Callable[[], Any]) -> Any:
+        """Returns ``make()`` once per ``source`` object (for lowered Variables, shared submodules)."""
+        key = ("cached", id(source))
+        if key not in self.shared.by_identity:
+            self.shared.by_identity[key] = make()
+            self.shared.keep_alive.append(source)
+        return self.shared.by_identity[key]
+
+
+def _has_value(obj: Any) -> bool:
+    try:
+        getattr(obj, "value")
+    except Exception:  # noqa: BLE001 - slots raise a VariableError on .value
+        return nx.is_namedarray(obj)
+    return True

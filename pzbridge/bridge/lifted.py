@@ -1,0 +1,142 @@
+"""The root of a lifted model: the body plus the original calling convention.
+
+Lifted layers speak named arrays; the original module spoke positional
+arrays (unbatched for Equinox, batched for NNX). ``LiftedModel`` records, for
+each positional argument and output, which names its trailing axes get, so
+``lifted.positional(x)`` accepts exactly what the original took and returns
+what it returned, while ``lifted(named_x)`` is the named form (extra named
+axes, such as ``batch``, pass through: no vmap).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> import pzbridge as pzb
+    >>> model = LiftedModel(pzb.nn.Identity(), "toy", CallingConvention((("features",),), ("features",)))
+    >>> model.positional(jnp.ones(3)).shape
+    (3,)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import NamedAxisError
+from pzbridge.core.struct import Struct, pytree_dataclass, static_field
+from pzbridge.nn.layer import Layer
+
+
+@pytree_dataclass
+class CallingConvention(Struct):
+    """Names for the trailing axes of each positional input and of the output.
+
+    ``inputs[i]`` names the last ``len(inputs[i])`` axes of positional
+    argument ``i``; leading axes stay positional. ``output`` names the output's
+    trailing axes (``None`` when the output is not one array, e.g. a tuple:
+    then outputs are returned as the body produced them, unwrapped leaf-wise).
+
+    Example:
+        >>> CallingConvention((("seq", "features"),), ("seq", "features")).output
+        ('seq', 'features')
+    """
+
+    inputs: tuple[tuple[str, ...], ...] = static_field(default=())
+    output: tuple[str, ...] | None = static_field(default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(tuple(names) for names in self.inputs))
+        if self.output is not None:
+            object.__setattr__(self, "output", tuple(self.output))
+
+    def name_inputs(self, args: Sequence[Any]) -> list[Any]:
+        """Tags each positional argument's trailing axes.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> x, = CallingConvention((("f",),)).name_inputs([jnp.ones((2, 3))])
+            >>> x.positional_shape, dict(x.named_shape)
+            ((2,), {'f': 3})
+        """
+        named = []
+        for index, arg in enumerate(args):
+            names = self.inputs[index] if index < len(self.inputs) else ()
+            if not names or not hasattr(arg, "shape"):
+                named.append(nx.wrap(arg) if hasattr(arg, "shape") else arg)
+                continue
+            if len(arg.shape) < len(names):
+                raise NamedAxisError(
+                    f"positional call: argument {index} has shape {tuple(arg.shape)} but the model expects at "
+                    f"least {len(names)} axes named {list(names)} (trailing). Fix: pass an array of that rank."
+                )
+            named.append(_tag_trailing(arg, names))
+        return named
+
+    def unname_output(self, out: Any) -> Any:
+        """Turns the body's named output back into positional arrays.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> CallingConvention((), ("f",)).unname_output(nx.wrap(jnp.ones(2), "f")).shape
+            (2,)
+        """
+        def unname(leaf: Any) -> Any:
+            if not nx.is_namedarray(leaf):
+                return leaf
+            names = [n for n in (self.output or ()) if n in leaf.named_shape]
+            remaining = [n for n in leaf.named_shape if n not in names]
+            return leaf.untag(*remaining, *names).unwrap() if (names or remaining) else leaf.unwrap()
+
+        return jax.tree_util.tree_map(unname, out, is_leaf=nx.is_namedarray)
+
+
+def _tag_trailing(arg: Any, names: Sequence[str]) -> nx.NamedArrayBase:
+    lead = len(arg.shape) - len(names)
+    wrapped = nx.wrap(arg)
+    if lead == 0:
+        return wrapped.tag(*names)
+    # Name only the trailing axes: move them to named axes, keep the leading positional.
+    temp = [f"__lead{i}" for i in range(lead)]
+    return wrapped.tag(*temp, *names).untag(*temp)
+
+
+@pytree_dataclass
+class LiftedModel(Layer):
+    """A lifted model: ``body`` plus the original calling convention.
+
+    Attributes:
+      body: The lifted layer tree.
+      framework: ``"equinox"`` or ``"nnx"``: where it was lifted from (static).
+      convention: How positional arguments map to named axes (static).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import pzbridge as pzb
+        >>> m = LiftedModel(pzb.nn.Identity(), "toy", CallingConvention((("features",),), ("features",)))
+        >>> dict(m(pzb.nx.ones({"batch": 2, "features": 3})).named_shape)
+        {'batch': 2, 'features': 3}
+    """
+
+    body: Any
+    framework: str = static_field()
+    convention: CallingConvention = static_field(default=CallingConvention())
+
+    def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
+        return self.body(x, **side_inputs)
+
+    def positional(self, *args: Any, **kwargs: Any) -> Any:
+        """Calls the model exactly as the original module was called.
+
+        Positional arguments are named by the recorded convention, keyword
+        arguments become side inputs, and the output is returned positional.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> m = LiftedModel(pzb.nn.Identity(), "toy", CallingConvention((("f",),), ("f",)))
+            >>> m.positional(jnp.arange(3)).tolist()
+            [0, 1, 2]
+        """
+        named = self.convention.name_inputs(args)
+        x = named[0] if len(named) == 1 else tuple(named)
+        return self.convention.unname_output(self.body(x, **kwargs))

@@ -1,0 +1,146 @@
+"""The rule tables that drive lifting and lowering.
+
+Lifting and lowering are each one traversal driven by a table (see
+``shared/STYLE.md``): a *rule* knows one framework class and the lifted
+class(es) it becomes, with both directions side by side:
+
+- ``lift(module, ctx)`` turns a framework module into a lifted layer;
+- ``lower(layer, ctx)`` turns a lifted layer back into a framework module.
+
+Lift rules match the module's exact class: a user subclass of
+``eqx.nn.Linear`` may override ``__call__``, so it is treated as unknown
+(``Foreign``) until someone registers a rule for it. Lower rules match along
+the lifted layer's MRO, so a rule for ``pzb.nn.Sequential`` also lowers
+user-defined ``Sequential`` subclasses.
+
+Example:
+    >>> registry = RuleRegistry("toy")
+    >>> @registry.rule(source=int, lifted=(str,))
+    ... class IntRule:
+    ...     def lift(self, module, ctx): return str(module)
+    ...     def lower(self, layer, ctx): return int(layer)
+    >>> registry.lift_rule_for(int).lift(3, None), registry.lower_rule_for(str).lower("4", None)
+    ('3', 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+_R = TypeVar("_R")
+
+
+class Rule(Protocol):
+    """A pair of conversions between one framework class and its lifted form.
+
+    Example:
+        >>> class Noop:
+        ...     def lift(self, module, ctx): return module
+        ...     def lower(self, layer, ctx): return layer
+        >>> Noop().lower(Noop().lift(1, None), None)
+        1
+    """
+
+    def lift(self, module: Any, ctx: Any) -> Any:
+        """Framework module -> lifted layer."""
+        ...
+
+    def lower(self, layer: Any, ctx: Any) -> Any:
+        """Lifted layer -> framework module."""
+        ...
+
+
+class RuleRegistry:
+    """A framework's table of lift and lower rules.
+
+    Args:
+      framework: The framework's name, used in messages (``"equinox"``, ``"nnx"``).
+
+    Example:
+        >>> RuleRegistry("equinox").framework
+        'equinox'
+    """
+
+    def __init__(self, framework: str) -> None:
+        self.framework = framework
+        self._lift: dict[type, Any] = {}
+        self._lower: dict[type, Any] = {}
+
+    def rule(self, source: type | None = None, lifted: Sequence[type] = ()) -> Callable[[type[_R]], type[_R]]:
+        """Class decorator registering a rule (an instance is created once).
+
+        Args:
+          source: The framework class the rule lifts (exact match), or None
+            for a lower-only rule (lifted layers with no source class, such as
+            generic pzbridge layers that lower to a native module).
+          lifted: The lifted classes the rule lowers (matched along the MRO).
+
+        Returns:
+          The decorator; it returns the class unchanged.
+
+        Example:
+            >>> registry = RuleRegistry("toy")
+            >>> @registry.rule(lifted=(float,))
+            ... class FloatRule:
+            ...     def lower(self, layer, ctx): return round(layer)
+            >>> registry.lower_rule_for(float).lower(2.6, None)
+            3
+        """
+
+        def register(cls: type[_R]) -> type[_R]:
+            self.add(cls(), source, lifted)
+            return cls
+
+        return register
+
+    def add(self, rule: Any, source: type | None = None, lifted: Sequence[type] = ()) -> None:
+        """Registers a rule object (see :meth:`rule`); later rules override earlier ones.
+
+        Example:
+            >>> registry = RuleRegistry("toy")
+            >>> class R:
+            ...     def lift(self, module, ctx): return "lifted"
+            >>> registry.add(R(), source=bytes)
+            >>> registry.lift_rule_for(bytes).lift(b"", None)
+            'lifted'
+        """
+        if source is not None:
+            self._lift[source] = rule
+        for cls in lifted:
+            self._lower[cls] = rule
+
+    def lift_rule_for(self, cls: type) -> Any | None:
+        """The rule lifting exactly ``cls``, or None.
+
+        Example:
+            >>> RuleRegistry("toy").lift_rule_for(int) is None
+            True
+        """
+        return self._lift.get(cls)
+
+    def lower_rule_for(self, cls: type) -> Any | None:
+        """The rule lowering ``cls`` or its nearest registered base class, or None.
+
+        Example:
+            >>> registry = RuleRegistry("toy")
+            >>> class R:
+            ...     def lower(self, layer, ctx): return "base"
+            >>> registry.add(R(), lifted=(Exception,))
+            >>> registry.lower_rule_for(KeyError).lower(None, None)
+            'base'
+        """
+        for base in cls.__mro__:
+            rule = self._lower.get(base)
+            if rule is not None:
+                return rule
+        return None
+
+    def known_sources(self) -> list[str]:
+        """Names of the framework classes with lift rules (for error messages).
+
+        Example:
+            >>> RuleRegistry("toy").known_sources()
+            []
+        """
+        return sorted(f"{cls.__module__}.{cls.__qualname__}" for cls in self._lift)
