@@ -1,0 +1,63 @@
+"""Public hypothesis strategies and property assertions for pzbridge users.
+
+Libraries that transform models test their transforms with these strategies:
+random named arrays (:mod:`pzbridge.testing.named_arrays`), random pytrees of
+structs (:mod:`pzbridge.testing.trees`), and random Equinox / NNX models
+(:mod:`pzbridge.testing.equinox_models`, :mod:`pzbridge.testing.nnx_models`,
+imported on first use because they load the frameworks).
+
+Example:
+    >>> from hypothesis import given
+    >>> import pzbridge.testing as pzt
+    >>> @given(pzt.named_arrays())
+    ... def test_untag_prefix_then_tag_prefix(x):
+    ...     names = tuple(x.named_shape)
+    ...     back = x.untag_prefix(*names).tag_prefix(*names)
+    ...     assert pzb.tree_equal(back.canonicalize(), x.canonicalize())
+    >>> test_untag_prefix_then_tag_prefix()
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from pzbridge.testing.named_arrays import (
+    axis_names,
+    broadcastable_named_array_cases,
+    build_named_array,
+    named_array_cases,
+    named_arrays,
+    named_shapes,
+    positional_shapes,
+)
+from pzbridge.testing.trees import array_leaves, random_struct_trees, sequential_like_trees
+
+_LAZY = {
+    "equinox_models": "pzbridge.testing.equinox_models",
+    "nnx_models": "pzbridge.testing.nnx_models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pzbridge.testing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "array_leaves",
+    "axis_names",
+    "broadcastable_named_array_cases",
+    "build_named_array",
+    "equinox_models",
+    "named_array_cases",
+    "named_arrays",
+    "named_shapes",
+    "nnx_models",
+    "positional_shapes",
+    "random_struct_trees",
+    "sequential_like_trees",
+]

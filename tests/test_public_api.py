@@ -1,0 +1,40 @@
+"""The public namespace promised by the issues: `import pzbridge as pzb` gives these names."""
+
+import importlib
+
+import pytest
+
+import pzbridge as pzb
+
+CORE_NAMES = [
+    "nx", "select", "Selection", "Struct", "Parameter", "StateVariable", "ParameterValue",
+    "StateVariableValue", "ParameterSlot", "StateVariableSlot", "unbind_variables", "unbind_params",
+    "unbind_state_vars", "bind_variables", "freeze_params", "freeze_state_vars", "RandomStream",
+    "pytree_dataclass", "static_field", "stateless_call", "variable_jit", "tree_equal",
+    "nn", "lift", "lower", "testing",
+]
+
+
+@pytest.mark.parametrize("name", CORE_NAMES)
+def test_public_name_resolves(name):
+    assert getattr(pzb, name) is not None
+    assert name in dir(pzb)
+
+
+def test_unknown_attribute_raises_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pzb.nope  # noqa: B018
+
+
+def test_every_declared_export_imports():
+    for name, (module, attribute) in pzb._EXPORTS.items():
+        mod = importlib.import_module(module)
+        if attribute is not None:
+            assert hasattr(mod, attribute), f"pzb.{name} -> {module}.{attribute} is missing"
+
+
+def test_random_stream_public_constructor():
+    import jax
+
+    stream = pzb.RandomStream.from_base_key(jax.random.key(0))
+    assert stream.next_key() is not None
