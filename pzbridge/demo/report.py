@@ -1,7 +1,7 @@
 """A small report of what the demo verified: each check with its outcome and figures.
 
 Example:
-    >>> report = Report()
+    >>> report = Report(verbose=False)
     >>> report.check("one plus one", 1 + 1 == 2, "2")
     True
     >>> report.ok
@@ -21,7 +21,7 @@ class Check:
     """One verified claim.
 
     Example:
-        >>> Check("x", True, "").passed
+        >>> Check("core", "x", True, "").passed
         True
     """
 
