@@ -1,0 +1,333 @@
+"""Capturing intermediate activations without hooks: insert savers, run, collect.
+
+A lifted model is data, so "record what layer X produced" is an *edit*: put a
+:class:`SaveIntermediate` layer after X in a copy of the model, run the copy,
+read what the savers stored. No hook API is needed from the model author,
+and the user's model is never touched.
+
+Why savers write to a ``StateVariable`` (and not to a Python list or a side
+input): a state variable is the one channel out of a layer that the rest of
+pzbridge already makes pure. :func:`collect_saved` runs the model through
+:func:`~pzbridge.core.variables.stateless_call`, which binds fresh copies of
+every variable, so the captured values come back as ordinary return values
+and everything works under ``jax.jit`` / ``jax.grad`` with no leaked tracers.
+A saver that never ran (because it sits inside a ``Foreign`` layer's original
+code, which calls lowered copies of its children) is reported as an error
+instead of silently returning nothing.
+
+Selections are given as a :class:`~pzbridge.core.selectors.Selection` of the
+model, a layer class (or tuple of classes), or a predicate on subtrees; see
+:func:`resolve_selection`. Only core and nn are imported (``shared/DESIGN.md``,
+"Layers of the package").
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import pzbridge as pzb
+    >>> double = pzb.nn.Elementwise(lambda v: v * 2)
+    >>> model = pzb.nn.Sequential([double, pzb.nn.Elementwise(jnp.negative)])
+    >>> out, acts = capture_intermediates(model, lambda l: l is double, pzb.nx.wrap(jnp.ones(2), "features"))
+    >>> acts["sublayers[0]"].unwrap("features"), out.unwrap("features")
+    (Array([2., 2.], dtype=float32), Array([-2., -2.], dtype=float32))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+import jax.numpy as jnp  # noqa: F401  (used by doctests)
+
+from pzbridge.core.errors import PzbridgeError, SelectionError, format_path
+from pzbridge.core.selectors import KeyPath, Selection, select
+from pzbridge.core.struct import pytree_dataclass, static_field
+from pzbridge.core.variables import (
+    AbstractVariable,
+    AbstractVariableSlot,
+    AbstractVariableValue,
+    StateVariableSlot,
+    StateVariableValue,
+    stateless_call,
+)
+from pzbridge.nn.combinators import Sequential
+from pzbridge.nn.layer import Layer
+
+__all__ = [
+    "CAPTURE_LABEL_PREFIX",
+    "LayerSelector",
+    "SaveIntermediate",
+    "capture_intermediates",
+    "collect_saved",
+    "insert_layers",
+    "resolve_selection",
+]
+
+LayerSelector = Union[Selection, type, tuple, Callable[[Any], bool]]
+"""What the toolshed accepts to say *where*: a Selection, a class (or tuple of classes), or a predicate."""
+
+CAPTURE_LABEL_PREFIX = "captured:"
+"""Prefix of the labels of the savers :func:`capture_intermediates` inserts (kept apart from model labels)."""
+
+
+def resolve_selection(model: Any, selection: LayerSelector, *, what: str = "the selection") -> Selection:
+    """Turns a :data:`LayerSelector` into a non-empty :class:`Selection` of ``model``.
+
+    A :class:`Selection` is re-applied to ``model`` by its keypaths, so a
+    selection built on the user's model also works on a traced or frozen copy
+    of it (e.g. inside ``jax.jit``).
+
+    Args:
+      model: The model to select in.
+      selection: A ``Selection`` (of ``model`` or of a tree with the same
+        structure), a class or tuple of classes (``at_instances_of``), or a
+        predicate on subtrees (``at_subtrees_where``).
+      what: How the caller names the argument, for error messages.
+
+    Returns:
+      The selection of ``model``.
+
+    Raises:
+      SelectionError: If nothing is selected, a keypath does not exist in
+        ``model``, or ``selection`` is none of the accepted kinds.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> model = pzb.nn.Sequential([pzb.nn.Identity(), pzb.nn.Identity()])
+        >>> resolve_selection(model, pzb.nn.Identity).count()
+        2
+    """
+    if isinstance(selection, Selection):
+        paths = selection.get_keypaths()
+        resolved = select(model).at_keypaths(paths)
+        if resolved.count() != len(paths):
+            found = {tuple(p) for p in resolved.get_keypaths()}
+            lost = [format_path(p) for p in paths if tuple(p) not in found]
+            raise SelectionError(
+                f"{what}: the Selection names {len(paths)} place(s) but only {resolved.count()} exist in this "
+                f"model (missing: {lost[:5]}). Fix: build the selection on this model, e.g. "
+                "pzb.select(model).at_instances_of(Linear), or pass a class or predicate instead."
+            )
+    elif isinstance(selection, type) or (
+        isinstance(selection, tuple) and selection and all(isinstance(c, type) for c in selection)
+    ):
+        resolved = select(model).at_instances_of(selection)
+    elif callable(selection):
+        resolved = select(model).at_subtrees_where(selection)
+    else:
+        raise SelectionError(
+            f"{what} must be a pzb.Selection, a layer class (or tuple of classes), or a predicate, "
+            f"found {type(selection).__name__} {selection!r:.60}. Fix: pass e.g. pzb.nn.Linear or "
+            "pzb.select(model).at_instances_of(pzb.nn.Linear)."
+        )
+    if resolved.is_empty():
+        raise SelectionError(
+            f"{what} selects nothing in the model (given {_describe_selector(selection)}). "
+            "Fix: check the class or predicate against the model's structure, e.g. print "
+            "pzb.select(model).at_instances_of(pzb.nn.Layer).get_keypaths()."
+        )
+    return resolved
+
+
+def _describe_selector(selection: Any) -> str:
+    if isinstance(selection, Selection):
+        return "an empty Selection"
+    if isinstance(selection, type):
+        return f"class {selection.__name__}"
+    if isinstance(selection, tuple):
+        return "classes " + ", ".join(c.__name__ for c in selection)
+    return f"predicate {getattr(selection, '__name__', repr(selection))}"
+
+
+def insert_layers(
+    model: Any,
+    selection: LayerSelector,
+    make_layer: Callable[[KeyPath, Any], Layer],
+    *,
+    where: str = "after",
+) -> Any:
+    """Returns a copy of ``model`` with ``make_layer(keypath, node)`` run after (or before) each selected node.
+
+    When every selected node is an element of a list (a ``Sequential``'s
+    ``sublayers``) each new layer is spliced into that list next to its
+    node, so the model stays flat; otherwise (some node is a struct field or
+    the root) every selected node is replaced by ``Sequential([node, new])``
+    (or ``[new, node]``).
+
+    Args:
+      model: The model (not modified).
+      selection: Where to insert (see :func:`resolve_selection`).
+      make_layer: Builds the layer to insert from the selected node's
+        keypath and the node itself.
+      where: ``"after"`` (the new layer sees the node's output) or
+        ``"before"`` (it sees the node's input).
+
+    Returns:
+      The edited model.
+
+    Raises:
+      SelectionError: If the selection is empty or ``where`` is invalid.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> model = pzb.nn.Sequential([pzb.nn.Elementwise(abs)])
+        >>> new = insert_layers(model, pzb.nn.Elementwise, lambda path, node: pzb.nn.Identity())
+        >>> [type(l).__name__ for l in new.sublayers]
+        ['Elementwise', 'Identity']
+    """
+    if where not in ("after", "before"):
+        raise SelectionError(
+            f"where must be 'after' or 'before', found {where!r}. Fix: pass where='after' to act on the "
+            "selected layer's output, or where='before' to act on its input."
+        )
+    sel = resolve_selection(model, selection)
+
+    def pair(path: KeyPath, node: Any) -> tuple[Any, Any]:
+        new = make_layer(path, node)
+        return (node, new) if where == "after" else (new, node)
+
+    try:
+        return sel.apply_and_inline(pair, with_keypath=True)
+    except SelectionError:
+        # Some selected node is not a list element: wrap every one in place instead.
+        return sel.apply(lambda path, node: Sequential(list(pair(path, node))), with_keypath=True)
+
+
+@pytree_dataclass
+class SaveIntermediate(Layer):
+    """Stores its input in a ``StateVariable`` and returns the input unchanged.
+
+    By default the layer holds an unbound ``StateVariableSlot(label)``: run
+    the model with :func:`collect_saved` to get what it saw. Pass
+    ``saved=pzb.StateVariable(None, label)`` instead for a stateful saver
+    whose ``.saved.value`` you read after an ordinary call.
+
+    Attributes:
+      label: The label of the state variable (static).
+      saved: A ``StateVariableSlot``, ``StateVariable`` or frozen value
+        with that label (defaults to the slot).
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> saver = SaveIntermediate("probe", saved=pzb.StateVariable(None, "probe"))
+        >>> saver(3.0), saver.saved.value
+        (3.0, 3.0)
+    """
+
+    label: str = static_field()
+    saved: Any = None
+
+    def __post_init__(self) -> None:
+        if self.saved is None:
+            object.__setattr__(self, "saved", StateVariableSlot(self.label))
+        elif not isinstance(self.saved, (AbstractVariable, AbstractVariableValue, AbstractVariableSlot)):
+            raise PzbridgeError(
+                f"SaveIntermediate '{self.label}': saved must be a StateVariable or StateVariableSlot, found "
+                f"{type(self.saved).__name__}. Fix: omit it (an unbound slot) or pass "
+                f"pzb.StateVariable(None, {self.label!r})."
+            )
+        elif getattr(self.saved, "label", self.label) != self.label:
+            raise PzbridgeError(
+                f"SaveIntermediate '{self.label}': its saved variable is labelled '{self.saved.label}'. "
+                "Fix: give both the same label."
+            )
+
+    def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
+        self.saved.value = x
+        return x
+
+
+def collect_saved(model: Any, x: Any, /, **side_inputs: Any) -> tuple[Any, dict[str, Any]]:
+    """Runs ``model`` on ``x`` and returns what each of its :class:`SaveIntermediate` layers stored.
+
+    Pure: the model runs through ``stateless_call``, so no variable the
+    caller holds is written (not even the model's own state such as batch
+    statistics, whose updates are discarded).
+
+    Args:
+      model: A model containing ``SaveIntermediate`` layers.
+      x: The input.
+      **side_inputs: Forwarded to the model.
+
+    Returns:
+      ``(output, {label: activation})`` for every saver, in model order.
+
+    Raises:
+      PzbridgeError: If the model has no saver, or a saver never ran (it
+        sits inside a ``Foreign`` layer's original code or in a branch that
+        was not called).
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> model = pzb.nn.Sequential([SaveIntermediate("in"), pzb.nn.Residual(pzb.nn.Identity())])
+        >>> collect_saved(model, 1)
+        (2, {'in': 1})
+    """
+    savers = select(model).at_instances_of(SaveIntermediate).get_sequence()
+    if not savers:
+        raise PzbridgeError(
+            "collect_saved: the model contains no SaveIntermediate layer, so there is nothing to collect. "
+            "Fix: use capture_intermediates(model, selection, x) to insert savers, or insert them yourself."
+        )
+    labels = [s.label for s in savers]
+    unbound = [StateVariableValue(None, s.label) for s in savers if isinstance(s.saved, AbstractVariableSlot)]
+    output, states = stateless_call(model, unbound, x, **side_inputs)
+    by_label = {state.label: state.value for state in states}
+    silent = [label for label in labels if by_label.get(label) is None]
+    if silent:
+        raise PzbridgeError(
+            f"collect_saved: the saver(s) {silent[:5]} never ran. A saver inside a Foreign layer is not "
+            "reached, because a Foreign runs its original framework code on lowered copies of its children. "
+            "Fix: select a layer that the lifted model calls itself (outside any Foreign), or lift with a "
+            "rule for that module."
+        )
+    return output, {label: by_label[label] for label in labels}
+
+
+def capture_intermediates(
+    model: Any, selection: LayerSelector, x: Any, /, *, where: str = "after", **side_inputs: Any
+) -> tuple[Any, dict[str, Any]]:
+    """Runs ``model`` on ``x`` and returns the activations at the selected layers.
+
+    A copy of the model gets a :class:`SaveIntermediate` after (or before)
+    each selected layer; ``model`` itself is unchanged and no variable is
+    written. Works under ``jax.jit`` when the model is passed as a pytree of
+    arrays (e.g. ``pzb.freeze_params(pzb.freeze_state_vars(model))``) and
+    ``selection`` is a class, predicate or Selection (re-applied by keypath).
+
+    Args:
+      model: The model (not modified).
+      selection: Which layers (see :func:`resolve_selection`).
+      x: The input.
+      where: ``"after"`` captures each selected layer's output, ``"before"``
+        its input.
+      **side_inputs: Forwarded to the model.
+
+    Returns:
+      ``(output, {path: activation})`` keyed by the selected layers' paths
+      in ``model`` (e.g. ``"body.sublayers[2]"``), in model order. The
+      output equals ``model(x, **side_inputs)``.
+
+    Raises:
+      SelectionError: If the selection is empty or ``where`` is invalid.
+      PzbridgeError: If a selected layer is never called by the lifted model.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import pzbridge as pzb
+        >>> model = pzb.nn.Sequential([pzb.nn.Elementwise(jnp.exp), pzb.nn.Elementwise(jnp.log)])
+        >>> _, acts = capture_intermediates(model, pzb.nn.Elementwise, pzb.nx.wrap(jnp.zeros(1), "f"))
+        >>> {path: a.unwrap("f").tolist() for path, a in acts.items()}
+        {'sublayers[0]': [1.0], 'sublayers[1]': [0.0]}
+    """
+    paths: dict[str, None] = {}  # Ordered set: insert_layers may build the layers twice.
+
+    def saver(path: KeyPath, node: Any) -> SaveIntermediate:
+        text = format_path(path)
+        paths.setdefault(text)
+        return SaveIntermediate(CAPTURE_LABEL_PREFIX + text)
+
+    instrumented = insert_layers(model, selection, saver, where=where)
+    output, saved = collect_saved(instrumented, x, **side_inputs)
+    captured = {label[len(CAPTURE_LABEL_PREFIX):]: value for label, value in saved.items()
+                if label.startswith(CAPTURE_LABEL_PREFIX)}
+    return output, {path: captured[path] for path in paths}
+
