@@ -71,6 +71,7 @@ def lift(module: Any, *, naming: AxisNaming | None = None, strict: bool = False,
     naming = naming or AxisNaming()
     if framework == "equinox":
         from pzbridge.bridge import equinox as _rules  # noqa: F401  (registers the rules)
+        from pzbridge.bridge import lora_equinox as _lora_rules  # noqa: F401  (LoRA rules)
         from pzbridge.bridge.equinox_core import EQUINOX, new_lift_context
 
         ctx = new_lift_context(naming, strict)
@@ -80,6 +81,7 @@ def lift(module: Any, *, naming: AxisNaming | None = None, strict: bool = False,
         rule = EQUINOX.lift_rule_for(type(module))
     else:
         from pzbridge.bridge import nnx as _nnx_rules
+        from pzbridge.bridge import lora_nnx as _lora_rules  # noqa: F401  (LoRA rules)
         from pzbridge.bridge.nnx_core import NNX, new_lift_context as new_nnx_context
 
         if state is not None:
@@ -118,12 +120,14 @@ def lower(lifted: Any, *, framework: str | None = None) -> Any:
     framework = framework or (lifted.framework if isinstance(lifted, LiftedModel) else None)
     if framework == "equinox":
         from pzbridge.bridge import equinox as _rules  # noqa: F401
+        from pzbridge.bridge import lora_equinox as _lora_rules  # noqa: F401  (LoRA rules)
         from pzbridge.bridge.equinox_core import new_lower_context
 
         ctx = new_lower_context()
         return ctx.lower_node(body, ctx)
     if framework == "nnx":
         from pzbridge.bridge import nnx as _nnx_rules
+        from pzbridge.bridge import lora_nnx as _lora_rules  # noqa: F401  (LoRA rules)
 
         return _nnx_rules.lower_root(body)
     raise LowerError(

@@ -1,0 +1,333 @@
+"""Low-rank adapters (LoRA) on lifted models: add them, run them, fold them back.
+
+LoRA is an *edit*: a selected ``Linear`` (or single-weight ``NamedEinsum``)
+is wrapped in a :class:`LowRankAdapter` that keeps the original layer as its
+``base`` and adds ``scale * (x @ A) @ B``. Because the base layer is kept
+untouched inside the adapter, the base weights stay the very same
+``Parameter`` objects (and buffers), lowering can recognise the base layer
+and produce the target framework's native LoRA class, and :func:`merge_lora`
+can put a plain layer back with the original storage layout.
+
+Axis layout: ``A`` holds the base's input axes (in the weight's storage order)
+then ``lora_rank``; ``B`` holds ``lora_rank`` then every other weight axis
+(output and parallel axes, again in storage order). These are the layouts of
+``nnx.LoRA`` (``(in, rank)`` and ``(rank, out)``), so lowering to NNX needs no
+transpose. ``B`` starts at zero, so an adapted model computes exactly what the
+original computed until it is trained.
+
+Sharing: one base weight ``Parameter`` gets one adapter pair, wherever it is
+used, and merging a shared base gives one shared merged ``Parameter``.
+
+This module imports only ``core`` and ``nn``; framework lowering rules live in
+:mod:`pzbridge.bridge.lora_equinox` and :mod:`pzbridge.bridge.lora_nnx`. See
+``shared/DESIGN.md`` (use case 3, "Round trips to training").
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import pzbridge as pzb
+    >>> from pzbridge.nn.linear import Linear
+    >>> model = pzb.nn.Sequential([Linear.from_config("dense", jax.random.key(0), {"features": 3}, {"features": 2})])
+    >>> adapted = loraify_linears_in_selection(pzb.select(model).at_instances_of(Linear), 2, jax.random.key(1))
+    >>> [v.label for v in pzb.unbind_params(adapted)[1]]
+    ['dense.weights', 'dense.lora_a', 'dense.lora_b']
+    >>> x = pzb.nx.wrap(jnp.ones((4, 3)), "batch", "features")
+    >>> bool(jnp.all(adapted(x).unwrap("batch", "features") == model(x).unwrap("batch", "features")))
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import SelectionError, VariableError, format_path
+from pzbridge.core.selectors import Selection, select
+from pzbridge.core.struct import pytree_dataclass, static_field
+from pzbridge.core.variables import LabeledVariable, Parameter, ParameterSlot
+from pzbridge.nn.basic import NamedEinsum
+from pzbridge.nn.contraction import contract
+from pzbridge.nn.initializers import key_for_label, variance_scaling
+from pzbridge.nn.layer import Layer
+from pzbridge.nn.linear import Linear, weight_output_name
+
+RANK_AXIS = "lora_rank"
+"""The default name of the low-rank axis shared by ``A`` and ``B``."""
+
+
+def _weight_of(base: Linear | NamedEinsum, where: str) -> Any:
+    if isinstance(base, Linear):
+        return base.weights
+    if isinstance(base, NamedEinsum):
+        if len(base.weights) != 1:
+            raise SelectionError(
+                f"{where}: LoRA needs a NamedEinsum with exactly one weight, found {len(base.weights)} "
+                f"(labels {[getattr(w, 'label', '?') for w in base.weights]}). Fix: select only single-weight "
+                "einsums, or adapt the individual weights' layers."
+            )
+        return base.weights[0]
+    raise SelectionError(
+        f"{where}: LoRA applies to pzb.nn.Linear or pzb.nn.NamedEinsum, found {type(base).__name__}. "
+        "Fix: narrow the selection, e.g. pzb.select(model).at_instances_of(pzb.nn.Linear)."
+    )
+
+
+def _input_axes(base: Linear | NamedEinsum) -> tuple[str, ...]:
+    return base.in_axis_names if isinstance(base, Linear) else base.contract_axes
+
+
+def _output_rename(base: Linear | NamedEinsum) -> dict[str, str]:
+    if isinstance(base, Linear):
+        return {weight_output_name(n, base.in_axis_names): n for n in base.out_axis_names}
+    return dict(base.rename)
+
+
+def _named_value(weight: Any, where: str) -> nx.NamedArrayBase:
+    try:
+        value = weight.value
+    except VariableError:
+        raise VariableError(
+            f"{where}: the base weight {weight.label!r} is an unbound slot, so its axis sizes are unknown. "
+            "Fix: bind the model's variables first (pzb.bind_variables) and then add LoRA."
+        ) from None
+    if not nx.is_namedarray(value) or value.positional_shape:
+        raise VariableError(
+            f"{where}: the base weight {getattr(weight, 'label', '?')!r} must hold a fully named array, found "
+            f"{type(value).__name__} with shape {getattr(value, 'shape', '?')}. Fix: adapt only layers whose "
+            "weights were lifted with named axes."
+        )
+    return value
+
+
+@pytree_dataclass
+class LowRankAdapter(Layer):
+    """A ``Linear`` / ``NamedEinsum`` plus a trainable low-rank update.
+
+    Computes ``base(x) + (alpha / rank) * contract(contract(x, A), B)``:
+    ``A`` contracts the base's input axes into ``lora_rank``, ``B`` maps
+    ``lora_rank`` to the base's output (and parallel) axes. Any other axis of
+    the input passes through, as for the base layer.
+
+    Attributes:
+      base: The original layer, unchanged (its weights are the same objects).
+      lora_a: A ``Parameter`` over the input axes and ``rank_axis``.
+      lora_b: A ``Parameter`` over ``rank_axis`` and the other weight axes.
+      alpha: The LoRA scaling numerator (static); the update is scaled by
+        ``alpha / rank``.
+      rank_axis: The name of the low-rank axis (static).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import pzbridge as pzb
+        >>> lin = Linear(pzb.Parameter(pzb.nx.wrap(jnp.eye(2), "features", "features_out"), "w"),
+        ...              ("features",), ("features",))
+        >>> a = pzb.Parameter(pzb.nx.wrap(jnp.ones((2, 1)), "features", "lora_rank"), "a")
+        >>> b = pzb.Parameter(pzb.nx.wrap(jnp.ones((1, 2)), "lora_rank", "features_out"), "b")
+        >>> LowRankAdapter(lin, a, b, alpha=1.0)(pzb.nx.wrap(jnp.array([1.0, 2.0]), "features")).unwrap("features")
+        Array([4., 5.], dtype=float32)
+    """
+
+    base: Any
+    lora_a: Any
+    lora_b: Any
+    alpha: float = static_field(default=1.0)
+    rank_axis: str = static_field(default=RANK_AXIS)
+
+    @property
+    def rank(self) -> int:
+        """The size of the low-rank axis (read from ``lora_a``)."""
+        return int(self.lora_a.value.named_shape[self.rank_axis])
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``, the factor applied to the low-rank update."""
+        return float(self.alpha) / self.rank
+
+    def __call__(self, x: nx.NamedArrayBase, /, **side_inputs: Any) -> nx.NamedArrayBase:
+        y = self.base(x, **side_inputs)
+        hidden = contract([x, self.lora_a.value], _input_axes(self.base))
+        update = contract([hidden, self.lora_b.value], (self.rank_axis,), _output_rename(self.base))
+        scale = self.scale
+        if scale != 1.0:
+            update = update * jnp.asarray(scale, update.dtype)
+        return y + update
+
+    def merged(self) -> nx.NamedArray:
+        """The base weight plus ``scale * A @ B``, in the base weight's storage order.
+
+        Example:
+            >>> import jax.numpy as jnp, pzbridge as pzb
+            >>> lin = Linear(pzb.Parameter(pzb.nx.wrap(jnp.zeros((2, 2)), "features", "features_out"), "w"),
+            ...              ("features",), ("features",))
+            >>> a = pzb.Parameter(pzb.nx.wrap(jnp.ones((2, 1)), "features", "lora_rank"), "a")
+            >>> b = pzb.Parameter(pzb.nx.wrap(jnp.ones((1, 2)), "lora_rank", "features_out"), "b")
+            >>> LowRankAdapter(lin, a, b, alpha=2.0).merged().unwrap("features", "features_out")
+            Array([[2., 2.],
+                   [2., 2.]], dtype=float32)
+        """
+        weight = _weight_of(self.base, "merge_lora")
+        value = _named_value(weight, "merge_lora")
+        order = tuple(value.named_shape)
+        product = contract([self.lora_a.value, self.lora_b.value], (self.rank_axis,)).order_as(*order)
+        data = value.order_as(*order).data_array
+        return nx.wrap(data + (product.data_array * self.scale).astype(data.dtype), *order)
+
+
+def _make_adapter_params(
+    base: Linear | NamedEinsum, rank: int, init_base_rng: jax.Array | None, rank_axis: str, where: str
+) -> tuple[Any, Any]:
+    weight = _weight_of(base, where)
+    value = _named_value(weight, where)
+    inputs = _input_axes(base)
+    shape = dict(value.named_shape)
+    missing = [name for name in inputs if name not in shape]
+    if missing:
+        raise SelectionError(
+            f"{where}: the weight {weight.label!r} has axes {shape} but the layer contracts {list(inputs)}; "
+            f"{missing} are not in the weight. Fix: adapt only layers whose weight holds every contracted axis."
+        )
+    if rank_axis in shape:
+        raise SelectionError(
+            f"{where}: the weight {weight.label!r} already has an axis named {rank_axis!r}. "
+            "Fix: pass rank_axis=... with an unused name."
+        )
+    a_shape = {n: s for n, s in shape.items() if n in inputs}
+    a_shape[rank_axis] = rank
+    b_shape = {rank_axis: rank, **{n: s for n, s in shape.items() if n not in inputs}}
+    # The weight's label minus its last part (a root weight 'weight' gives 'lora_a').
+    prefix = weight.label.rsplit(".", 1)[0] + "." if "." in weight.label else ""
+    a_label, b_label = f"{prefix}lora_a", f"{prefix}lora_b"
+    dtype = value.dtype
+    if init_base_rng is None:
+        return ParameterSlot(a_label), ParameterSlot(b_label)
+    a = Parameter(variance_scaling(key_for_label(init_base_rng, a_label), a_shape, inputs, dtype), a_label)
+    b = Parameter(nx.wrap(jnp.zeros(tuple(b_shape.values()), dtype), *b_shape), b_label)
+    return a, b
+
+
+def loraify_linears_in_selection(
+    selection: Selection,
+    rank: int,
+    init_base_rng: jax.Array | None,
+    alpha: float | None = None,
+    rank_axis: str = RANK_AXIS,
+) -> Any:
+    """Wraps every selected ``Linear`` / ``NamedEinsum`` in a :class:`LowRankAdapter`.
+
+    ``A`` is initialised with LeCun-normal noise from a key derived from
+    ``init_base_rng`` and the label (so the result does not depend on
+    traversal order); ``B`` is zero, so the edited model computes exactly
+    what the original did. A base weight shared by several layers gets one
+    adapter pair shared by all of them. Labels are the base weight's label
+    with its last component replaced by ``lora_a`` / ``lora_b``
+    (``blocks.0.attn.query.kernel`` -> ``blocks.0.attn.query.lora_a``).
+
+    Args:
+      selection: A selection (``pzb.select(model).at_instances_of(pzb.nn.Linear)``)
+        whose selected nodes are ``Linear`` or single-weight ``NamedEinsum`` layers.
+      rank: The size of the low-rank axis (``>= 1``).
+      init_base_rng: Base key for ``A``; ``None`` gives ``ParameterSlot`` placeholders.
+      alpha: Scaling numerator; the update is scaled by ``alpha / rank``.
+        Defaults to ``rank`` (scale 1, the convention of ``nnx.LoRA``).
+      rank_axis: Name of the low-rank axis.
+
+    Returns:
+      The edited model (the selection's tree with adapters in place).
+
+    Raises:
+      SelectionError: If a selected node is not an adaptable layer, or ``rank < 1``.
+      VariableError: If a base weight is an unbound slot or not a named array.
+
+    Example:
+        >>> import jax, pzbridge as pzb
+        >>> from pzbridge.nn.linear import Linear
+        >>> lin = Linear.from_config("q", jax.random.key(0), {"features": 4}, {"heads": 2, "projection": 3})
+        >>> adapted = loraify_linears_in_selection(pzb.select([lin, lin]).at_instances_of(Linear), 2, jax.random.key(1))
+        >>> adapted[0].lora_a is adapted[1].lora_a, dict(adapted[0].lora_b.value.named_shape)
+        (True, {'lora_rank': 2, 'heads': 2, 'projection': 3})
+    """
+    if not isinstance(rank, int) or rank < 1:
+        raise SelectionError(f"loraify_linears_in_selection: rank must be a positive int, found {rank!r}.")
+    pairs: dict[int, tuple[Any, Any]] = {}
+    keep_alive: list[Any] = []
+
+    def adapt(path: tuple, layer: Any) -> LowRankAdapter:
+        where = _path_text(path)
+        weight = _weight_of(layer, where)
+        key = id(weight)
+        if key not in pairs:
+            pairs[key] = _make_adapter_params(layer, rank, init_base_rng, rank_axis, where)
+            keep_alive.append(weight)
+        a, b = pairs[key]
+        return LowRankAdapter(layer, a, b, alpha=float(rank if alpha is None else alpha), rank_axis=rank_axis)
+
+    return selection.apply(adapt, with_keypath=True)
+
+
+def _path_text(path: tuple) -> str:
+    return format_path(path)
+
+
+def merge_lora(model: Any) -> Any:
+    """Folds every :class:`LowRankAdapter` back into its base layer.
+
+    Each adapter is replaced by its base layer whose weight is a new
+    ``Parameter`` (same label and metadata as the base weight) holding
+    ``W + scale * A @ B`` in the base weight's storage axis order, so
+    lowering gives the original framework class and layout. Adapters that
+    share a base weight get one shared merged ``Parameter``.
+
+    Args:
+      model: Any lifted model (adapters may be nested anywhere).
+
+    Returns:
+      The model without adapters; the input model is not changed.
+
+    Raises:
+      VariableError: If an adapter's variables are unbound slots.
+
+    Example:
+        >>> import jax, pzbridge as pzb
+        >>> from pzbridge.nn.linear import Linear
+        >>> lin = Linear.from_config("d", jax.random.key(0), {"features": 2}, {"features": 2})
+        >>> adapted = loraify_linears_in_selection(pzb.select(lin).at_instances_of(Linear), 1, jax.random.key(1))
+        >>> merged = merge_lora(adapted)
+        >>> type(merged).__name__, merged.weights.label, bool((merged.weights.value.data_array == lin.weights.value.data_array).all())
+        ('Linear', 'd.weights', True)
+    """
+    merged_params: dict[int, Parameter] = {}
+    keep_alive: list[Any] = []
+
+    def fold(adapter: LowRankAdapter) -> Any:
+        base = adapter.base
+        weight = _weight_of(base, "merge_lora")
+        key = id(weight)
+        if key not in merged_params:
+            metadata = getattr(weight, "metadata", None)
+            merged_params[key] = Parameter(adapter.merged(), weight.label, dict(metadata or {}))
+            keep_alive.append(weight)
+        new_weight = merged_params[key]
+        if isinstance(base, Linear):
+            return dataclasses.replace(base, weights=new_weight)
+        return dataclasses.replace(base, weights=(new_weight,))
+
+    return select(model).at_instances_of(LowRankAdapter).apply(fold)
+
+
+def is_lora_parameter(variable: Any) -> bool:
+    """True for a variable created by :func:`loraify_linears_in_selection` (label ends in ``.lora_a``/``.lora_b``).
+
+    Useful as a predicate for training only the adapters
+    (``pzb.unbind_variables(model, is_lora_parameter)``).
+
+    Example:
+        >>> is_lora_parameter(Parameter(1.0, "q.lora_a")), is_lora_parameter(Parameter(1.0, "q.kernel"))
+        (True, False)
+    """
+    label = getattr(variable, "label", "")
+    return isinstance(variable, (LabeledVariable,)) and isinstance(variable, Parameter) and (
+        label.endswith(".lora_a") or label.endswith(".lora_b") or label in ("lora_a", "lora_b")
+    )
