@@ -49,6 +49,9 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "testing": ("pzbridge.testing", None),
     "nn": ("pzbridge.nn", None),
     "bridge": ("pzbridge.bridge", None),
+    "toolshed": ("pzbridge.toolshed", None),
+    "checkpoint": ("pzbridge.checkpoint", None),
+    "models": ("pzbridge.models", None),
     "lift": ("pzbridge.bridge.api", "lift"),
     "lower": ("pzbridge.bridge.api", "lower"),
 }

@@ -4,3 +4,17 @@ Never imports Equinox or Flax (see ``shared/DESIGN.md``, "Layers of the
 package"); framework-specific pieces (lowering LoRA to ``nnx.LoRALinear``,
 the Equinox LoRA module) live in :mod:`pzbridge.bridge`.
 """
+
+from pzbridge.toolshed import checkpointing, intermediates, interventions, lora, training
+from pzbridge.toolshed.intermediates import capture_intermediates
+from pzbridge.toolshed.interventions import (
+    Ablate,
+    AddVector,
+    InterveneWith,
+    Patch,
+    ZeroAblation,
+    insert_intervention,
+    patch_activations,
+)
+from pzbridge.toolshed.lora import LowRankAdapter, loraify_linears_in_selection, merge_lora
+from pzbridge.toolshed.training import Checkpointed, Trainer, build_train_step
