@@ -41,6 +41,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "bind_variables": ("pzbridge.core.variables", "bind_variables"),
     "freeze_params": ("pzbridge.core.variables", "freeze_params"),
     "freeze_state_vars": ("pzbridge.core.variables", "freeze_state_vars"),
+    "freeze_variables": ("pzbridge.core.variables", "freeze_variables"),
     "stateless_call": ("pzbridge.core.variables", "stateless_call"),
     "variable_jit": ("pzbridge.core.variable_jit", "variable_jit"),
     "RandomStream": ("pzbridge.core.random_stream", "RandomStream"),

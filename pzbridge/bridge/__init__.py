@@ -22,3 +22,15 @@ def equinox_rule(source=None, lifted=()):
     from pzbridge.bridge.equinox_core import EQUINOX
 
     return EQUINOX.rule(source=source, lifted=lifted)
+
+
+def nnx_rule(source=None, lifted=()):
+    """Registers a user rule for a Flax NNX class (see :class:`RuleRegistry.rule`).
+
+    Example:
+        >>> callable(nnx_rule(lifted=()))
+        True
+    """
+    from pzbridge.bridge.nnx_core import NNX
+
+    return NNX.rule(source=source, lifted=lifted)

@@ -18,7 +18,7 @@ small :class:`ForeignTemplate` interface. See ``shared/DESIGN.md``
 Example:
     >>> class Doubler(ForeignTemplate):
     ...     class_name = "Doubler"
-    ...     def rebuild(self, children): return lambda v: v * children["factor"]
+    ...     def rebuild(self, children, ctx=None): return lambda v: v * children["factor"]
     ...     def invoke(self, module, x, side_inputs, children): return module(x)
     >>> Foreign({"factor": 2}, Doubler())(21)
     42
@@ -48,8 +48,13 @@ class ForeignTemplate(abc.ABC):
     class_name: str
 
     @abc.abstractmethod
-    def rebuild(self, children: Mapping[str, Any]) -> Any:
-        """Returns the original framework module with ``children`` lowered into place."""
+    def rebuild(self, children: Mapping[str, Any], ctx: Any = None) -> Any:
+        """Returns the original framework module with ``children`` lowered into place.
+
+        ``ctx`` is the bridge's lower context when the rebuild is part of a
+        whole-model lowering (so sharing across the model is kept); ``None``
+        for a rebuild made to run the module.
+        """
 
     @abc.abstractmethod
     def invoke(self, module: Any, x: Any, side_inputs: Mapping[str, Any], children: Mapping[str, Any]) -> Any:
@@ -68,7 +73,7 @@ class Foreign(Layer):
     Example:
         >>> class Adder(ForeignTemplate):
         ...     class_name = "Adder"
-        ...     def rebuild(self, children): return lambda v: v + children["b"]
+        ...     def rebuild(self, children, ctx=None): return lambda v: v + children["b"]
         ...     def invoke(self, module, x, side_inputs, children): return module(x)
         >>> Foreign({"b": 1}, Adder())(1)
         2
@@ -86,7 +91,7 @@ class Foreign(Layer):
         Example:
             >>> class Const(ForeignTemplate):
             ...     class_name = "Const"
-            ...     def rebuild(self, children): return children["c"]
+            ...     def rebuild(self, children, ctx=None): return children["c"]
             ...     def invoke(self, module, x, side_inputs, children): return module
             >>> Foreign({"c": 5}, Const()).rebuild()
             5
