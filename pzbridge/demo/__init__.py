@@ -31,4 +31,10 @@ def run_demo(out_dir: pathlib.Path, verbose: bool = True) -> Report:
     out_dir.mkdir(parents=True, exist_ok=True)
     report = Report(verbose=verbose)
     run_core_demo(report, out_dir)
+    from pzbridge.demo.equinox_demo import run_equinox_demo
+
+    run_equinox_demo(report, out_dir)
+    from pzbridge.demo.nnx_demo import run_nnx_demo
+
+    run_nnx_demo(report, out_dir)
     return report
