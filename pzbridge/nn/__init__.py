@@ -23,3 +23,20 @@ from pzbridge.nn.basic import (
     Softmax,
     rename_axes,
 )
+from pzbridge.nn.attention import AttendToValues, Attention, AttentionLogits
+from pzbridge.nn.conv import Conv
+from pzbridge.nn.conv_transpose import ConvTranspose
+from pzbridge.nn.foreign import Foreign, ForeignTemplate
+from pzbridge.nn.kv_cache import KVCachingAttention
+from pzbridge.nn.masks import ApplyCausalMask, ApplyExplicitMask, ApplySlidingWindowMask
+from pzbridge.nn.pooling import (
+    AdaptiveAvgPool,
+    AdaptiveMaxPool,
+    AvgPool,
+    GlobalAvgPool,
+    GlobalMaxPool,
+    MaxPool,
+)
+from pzbridge.nn.recurrent import GRUCell, LSTMCell, SimpleCell
+from pzbridge.nn.recurrent_scan import Bidirectional, ScanOverAxis
+from pzbridge.nn.rope import ApplyRoPE
