@@ -40,3 +40,7 @@ from pzbridge.nn.pooling import (
 from pzbridge.nn.recurrent import GRUCell, LSTMCell, SimpleCell
 from pzbridge.nn.recurrent_scan import Bidirectional, ScanOverAxis
 from pzbridge.nn.rope import ApplyRoPE
+from pzbridge.nn.activations import PReLU
+from pzbridge.nn.dropout import DisabledDropout, Dropout
+from pzbridge.nn.embeddings import EmbeddingDecode, EmbeddingLookup, EmbeddingTable
+from pzbridge.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm

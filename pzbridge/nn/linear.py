@@ -83,8 +83,17 @@ class Linear(Layer):
                 f"its named axes; found named shape {dict(x.named_shape)}). "
                 "Fix: tag the input, e.g. pzb.nx.wrap(x, 'batch', 'features'), or rename its axes."
             )
+        weights = self.weights.value
+        wrong = {n: (x.named_shape[n], weights.named_shape[n]) for n in self.in_axis_names
+                 if n in weights.named_shape and x.named_shape[n] != weights.named_shape[n]}
+        if wrong:
+            raise NamedAxisError(
+                f"Linear {self._label()}: input axis sizes do not match the weights' (input, weights): {wrong} "
+                f"(input named shape {dict(x.named_shape)}, weights {dict(weights.named_shape)}). "
+                "Fix: feed an input with those sizes, or rebuild the layer for the input's sizes."
+            )
         rename = {weight_output_name(n, self.in_axis_names): n for n in self.out_axis_names}
-        return contract([x, self.weights.value], self.in_axis_names, rename)
+        return contract([x, weights], self.in_axis_names, rename)
 
     def _label(self) -> str:
         return repr(getattr(self.weights, "label", "?"))
