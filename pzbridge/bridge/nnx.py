@@ -331,6 +331,9 @@ def _lower_item(item: Any, ctx: LowerContext, *keys: str | int) -> Any:
 def _io_names(module: Any, naming: AxisNaming) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
     if not isinstance(module, nnx.Module):
         return None, None  # a function: passes names through
+    rule = NNX.lift_rule_for(type(module))
+    if getattr(rule, "elementwise", False) and convention_of(module, naming) is not None:
+        return None, None  # an elementwise layer (Dropout): passes names through
     convention = convention_of(module, naming)
     if convention is None:
         return (), ()
@@ -439,3 +442,10 @@ class DictRule:
 
     def lower(self, layer: LayerDict, ctx: LowerContext) -> nnx.Dict:
         return nnx.Dict({k: _lower_item(v, ctx, k) for k, v in layer.items.items()})
+
+
+# Rules for further layers live in their own modules; importing them registers them.
+from pzbridge.bridge import nnx_attention as _nnx_attention  # noqa: E402,F401
+from pzbridge.bridge import nnx_dropout as _nnx_dropout  # noqa: E402,F401
+from pzbridge.bridge import nnx_embed as _nnx_embed  # noqa: E402,F401
+from pzbridge.bridge import nnx_norm as _nnx_norm  # noqa: E402,F401

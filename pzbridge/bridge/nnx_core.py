@@ -248,6 +248,11 @@ def lift_variable(variable: Any, ctx: LiftContext, axis_names: Sequence[str] | N
         trainable = isinstance(variable, nnx.Param)
     else:
         raw, metadata, trainable = variable, {NNX_TYPE: PLAIN_ARRAY}, False
+    if axis_names is not None and isinstance(raw, jax.ShapeDtypeStruct):
+        # Abstract models (``nnx.eval_shape``): name the shape without touching data.
+        named = nx.NamedArray(raw, dict(zip(axis_names, raw.shape)))
+        kind = Parameter if trainable else StateVariable
+        return ctx._variable(kind, variable, lambda: named, ctx.label(), metadata)
     if axis_names is not None and trainable:
         return ctx.parameter(raw, tuple(axis_names), metadata=metadata, source=variable)
     if trainable:
@@ -363,6 +368,17 @@ class NnxStatics:
         flags = (state.initializing, state.is_setup) if isinstance(state, PytreeState) else (False, False)
         items = tuple((k, v) for k, v in attrs.items() if k not in data and k != _STATE_ATTR)
         return cls(items, tuple(attrs), flags)
+
+    def replace(self, **updates: Any) -> NnxStatics:
+        """The same statics with some values replaced (e.g. an edited ``epsilon``).
+
+        Example:
+            >>> s = NnxStatics.of(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+            >>> s.replace(out_features=7)["out_features"], s["out_features"]
+            (7, 3)
+        """
+        items = tuple((k, updates.get(k, v)) for k, v in self.items)
+        return dataclasses.replace(self, items=items)
 
     def __getitem__(self, name: str) -> Any:
         for key, value in self.items:

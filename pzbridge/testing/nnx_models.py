@@ -2,7 +2,9 @@
 
 ``nnx_models()`` draws a small NNX architecture mixing layers pzbridge has
 rules for (``Linear``, ``LinearGeneral``, ``Einsum``, ``Sequential`` with
-activations, ``nnx.List`` / ``nnx.Dict``) with layers that stay ``Foreign``
+activations, ``nnx.List`` / ``nnx.Dict``, ``LayerNorm``, ``RMSNorm``,
+``BatchNorm``, ``Dropout``, ``MultiHeadAttention`` with GQA and
+``normalize_qk``, ``Embed`` used for lookup and tied ``attend``) with layers that stay ``Foreign``
 and custom composite modules exercising what the NNX bridge must preserve:
 shared submodules (``self.b = self.a``), shared Variables, plain array
 attributes, ``nnx.data`` lists, Variables of every kind (``Param``,
@@ -116,6 +118,21 @@ class Stack(nnx.Module):
         return x * self.extras[1] / 2.0
 
 
+class TiedEmbed(nnx.Module):
+    """Uses one ``nnx.Embed`` both ways: ``attend`` (tied output) and a lookup of the argmax token.
+
+    Example:
+        >>> TiedEmbed(3, 0)(jnp.ones((2, 3))).shape
+        (2, 3)
+    """
+
+    def __init__(self, width: int, seed: int) -> None:
+        self.embed = nnx.Embed(width, width, rngs=nnx.Rngs(seed))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.embed.attend(x) + self.embed(jnp.argmax(x, axis=-1))
+
+
 def _halve(x: jax.Array) -> jax.Array:
     return x / 2.0
 
@@ -125,7 +142,7 @@ def _leaf(width: int, draw: Callable[[Any], Any]) -> Any:
     rngs = nnx.Rngs(seed)
     kind = draw(st.sampled_from([
         "linear", "linear", "linear_general", "einsum", "sequential", "batchnorm", "layernorm", "dropout",
-        "scale_shift",
+        "scale_shift", "rmsnorm", "attention", "tied_embed",
     ]))
     if kind == "linear":
         return nnx.Linear(width, width, use_bias=draw(st.booleans()), rngs=rngs)
@@ -140,9 +157,20 @@ def _leaf(width: int, draw: Callable[[Any], Any]) -> Any:
     if kind == "batchnorm":
         return nnx.BatchNorm(width, use_running_average=draw(st.booleans()), rngs=rngs)
     if kind == "layernorm":
-        return nnx.LayerNorm(width, rngs=rngs)
+        return nnx.LayerNorm(width, use_bias=draw(st.booleans()), use_fast_variance=draw(st.booleans()), rngs=rngs)
+    if kind == "rmsnorm":
+        return nnx.RMSNorm(width, epsilon=draw(st.sampled_from([1e-6, 1e-3])), rngs=rngs)
     if kind == "dropout":
-        return nnx.Dropout(0.5, rngs=rngs)
+        return nnx.Dropout(0.5, deterministic=draw(st.booleans()), rngs=rngs)
+    if kind == "attention":
+        # The batch axis doubles as the sequence: (batch, width) is (length, features) to NNX.
+        heads = draw(st.sampled_from([1, width]))
+        kv_heads = draw(st.sampled_from([1, heads]))
+        return nnx.MultiHeadAttention(heads, width, qkv_features=width, num_kv_heads=kv_heads,
+                                      normalize_qk=draw(st.booleans()), use_bias=draw(st.booleans()),
+                                      decode=False, rngs=rngs)
+    if kind == "tied_embed":
+        return TiedEmbed(width, seed)
     return ScaleShift(width, seed)
 
 

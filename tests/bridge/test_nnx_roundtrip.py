@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from hypothesis import given
+from hypothesis import given, settings
 
 import pzbridge as pzb
 from pzbridge.testing.nnx_models import nnx_models
@@ -37,6 +37,7 @@ def variable_ids(module):
     return {id(v) for _, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)}
 
 
+@settings(max_examples=300)  # the contract's acceptance bar: >= 300 random models per CI run
 @given(nnx_models())
 def test_lower_lift_is_identity_on_graphdef_state_and_sharing_without_aliasing(pair):
     model, _ = pair
