@@ -23,6 +23,8 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
+
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LiftError, LowerError
@@ -130,7 +132,7 @@ class LiftContext:
           A :class:`~pzbridge.Parameter` whose value is a NamedArray over ``array``.
         """
         return self._variable(
-            Parameter, array if source is None else source, lambda: nx.wrap(array, *axis_names),
+            Parameter, array if source is None else source, lambda: _wrap(array, axis_names),
             self.label(*label_names), metadata,
         )
 
@@ -233,6 +235,13 @@ class LowerContext:
             self.shared.by_identity[key] = make()
             self.shared.keep_alive.append(source)
         return self.shared.by_identity[key]
+
+
+def _wrap(array: Any, axis_names: Sequence[str]) -> nx.NamedArray:
+    # Abstract arrays (models built with eqx.filter_eval_shape) are named without jnp.asarray.
+    if isinstance(array, jax.ShapeDtypeStruct) and len(axis_names) == len(array.shape):
+        return nx.NamedArray(array, dict(zip(axis_names, array.shape)))
+    return nx.wrap(array, *axis_names)
 
 
 def _has_value(obj: Any) -> bool:

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from pzbridge.bridge.context import LiftContext, LowerContext
+from pzbridge.bridge.equinox_layers import EqxOrigin
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.registry import RuleRegistry
@@ -344,6 +345,46 @@ class EquinoxAdapterRule:
             )
             fresh.append(variable)
         return bind_variables(structure, fresh)
+
+
+def new_module(cls: type, **fields: Any) -> Any:
+    """Builds an Equinox module from its field values without running ``__init__``.
+
+    ``__init__`` of built-in layers draws random weights (slow for big models
+    and needing a key); the fields fully determine the module.
+
+    Example:
+        >>> new_module(eqx.nn.Identity)
+        Identity()
+    """
+    module = object.__new__(cls)
+    for name, value in fields.items():
+        object.__setattr__(module, name, value)
+    return module
+
+
+def origin_of(module: eqx.Module) -> EqxOrigin:
+    """The class and static fields of ``module`` (what lowering needs to rebuild it exactly).
+
+    Example:
+        >>> origin_of(eqx.nn.Embedding(3, 2, key=jax.random.key(0))).static
+        (('num_embeddings', 3), ('embedding_size', 2))
+    """
+    fields = dataclasses.fields(module)
+    static = tuple((f.name, getattr(module, f.name)) for f in fields if f.metadata.get("static", False))
+    return EqxOrigin(type(module), static)
+
+
+def rebuild_from_origin(origin: EqxOrigin | None, default_cls: type, **fields: Any) -> Any:
+    """``new_module`` of the original class with its static fields, overridden by ``fields``.
+
+    Example:
+        >>> rebuild_from_origin(None, eqx.nn.Identity)
+        Identity()
+    """
+    if origin is None:
+        return new_module(default_cls, **fields)
+    return new_module(origin.cls, **{**dict(origin.static), **fields})
 
 
 def is_slot(value: Any) -> bool:
