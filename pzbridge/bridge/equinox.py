@@ -23,13 +23,14 @@ import equinox as eqx
 import jax
 
 from pzbridge.bridge.context import LiftContext, LowerContext
-from pzbridge.bridge.equinox_core import EQUINOX, equinox_rule, new_module
+from pzbridge.bridge.equinox_core import EQUINOX, equinox_rule, new_module, with_names
 from pzbridge.bridge.equinox_layers import EqxLinear, EqxSequential
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.core.errors import LowerError
 from pzbridge.core import named_axes as nx
 from pzbridge.nn.basic import Elementwise, RenameAxes
 from pzbridge.nn.combinators import Identity, Sequential
+from pzbridge.nn.foreign import Foreign
 from pzbridge.nn.linear import AddBias, Affine, Linear, weight_output_name
 
 
@@ -155,6 +156,13 @@ class LambdaRule:
         return new_module(eqx.nn.Lambda, fn=layer.fn)
 
 
+def _convention_of(layer: Any, naming: Any) -> CallingConvention | None:
+    rule = EQUINOX.lift_rule_for(type(layer))
+    if _preserves_shape(layer) or rule is None or not hasattr(rule, "convention"):
+        return None
+    return rule.convention(layer, naming)
+
+
 def _preserves_shape(layer: Any) -> bool:
     if type(layer) is eqx.nn.Sequential:
         return all(_preserves_shape(sub) for sub in layer.layers)
@@ -170,7 +178,16 @@ class SequentialRule:
     """
 
     def lift(self, module: eqx.nn.Sequential, ctx: LiftContext) -> EqxSequential:
-        return EqxSequential([ctx.lift(layer, "layers", i) for i, layer in enumerate(module.layers)])
+        layers = [ctx.lift(layer, "layers", i) for i, layer in enumerate(module.layers)]
+        conventions = [_convention_of(layer, ctx.naming) for layer in module.layers]
+        for i, lifted in enumerate(layers):
+            if isinstance(lifted, Foreign):
+                # An unknown module's own axes are named by its neighbours.
+                before = next((c.output for c in reversed(conventions[:i]) if c and c.output is not None), None)
+                after = next((c.inputs[0] for c in conventions[i + 1 :] if c and c.inputs), None)
+                inputs = before if before is not None else (after or ())
+                layers[i] = with_names(lifted, inputs, after if after is not None else inputs)
+        return EqxSequential(layers)
 
     def convention(self, module: eqx.nn.Sequential, naming: Any) -> CallingConvention | None:
         """The first named layer's input names and the last one's output names.

@@ -41,7 +41,7 @@ import numpy as np
 
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox_layers import EqxOrigin
-from pzbridge.bridge.lifted import CallingConvention
+from pzbridge.bridge.lifted import CallingConvention, name_trailing_axes
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.registry import RuleRegistry
 from pzbridge.core import named_axes as nx
@@ -178,6 +178,10 @@ class EquinoxTemplate(ForeignTemplate):
       call_kwargs: Names of keyword arguments the original ``__call__`` accepts
         (side inputs with these names are forwarded).
       accepts_any_kwargs: The original ``__call__`` takes ``**kwargs``.
+      input_names: Named axes of the input that are the module's own trailing
+        positional axes (e.g. ``("features",)`` between two Linears); all other
+        named axes are batch axes, vectorised over.
+      output_names: Names given to the output's trailing positional axes.
     """
 
     class_name: str
@@ -186,6 +190,8 @@ class EquinoxTemplate(ForeignTemplate):
     child_positions: tuple[int, ...]
     call_kwargs: frozenset[str]
     accepts_any_kwargs: bool
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
 
     def rebuild(self, children: Mapping[str, Any], ctx: LowerContext | None = None) -> Any:
         ctx = ctx or new_lower_context()
@@ -198,8 +204,41 @@ class EquinoxTemplate(ForeignTemplate):
     def invoke(self, module: Any, x: Any, side_inputs: Mapping[str, Any], children: Mapping[str, Any]) -> Any:
         kwargs = {k: v for k, v in side_inputs.items() if self.accepts_any_kwargs or k in self.call_kwargs}
         args = x if isinstance(x, tuple) else (x,)
-        # Equinox modules act on unbatched arrays: every named axis is a batch axis.
-        return nx.nmap(lambda *a: module(*a, **kwargs))(*args)
+        args = tuple(_consume_names(arg, self.input_names) for arg in args)
+        # Equinox modules act on unbatched arrays: every other named axis is a batch axis.
+        out = nx.nmap(lambda *a: module(*a, **kwargs))(*args)
+        if not self.output_names:
+            return out
+        return jax.tree_util.tree_map(
+            lambda leaf: name_trailing_axes(leaf, self.output_names) if nx.is_namedarray(leaf) else leaf,
+            out, is_leaf=nx.is_namedarray,
+        )
+
+
+def _consume_names(arg: Any, names: tuple[str, ...]) -> Any:
+    if not (names and nx.is_namedarray(arg)):
+        return arg
+    present = [name for name in names if name in arg.named_shape]
+    return arg.untag(*present) if present else arg
+
+
+def with_names(foreign: Foreign, input_names: tuple[str, ...], output_names: tuple[str, ...]) -> Foreign:
+    """The same ``Foreign`` treating ``input_names`` as the module's own axes (see :class:`EquinoxTemplate`).
+
+    Used where the surrounding layers tell what the module's axes are called,
+    e.g. an unknown module between two ``Linear``s in an ``eqx.nn.Sequential``.
+
+    Example:
+        >>> class Id(eqx.Module):
+        ...     def __call__(self, x): return x
+        >>> with_names(lift_foreign(Id(), new_lift_context()), ("features",), ("features",)).template.input_names
+        ('features',)
+    """
+    template = foreign.template
+    if not isinstance(template, EquinoxTemplate):
+        return foreign
+    return Foreign(foreign.children, dataclasses.replace(template, input_names=tuple(input_names),
+                                                         output_names=tuple(output_names)))
 
 
 def _call_signature(cls: type) -> tuple[frozenset[str], bool]:

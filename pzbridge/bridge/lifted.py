@@ -92,13 +92,27 @@ class CallingConvention(Struct):
 
 
 def _tag_trailing(arg: Any, names: Sequence[str]) -> nx.NamedArrayBase:
-    lead = len(arg.shape) - len(names)
-    wrapped = nx.wrap(arg)
-    if lead == 0:
-        return wrapped.tag(*names)
-    # Name only the trailing axes: move them to named axes, keep the leading positional.
+    return name_trailing_axes(nx.wrap(arg), names)
+
+
+def name_trailing_axes(x: nx.NamedArrayBase, names: Sequence[str]) -> nx.NamedArrayBase:
+    """Names the last ``len(names)`` positional axes of ``x``; leading ones stay positional.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> y = name_trailing_axes(nx.wrap(jnp.ones((2, 3, 4))), ("seq", "features"))
+        >>> y.positional_shape, dict(y.named_shape)
+        ((2,), {'seq': 3, 'features': 4})
+    """
+    lead = len(x.positional_shape) - len(names)
+    if lead < 0:
+        raise NamedAxisError(
+            f"cannot name the trailing axes {list(names)}: the array has only positional shape "
+            f"{x.positional_shape} (named {dict(x.named_shape)}). Fix: check the module's input and output ranks."
+        )
     temp = [f"__lead{i}" for i in range(lead)]
-    return wrapped.tag(*temp, *names).untag(*temp)
+    named = x.tag(*temp, *names)
+    return named.untag(*temp) if temp else named
 
 
 @pytree_dataclass

@@ -50,6 +50,11 @@ def build_equinox_model(key: jax.Array) -> eqx.nn.Sequential:
     ])
 
 
+@eqx.filter_jit
+def _run_batched(model: eqx.Module, xs: jax.Array) -> jax.Array:
+    return jax.vmap(model)(xs)
+
+
 def _train(report: Report, model: eqx.Module, xs: jax.Array, ys: jax.Array, steps: int) -> tuple[eqx.Module, list[float]]:
     """The user's ordinary Equinox training loop, training only the LoRA adapters."""
     trainable, frozen = eqx.partition(model, lora_filter(model))
@@ -102,7 +107,7 @@ def run_equinox_demo(report: Report, out_dir: pathlib.Path) -> None:
         expected = jax.vmap(lambda x: model.layers[3](model.layers[2](jnp.zeros(16))))(xs)
         report.check("zero-ablating the hidden layer lowers to a working eqx.Module",
                      isinstance(ablated, eqx.nn.Sequential)
-                     and bool(jnp.allclose(eqx.filter_jit(jax.vmap(ablated))(xs), expected, atol=1e-5)))
+                     and bool(jnp.allclose(_run_batched(ablated, xs), expected, atol=1e-5)))
 
         adapted, count = add_lora(lifted)
         lora_model = pzb.lower(adapted)

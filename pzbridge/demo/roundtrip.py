@@ -9,7 +9,7 @@ Example:
     >>> import jax, equinox as eqx
     >>> summary = structure_summary(pzb.lift(eqx.nn.Linear(2, 3, key=jax.random.key(0))))
     >>> summary.splitlines()[0]
-    'layers: AddBias x1, EqxLinear x1, Linear x1, LiftedModel x1'
+    'layers: AddBias x1, EqxLinear x1, LiftedModel x1, Linear x1'
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError
+from pzbridge.core.named_axes_core import make_named
 
 _LETTERS = string.ascii_letters
 
@@ -49,7 +50,7 @@ def contract(
     contract_names: Sequence[str],
     rename: Mapping[str, str] | None = None,
     precision: Any = None,
-) -> nx.NamedArray:
+) -> nx.NamedArrayBase:
     """Multiplies named arrays, summing over ``contract_names``; other names are kept.
 
     Axes with the same name in several operands are matched (a shared
@@ -64,7 +65,9 @@ def contract(
       precision: Passed to ``jnp.einsum``.
 
     Returns:
-      A :class:`~pzbridge.core.named_axes.NamedArray`.
+      A named array (a view when the positional axes do not lead): axes come
+      in the order XLA's ``dot_general`` produces them, so no transpose is
+      added; use names, not storage order, to read it.
 
     Raises:
       NamedAxisError: On size mismatches, unknown contracted names, positional
@@ -113,9 +116,8 @@ def contract(
             f"contract: cannot sum over {unknown}: no operand has them (axes present: {sorted(sizes)}). "
             "Fix: check the layer's input axis names against the input's named shape."
         )
-    kept = [name for name in letters if name not in set(contract_names)]
-    out_spec = positional_spec + "".join(letters[name] for name in kept)
-    result = jnp.einsum(",".join(specs) + "->" + out_spec, *datas, precision=precision)
+    contracted = set(contract_names)
+    kept = [name for name in letters if name not in contracted]
     rename = rename or {}
     out_names = [rename.get(name, name) for name in kept]
     if len(set(out_names)) != len(out_names):
@@ -123,4 +125,27 @@ def contract(
             f"contract: renaming {dict(rename)} makes result axes {out_names} collide. "
             "Fix: rename to names that are not already present."
         )
-    return nx.NamedArray(result, dict(zip(out_names, (sizes[name] for name in kept))))
+    out_spec = _output_spec(specs, positional_spec, {letters[n] for n in kept})
+    result = jnp.einsum(",".join(specs) + "->" + out_spec, *datas, precision=precision)
+    name_of_letter = {letters[name]: rename.get(name, name) for name in kept}
+    positional_axes = tuple(out_spec.index(c) for c in positional_spec)
+    return make_named(result, positional_axes, {name_of_letter[c]: i for i, c in enumerate(out_spec)
+                                               if c in name_of_letter})
+
+
+def _output_spec(specs: list[str], positional_spec: str, kept: set[str]) -> str:
+    """The result's axis order: the one ``dot_general`` produces, so XLA adds no transpose.
+
+    For two operands that is the shared (batch) axes, then the first
+    operand's other axes, then the second's, each in data order. Positional
+    axes are among the first operand's axes, so the result may be a view.
+    """
+    kept = kept | set(positional_spec)
+    if len(specs) != 2:
+        return positional_spec + "".join(c for c in dict.fromkeys("".join(specs)) if c in kept
+                                         and c not in positional_spec)
+    lhs, rhs = specs
+    batch = [c for c in lhs if c in kept and c in rhs]
+    lhs_free = [c for c in lhs if c in kept and c not in rhs]
+    rhs_free = [c for c in rhs if c in kept and c not in lhs]
+    return "".join(batch + lhs_free + rhs_free)
