@@ -3,7 +3,7 @@
 Libraries that transform models test their transforms with these strategies:
 random named arrays (:mod:`pzbridge.testing.named_arrays`), random pytrees of
 structs (:mod:`pzbridge.testing.trees`), and random Equinox / NNX models
-(:mod:`pzbridge.testing.equinox_models`, :mod:`pzbridge.testing.nnx_models`,
+(:mod:`pzbridge.testing.equinox_strategies`, :mod:`pzbridge.testing.nnx_strategies`,
 imported on first use because they load the frameworks).
 
 Example:
@@ -34,8 +34,12 @@ from pzbridge.testing.named_arrays import (
 from pzbridge.testing.trees import array_leaves, random_struct_trees, sequential_like_trees
 
 _LAZY = {
-    "equinox_models": "pzbridge.testing.equinox_models",
-    "nnx_models": "pzbridge.testing.nnx_models",
+    "equinox_models": "pzbridge.testing.equinox_strategies",
+    "EquinoxExample": "pzbridge.testing.equinox_strategies",
+    "assert_round_trip": "pzbridge.testing.equinox_strategies",
+    "assert_same_buffers": "pzbridge.testing.equinox_strategies",
+    "assert_outputs_close": "pzbridge.testing.equinox_strategies",
+    "nnx_models": "pzbridge.testing.nnx_strategies",
 }
 
 
@@ -52,6 +56,10 @@ __all__ = [
     "axis_names",
     "broadcastable_named_array_cases",
     "build_named_array",
+    "EquinoxExample",
+    "assert_outputs_close",
+    "assert_round_trip",
+    "assert_same_buffers",
     "equinox_models",
     "named_array_cases",
     "named_arrays",

@@ -16,7 +16,7 @@ from pzbridge.bridge import equinox_rule
 from pzbridge.bridge.equinox_core import EquinoxAdapter, new_module
 from pzbridge.bridge.equinox_layers import EqxLinear
 from pzbridge.core.errors import LiftError
-from pzbridge.testing.equinox_models import ScaledByWeight, equinox_models
+from pzbridge.testing.equinox_strategies import ScaledByWeight, equinox_models
 
 
 def _snapshot(module):

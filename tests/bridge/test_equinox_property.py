@@ -1,4 +1,4 @@
-"""Property tests of the Equinox bridge over random architectures (``pzbridge.testing.equinox_models``).
+"""Property tests of the Equinox bridge over random architectures (``pzbridge.testing.equinox_strategies``).
 
 Each example of the round-trip property draws six models, so the CI profile
 (50 examples) checks 300 random models per run; to keep that cheap they run
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import pzbridge as pzb
 from pzbridge.core import named_axes as nx
-from pzbridge.testing.equinox_models import (
+from pzbridge.testing.equinox_strategies import (
     assert_outputs_close,
     assert_round_trip,
     assert_same_buffers,

@@ -11,7 +11,7 @@ import pytest
 import pzbridge as pzb
 from pzbridge.bridge import equinox_layers as L
 from pzbridge.core import named_axes as nx
-from pzbridge.testing.equinox_models import assert_outputs_close, assert_round_trip, assert_same_buffers
+from pzbridge.testing.equinox_strategies import assert_outputs_close, assert_round_trip, assert_same_buffers
 
 KEY = jax.random.key(7)
 X_VEC = jnp.cos(jnp.arange(6.0))
@@ -144,7 +144,7 @@ def test_tied_weights_in_shared_become_one_parameter_and_one_array_again():
 
 
 def test_tied_output_layer_computes_the_original_and_gradients_reach_the_source_only():
-    from pzbridge.testing.equinox_models import PerToken, TiedLanguageModel
+    from pzbridge.testing.equinox_strategies import PerToken, TiedLanguageModel
 
     model = TiedLanguageModel.build(7, 4, PerToken(eqx.nn.LayerNorm(4)), KEY)
     tokens = jnp.array([1, 5, 3])

@@ -15,7 +15,7 @@ import pzbridge as pzb
 from pzbridge.bridge.equinox_layers import EqxMLP, EqxMultiheadAttention
 from pzbridge.core import named_axes as nx
 from pzbridge.nn.foreign import Foreign
-from pzbridge.testing.equinox_models import assert_outputs_close, assert_round_trip
+from pzbridge.testing.equinox_strategies import assert_outputs_close, assert_round_trip
 
 D, HEADS, VOCAB, SEQ, BLOCKS = 8, 2, 13, 6, 2
 

@@ -1,4 +1,4 @@
-"""The NNX lift / lower contract, as properties over random models (``pzbridge.testing.nnx_models``).
+"""The NNX lift / lower contract, as properties over random models (``pzbridge.testing.nnx_strategies``).
 
 Reference values come from NNX itself: ``nnx.graphdef``, ``nnx.state``,
 ``nnx.find_duplicates`` and calling the original module (on an ``nnx.clone``,
@@ -12,7 +12,7 @@ from flax import nnx
 from hypothesis import given, settings
 
 import pzbridge as pzb
-from pzbridge.testing.nnx_models import nnx_models
+from pzbridge.testing.nnx_strategies import nnx_models
 
 
 def leaf_arrays(module):
