@@ -449,3 +449,6 @@ from pzbridge.bridge import nnx_attention as _nnx_attention  # noqa: E402,F401
 from pzbridge.bridge import nnx_dropout as _nnx_dropout  # noqa: E402,F401
 from pzbridge.bridge import nnx_embed as _nnx_embed  # noqa: E402,F401
 from pzbridge.bridge import nnx_norm as _nnx_norm  # noqa: E402,F401
+from pzbridge.bridge import nnx_conv as _nnx_conv  # noqa: E402,F401
+from pzbridge.bridge import nnx_groupnorm as _nnx_groupnorm  # noqa: E402,F401
+from pzbridge.bridge import nnx_prelu as _nnx_prelu  # noqa: E402,F401
