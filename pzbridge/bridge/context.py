@@ -93,7 +93,19 @@ class LiftContext:
         """A variable label: the path joined with dots, e.g. ``blocks.3.attn.query.kernel``."""
         return _label_text(self.path, names)
 
-    def _variable(self, kind: type, source: Any, value: Callable[[], Any], label: str, metadata: Mapping | None) -> Any:
+    def variable(self, kind: type, source: Any, value: Callable[[], Any], label: str, metadata: Mapping | None) -> Any:
+        """The variable of ``kind`` for ``source`` (shared if ``source`` was seen before).
+
+        Args:
+          kind: ``Parameter`` or ``StateVariable``.
+          source: The object whose identity defines sharing.
+          value: Called once, for a new variable, to make its value.
+          label: The label for a new variable (must be unique in the model).
+          metadata: Variable metadata.
+
+        Raises:
+          LiftError: If ``source`` was lifted as the other kind, or ``label`` is taken.
+        """
         existing = self.shared.by_identity.get(id(source))
         if existing is not None:
             if not isinstance(existing, kind):
@@ -131,7 +143,7 @@ class LiftContext:
         Returns:
           A :class:`~pzbridge.Parameter` whose value is a NamedArray over ``array``.
         """
-        return self._variable(
+        return self.variable(
             Parameter, array if source is None else source, lambda: _wrap(array, axis_names),
             self.label(*label_names), metadata,
         )
@@ -143,7 +155,7 @@ class LiftContext:
         ``Foreign`` modules hold such arrays: their code, not pzbridge, gives
         the axes meaning. Sharing works as in :meth:`parameter`.
         """
-        return self._variable(
+        return self.variable(
             Parameter, array if source is None else source, lambda: array, self.label(*label_names), metadata
         )
 
@@ -151,7 +163,7 @@ class LiftContext:
         self, value: Any, *label_names: str, metadata: Mapping | None = None, source: Any = None
     ) -> StateVariable:
         """The StateVariable for ``value`` (any pytree), shared if seen before."""
-        return self._variable(
+        return self.variable(
             StateVariable, value if source is None else source, lambda: value, self.label(*label_names), metadata
         )
 

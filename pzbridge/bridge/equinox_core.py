@@ -312,6 +312,7 @@ class EquinoxAdapter(eqx.Module):
     """
 
     values: tuple[AbstractVariableValue, ...]
+    arrays: Any
     structure: Any = eqx.field(static=True)
     convention: CallingConvention = eqx.field(static=True)
 
@@ -326,7 +327,12 @@ class EquinoxAdapter(eqx.Module):
             ``(..., "seq", "features")``-style trailing names by rank at call time.
         """
         structure, values = unbind_variables(layer, freeze=True)
-        return cls(tuple(values), structure, convention or CallingConvention())
+        # Arrays held directly by the layer (not in variables) must be leaves, not static data.
+        arrays, structure = eqx.partition(structure, is_array)
+        return cls(tuple(values), arrays, structure, convention or CallingConvention())
+
+    def _layer_with_slots(self) -> Any:
+        return eqx.combine(self.arrays, self.structure)
 
     def __call__(self, x: Any, *args: Any, key: Any = None, **kwargs: Any) -> Any:
         convention = self.convention if self.convention.inputs else _default_convention(x)
@@ -334,7 +340,8 @@ class EquinoxAdapter(eqx.Module):
         side = dict(kwargs)
         if key is not None:
             side["key"] = key
-        out, _ = stateless_call(self.structure, self.values, named[0] if len(named) == 1 else tuple(named), **side)
+        out, _ = stateless_call(self._layer_with_slots(), self.values, named[0] if len(named) == 1 else tuple(named),
+                                **side)
         return convention.unname_output(out)
 
     def lifted_layer(self) -> Any:
@@ -345,7 +352,8 @@ class EquinoxAdapter(eqx.Module):
             >>> EquinoxAdapter.wrap(pzb.nn.Identity(), new_lower_context()).lifted_layer()
             Identity()
         """
-        return bind_variables(self.structure, self.values, unfreeze_as_copy=True) if self.values else self.structure
+        layer = self._layer_with_slots()
+        return bind_variables(layer, self.values, unfreeze_as_copy=True) if self.values else layer
 
 
 def _default_convention(x: Any) -> CallingConvention:
@@ -374,12 +382,12 @@ class EquinoxAdapterRule:
     """Re-lifting an adapter gives back the pzbridge layer it ran."""
 
     def lift(self, module: EquinoxAdapter, ctx: LiftContext) -> Any:
-        structure, values = module.structure, module.values
+        structure, values = module._layer_with_slots(), module.values
         if not values:
             return structure
         fresh = []
         for value in values:
-            variable = ctx._variable(
+            variable = ctx.variable(
                 type(value.unfreeze_as_copy()), value, lambda v=value: v.value, value.label, dict(value.metadata)
             )
             fresh.append(variable)

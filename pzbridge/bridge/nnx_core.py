@@ -252,7 +252,7 @@ def lift_variable(variable: Any, ctx: LiftContext, axis_names: Sequence[str] | N
         # Abstract models (``nnx.eval_shape``): name the shape without touching data.
         named = nx.NamedArray(raw, dict(zip(axis_names, raw.shape)))
         kind = Parameter if trainable else StateVariable
-        return ctx._variable(kind, variable, lambda: named, ctx.label(), metadata)
+        return ctx.variable(kind, variable, lambda: named, ctx.label(), metadata)
     if axis_names is not None and trainable:
         return ctx.parameter(raw, tuple(axis_names), metadata=metadata, source=variable)
     if trainable:
@@ -799,7 +799,7 @@ class NnxAdapter(nnx.Module):
         fresh = []
         for spec, var, value in zip(self.specs, self.variables, self.frozen_values()):
             kind = Parameter if spec.kind == "Parameter" else StateVariable
-            fresh.append(ctx._variable(kind, var, lambda v=value: v.value, spec.label, dict(spec.metadata)))
+            fresh.append(ctx.variable(kind, var, lambda v=value: v.value, spec.label, dict(spec.metadata)))
         return bind_variables(self.structure, fresh) if fresh else self.structure
 
 
