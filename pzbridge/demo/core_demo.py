@@ -5,6 +5,7 @@ rebinds its variables, and writes a treescope rendering.
 
 Example:
     >>> from pzbridge.demo.report import Report
+from pzbridge.models.gpt import build_gpt
     >>> import tempfile, pathlib
     >>> report = Report(verbose=False)
     >>> run_core_demo(report, pathlib.Path(tempfile.mkdtemp()))
@@ -22,6 +23,7 @@ import treescope
 
 import pzbridge as pzb
 from pzbridge.demo.report import Report
+from pzbridge.models.gpt import build_gpt
 
 
 def build_small_model(init_base_rng: jax.Array) -> pzb.nn.Sequential:
@@ -77,3 +79,12 @@ def run_core_demo(report: Report, out_dir: pathlib.Path) -> None:
         html_path = out_dir / "core_model.html"
         html_path.write_text(treescope.render_to_html(model))
         report.check("treescope rendering written", html_path.stat().st_size > 0, str(html_path))
+
+        gpt = build_gpt(init_base_rng=jax.random.key(0), num_layers=2, d_model=32, d_mlp=64, vocab_size=64)
+        tokens = pzb.nx.wrap(jnp.arange(8) % 64, "seq")
+        logits = gpt(tokens)
+        report.check("a GPT built only from pzb.nn layers runs",
+                     dict(logits.named_shape) == {"seq": 8, "vocabulary": 64}, f"{dict(logits.named_shape)}")
+        gpt_path = out_dir / "gpt_model.html"
+        gpt_path.write_text(treescope.render_to_html(gpt))
+        report.check("treescope rendering of the GPT written", gpt_path.stat().st_size > 0, str(gpt_path))
