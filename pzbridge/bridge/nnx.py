@@ -452,3 +452,4 @@ from pzbridge.bridge import nnx_norm as _nnx_norm  # noqa: E402,F401
 from pzbridge.bridge import nnx_conv as _nnx_conv  # noqa: E402,F401
 from pzbridge.bridge import nnx_groupnorm as _nnx_groupnorm  # noqa: E402,F401
 from pzbridge.bridge import nnx_prelu as _nnx_prelu  # noqa: E402,F401
+from pzbridge.bridge import nnx_recurrent as _nnx_recurrent  # noqa: E402,F401
