@@ -12,6 +12,9 @@ original ``nnx.Linear`` graphdef.
 ``alpha != rank`` therefore lowers with ``B`` pre-multiplied by
 ``alpha / rank`` (same function), and re-lifts with ``alpha = rank``.
 
+``LowRankAdapter`` s on lifted ``nnx.LinearGeneral`` / ``nnx.Einsum`` lower to the
+wrappers of :mod:`pzbridge.bridge.lora_nnx_general`.
+
 Re-lifting recognises ``nnx.LoRALinear`` (the ``NnxLinear`` form above, labels
 ``<path>.kernel``, ``<path>.lora_a``, ``<path>.lora_b``). A standalone
 ``nnx.LoRA`` module has no rule yet and stays ``Foreign`` (its ``LoRAParam`` s
@@ -185,3 +188,6 @@ NNX.add(LoRALinearRule(), source=nnx.LoRALinear)
 NNX.add(LowRankAdapterRule(), lifted=(LowRankAdapter,))
 for _cls in (NnxLinear, Affine):
     NNX.add(_LoRANnxLinearRule(NNX.lower_rule_for(_cls)), lifted=(_cls,))
+
+# LoRA on nnx.LinearGeneral / nnx.Einsum (LoRALinearGeneral, LoRAEinsum); imported last, after the rules it wraps.
+from pzbridge.bridge import lora_nnx_general as _lora_general  # noqa: E402,F401
