@@ -5,7 +5,6 @@ rebinds its variables, and writes a treescope rendering.
 
 Example:
     >>> from pzbridge.demo.report import Report
-from pzbridge.models.gpt import build_gpt
     >>> import tempfile, pathlib
     >>> report = Report(verbose=False)
     >>> run_core_demo(report, pathlib.Path(tempfile.mkdtemp()))
