@@ -7,6 +7,7 @@ a registry users extend for their own classes. See ``shared/DESIGN.md``.
 
 from pzbridge.bridge.api import lift, lower
 from pzbridge.bridge.context import LiftContext, LowerContext
+from pzbridge.bridge.equinox_state import lower_with_state
 from pzbridge.bridge.lifted import CallingConvention, LiftedModel
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.registry import RuleRegistry

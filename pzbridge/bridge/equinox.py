@@ -221,3 +221,4 @@ from pzbridge.bridge import equinox_shared as _shared  # noqa: E402,F401
 from pzbridge.bridge import equinox_pool as _pool  # noqa: E402,F401
 from pzbridge.bridge import equinox_recurrent as _recurrent  # noqa: E402,F401
 from pzbridge.bridge import equinox_groupnorm as _groupnorm  # noqa: E402,F401
+from pzbridge.bridge import equinox_state as _state  # noqa: E402,F401
