@@ -39,6 +39,14 @@ def _framework_of(module: Any) -> str:
     )
 
 
+def _load_rules(framework: str) -> None:
+    """Imports a framework's rule modules (importing registers their rules), LoRA rules included."""
+    if framework == "equinox":
+        from pzbridge.bridge import equinox, lora_equinox  # noqa: F401
+    else:
+        from pzbridge.bridge import lora_nnx, nnx  # noqa: F401
+
+
 def lift(module: Any, *, naming: AxisNaming | None = None, strict: bool = False, state: Any = None) -> LiftedModel:
     """Lifts an Equinox or Flax NNX module into an editable pzbridge model.
 
@@ -69,9 +77,8 @@ def lift(module: Any, *, naming: AxisNaming | None = None, strict: bool = False,
     """
     framework = _framework_of(module)
     naming = naming or AxisNaming()
+    _load_rules(framework)
     if framework == "equinox":
-        from pzbridge.bridge import equinox as _rules  # noqa: F401  (registers the rules)
-        from pzbridge.bridge import lora_equinox as _lora_rules  # noqa: F401  (LoRA rules)
         from pzbridge.bridge.equinox_core import EQUINOX, new_lift_context
 
         ctx = new_lift_context(naming, strict)
@@ -81,7 +88,6 @@ def lift(module: Any, *, naming: AxisNaming | None = None, strict: bool = False,
         rule = EQUINOX.lift_rule_for(type(module))
     else:
         from pzbridge.bridge import nnx as _nnx_rules
-        from pzbridge.bridge import lora_nnx as _lora_rules  # noqa: F401  (LoRA rules)
         from pzbridge.bridge.nnx_core import NNX, new_lift_context as new_nnx_context
 
         if state is not None:
@@ -118,16 +124,15 @@ def lower(lifted: Any, *, framework: str | None = None) -> Any:
     """
     body = lifted.body if isinstance(lifted, LiftedModel) else lifted
     framework = framework or (lifted.framework if isinstance(lifted, LiftedModel) else None)
+    if framework in ("equinox", "nnx"):
+        _load_rules(framework)
     if framework == "equinox":
-        from pzbridge.bridge import equinox as _rules  # noqa: F401
-        from pzbridge.bridge import lora_equinox as _lora_rules  # noqa: F401  (LoRA rules)
         from pzbridge.bridge.equinox_core import new_lower_context
 
         ctx = new_lower_context()
         return ctx.lower_node(body, ctx)
     if framework == "nnx":
         from pzbridge.bridge import nnx as _nnx_rules
-        from pzbridge.bridge import lora_nnx as _lora_rules  # noqa: F401  (LoRA rules)
 
         return _nnx_rules.lower_root(body)
     raise LowerError(
