@@ -42,7 +42,7 @@ from pzbridge.bridge.equinox_layers import EqxLinear
 from pzbridge.core.errors import LowerError
 from pzbridge.nn.combinators import Sequential
 from pzbridge.nn.linear import Affine, Linear, weight_output_name
-from pzbridge.toolshed.lora import RANK_AXIS, LowRankAdapter
+from pzbridge.toolshed.lora import RANK_AXIS, LowRankAdapter, split_adapter
 
 
 class LoRALinear(eqx.Module):
@@ -129,11 +129,10 @@ class _LoRAEqxLinearRule:
         self.previous = previous
 
     def lower(self, layer: Any, ctx: LowerContext) -> Any:
-        sublayers = layer.sublayers if isinstance(layer, Sequential) else [layer]
-        if not sublayers or not isinstance(sublayers[0], LowRankAdapter):
+        split = split_adapter(layer)
+        if split is None:
             return self.previous.lower(layer, ctx)
-        adapter = sublayers[0]
-        base_layer = dataclasses.replace(layer, sublayers=[adapter.base, *sublayers[1:]])
+        adapter, base_layer = split
         linear = self.previous.lower(base_layer, ctx)
         if not isinstance(linear, eqx.nn.Linear) or "scalar" in (linear.in_features, linear.out_features):
             raise LowerError(

@@ -50,7 +50,7 @@ from pzbridge.bridge.nnx_layers import NnxLinear
 from pzbridge.core.errors import LowerError
 from pzbridge.nn.combinators import Sequential
 from pzbridge.nn.linear import Affine, Linear, weight_output_name
-from pzbridge.toolshed.lora import RANK_AXIS, LowRankAdapter
+from pzbridge.toolshed.lora import RANK_AXIS, LowRankAdapter, split_adapter
 
 _LORA_ATTR = "lora"
 _NODES_ATTR = "_pytree__nodes"  # NNX's per-module record of which attributes are graph nodes.
@@ -117,15 +117,10 @@ class _LoRANnxLinearRule:
         self.previous = previous
 
     def lower(self, layer: Any, ctx: LowerContext) -> Any:
-        sublayers = layer.sublayers if isinstance(layer, Sequential) else [layer]
-        if not sublayers or not isinstance(sublayers[0], LowRankAdapter):
+        split = split_adapter(layer)
+        if split is None:
             return self.previous.lower(layer, ctx)
-        adapter = sublayers[0]
-        base_layer = (
-            dataclasses.replace(layer, sublayers=[adapter.base, *sublayers[1:]])
-            if isinstance(layer, Sequential)
-            else adapter.base
-        )
+        adapter, base_layer = split
         linear = self.previous.lower(base_layer, ctx)
         if type(linear) is not nnx.Linear:
             raise LowerError(

@@ -49,6 +49,7 @@ from pzbridge.core.selectors import Selection, select
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.core.variables import LabeledVariable, Parameter, ParameterSlot
 from pzbridge.nn.basic import NamedEinsum
+from pzbridge.nn.combinators import Sequential
 from pzbridge.nn.contraction import contract
 from pzbridge.nn.initializers import key_for_label, variance_scaling
 from pzbridge.nn.layer import Layer
@@ -315,6 +316,32 @@ def merge_lora(model: Any) -> Any:
         return dataclasses.replace(base, weights=(new_weight,))
 
     return select(model).at_instances_of(LowRankAdapter).apply(fold)
+
+
+def split_adapter(layer: Any) -> tuple[LowRankAdapter, Any] | None:
+    """Splits a lifted linear group whose first layer is a LoRA adapter into (adapter, group without it).
+
+    Bridges use it to lower ``Group([LowRankAdapter(base), AddBias])`` (or a
+    bare adapter) by lowering ``Group([base, AddBias])`` and wrapping the result.
+
+    Args:
+      layer: A ``Sequential`` group or a single layer.
+
+    Returns:
+      ``(adapter, layer_with_base)``, or None when there is no adapter in front.
+
+    Example:
+        >>> lin = Linear.from_config("l", jax.random.key(0), {"f": 2}, {"g": 3})
+        >>> split_adapter(lin) is None
+        True
+    """
+    sublayers = layer.sublayers if isinstance(layer, Sequential) else [layer]
+    if not sublayers or not isinstance(sublayers[0], LowRankAdapter):
+        return None
+    adapter = sublayers[0]
+    if isinstance(layer, Sequential):
+        return adapter, dataclasses.replace(layer, sublayers=[adapter.base, *sublayers[1:]])
+    return adapter, adapter.base
 
 
 def is_lora_parameter(variable: Any) -> bool:
