@@ -1,6 +1,6 @@
 """Lifted vs original Equinox models: run time, trace+compile time, and lift/lower time at 7B shape.
 
-Side by side in one process (see ``shared/STYLE.md``, "Benchmarks"):
+Side by side in one process:
 
 - **transformer**: a user-written Equinox transformer (``Embedding``,
   custom pre-norm residual blocks with ``MultiheadAttention``, ``MLP`` and

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 
 import pzbridge as pzb
-from pzbridge.bridge.lora_equinox import lora_filter
+from pzbridge.bridge.equinox.lora import lora_filter
 from pzbridge.nn.foreign import Foreign
 from pzbridge.nn.linear import Linear
 from pzbridge.toolshed.lora import loraify_linears_in_selection

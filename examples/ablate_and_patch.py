@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pzbridge as pzb
-from pzbridge.bridge.equinox_layers import EqxLinear
+from pzbridge.bridge.equinox.linear import EqxLinear
 from pzbridge.nn.linear import Affine
 from pzbridge.toolshed.intermediates import capture_intermediates
 from pzbridge.toolshed.interventions import Ablate, ZeroAblation, insert_intervention, patch_activations

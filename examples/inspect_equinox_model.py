@@ -19,7 +19,7 @@ import numpy as np
 import treescope
 
 import pzbridge as pzb
-from pzbridge.bridge.equinox_layers import EqxLinear
+from pzbridge.bridge.equinox.linear import EqxLinear
 from pzbridge.nn.linear import Linear
 from pzbridge.toolshed.intermediates import capture_intermediates
 

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 import pzbridge as pzb
-from pzbridge.bridge.lora_equinox import LoRALinear, lora_filter
+from pzbridge.bridge.equinox.lora import LoRALinear, lora_filter
 from pzbridge.nn.linear import Linear
 from pzbridge.toolshed.lora import loraify_linears_in_selection, merge_lora
 

@@ -4,7 +4,7 @@
 selectors (``pzb.select``), structs, variables, and (in later layers) the
 lifted layer vocabulary, ``pzb.lift`` / ``pzb.lower`` and the toolshed.
 Attributes are imported on first use so that ``import pzbridge`` stays fast
-and light; see ``shared/DESIGN.md`` for the architecture.
+and light; see docs/architecture.md for the architecture.
 
 Example:
     >>> import pzbridge as pzb

@@ -2,8 +2,10 @@
 
 ``lift`` detects the framework from the module's type and runs that
 framework's traversal; ``lower`` goes back to the framework the model was
-lifted from (or to ``framework=`` for a cross-framework lowering). See
-``shared/DESIGN.md`` ("The lift / lower contract").
+lifted from (or to ``framework=`` for a cross-framework lowering). Each
+framework's rules live in its own package (:mod:`pzbridge.bridge.equinox`,
+:mod:`pzbridge.bridge.nnx`); importing the package registers all of them.
+See ``docs/architecture.md`` ("The lift / lower contract").
 
 Example:
     >>> import jax, equinox as eqx
@@ -15,11 +17,15 @@ Example:
 
 from __future__ import annotations
 
+import types
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pzbridge.bridge.lifted import CallingConvention, LiftedModel
 from pzbridge.bridge.naming import AxisNaming
+from pzbridge.bridge.tracing.example import Example
 from pzbridge.core.errors import LiftError, LowerError
+from pzbridge.nn.dataflow import Traced
 
 
 def _framework_of(module: Any) -> str:
@@ -39,26 +45,37 @@ def _framework_of(module: Any) -> str:
     )
 
 
-def _load_rules(framework: str) -> None:
-    """Imports a framework's rule modules (importing registers their rules), LoRA rules included."""
+def _traversal(framework: str) -> types.ModuleType:
+    """The framework's traversal module; importing it loads the framework's package, so every rule is registered."""
     if framework == "equinox":
-        from pzbridge.bridge import equinox, lora_equinox  # noqa: F401
+        from pzbridge.bridge.equinox import traversal
     else:
-        from pzbridge.bridge import lora_nnx, nnx  # noqa: F401
+        from pzbridge.bridge.nnx import traversal
+    return traversal
 
 
-def lift(module: Any, *, naming: AxisNaming | None = None, strict: bool = False, state: Any = None) -> LiftedModel:
+def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | None = None,
+         input_names: Sequence[Sequence[str] | None] | None = None, naming: AxisNaming | None = None,
+         strict: bool = False, state: Any = None) -> LiftedModel:
     """Lifts an Equinox or Flax NNX module into an editable pzbridge model.
 
     Never mutates ``module`` and copies no array: lifted parameters hold the
-    very same buffers. Known layers become pzbridge layers on named axes;
-    modules without a rule become ``Foreign`` (their children still lifted).
+    very same buffers. Known layers become pzbridge layers on named axes.
+    Without example inputs a module without a rule becomes ``Foreign`` (its
+    children still lifted); with them (arrays or ``jax.ShapeDtypeStruct`` s,
+    as the module is called) its ``__call__`` is traced into explicit
+    pzbridge layers (see ``docs/lifting_custom_modules.md``).
 
     Args:
       module: An ``eqx.Module`` or ``nnx.Module``.
+      *example_args: Example positional inputs of ``module`` (optional).
+      example_kwargs: Example keyword inputs.
+      input_names: Per example argument, the names of its axes (default:
+        the named arrays' names, else ``..., seq, features``).
       naming: Axis-naming policy (default :class:`~pzbridge.bridge.naming.AxisNaming`).
       strict: Raise :class:`~pzbridge.core.errors.LiftError` instead of
-        producing ``Foreign`` for modules without a rule.
+        producing ``Foreign`` for modules without a rule (with examples: for
+        modules that cannot be traced, naming the reason).
       state: Equinox only: the ``eqx.nn.State`` of a stateful model; its
         entries become ``StateVariable``s.
 
@@ -77,25 +94,16 @@ def lift(module: Any, *, naming: AxisNaming | None = None, strict: bool = False,
     """
     framework = _framework_of(module)
     naming = naming or AxisNaming()
-    _load_rules(framework)
-    if framework == "equinox":
-        from pzbridge.bridge.equinox_core import EQUINOX, new_lift_context
-
-        ctx = new_lift_context(naming, strict)
-        if state is not None:
-            ctx.shared.extras["state"] = state
-        body = ctx.lift_node(module, ctx)
-        rule = EQUINOX.lift_rule_for(type(module))
-    else:
-        from pzbridge.bridge import nnx as _nnx_rules
-        from pzbridge.bridge.nnx_core import NNX, new_lift_context as new_nnx_context
-
-        if state is not None:
-            raise LiftError("<root>: state= is for Equinox models; NNX modules hold their own state.")
-        ctx = new_nnx_context(naming, strict)
-        body = _nnx_rules.lift_root(module, ctx)
-        rule = NNX.lift_rule_for(type(module))
-    convention = rule.convention(module, naming) if rule is not None and hasattr(rule, "convention") else None
+    if state is not None and framework != "equinox":
+        raise LiftError("<root>: state= is for Equinox models; NNX modules hold their own state.")
+    traversal = _traversal(framework)
+    ctx = traversal.new_lift_context(naming, strict)
+    if state is not None:
+        ctx.shared.extras["state"] = state
+    if example_args or example_kwargs:
+        ctx = ctx.with_example(Example.of(example_args, example_kwargs, input_names))
+    body = ctx.lift_node(module, ctx)
+    convention = body.convention if isinstance(body, Traced) else traversal.RULES.convention_of(module, naming)
     return LiftedModel(body, framework, convention or CallingConvention())
 
 
@@ -125,16 +133,8 @@ def lower(lifted: Any, *, framework: str | None = None) -> Any:
     body = lifted.body if isinstance(lifted, LiftedModel) else lifted
     framework = framework or (lifted.framework if isinstance(lifted, LiftedModel) else None)
     if framework in ("equinox", "nnx"):
-        _load_rules(framework)
-    if framework == "equinox":
-        from pzbridge.bridge.equinox_core import new_lower_context
-
-        ctx = new_lower_context()
+        ctx = _traversal(framework).new_lower_context()
         return ctx.lower_node(body, ctx)
-    if framework == "nnx":
-        from pzbridge.bridge import nnx as _nnx_rules
-
-        return _nnx_rules.lower_root(body)
     raise LowerError(
         f"<root>: cannot tell which framework to lower to (found framework={framework!r}). "
         "Fix: pass framework='equinox' or framework='nnx'."

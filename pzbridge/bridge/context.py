@@ -63,6 +63,9 @@ class LiftContext:
       naming: The axis-naming policy.
       strict: Raise instead of producing ``Foreign``.
       path: Attribute path from the root (strings and list indices).
+      example: An example call (:class:`~pzbridge.bridge.tracing.example.Example`)
+        for the module lifted at this path, or None: with it, a module
+        without a rule is traced instead of becoming ``Foreign``.
 
     Example:
         >>> LiftContext(framework="toy", lift_node=lambda m, c: m).child("blocks", 3).where
@@ -75,6 +78,7 @@ class LiftContext:
     strict: bool = False
     path: tuple[str | int, ...] = ()
     shared: _Shared = dataclasses.field(default_factory=_Shared)
+    example: Any = None
 
     @property
     def where(self) -> str:
@@ -82,8 +86,18 @@ class LiftContext:
         return _path_text(self.path)
 
     def child(self, *keys: str | int) -> LiftContext:
-        """The context of a child at ``keys`` below this one (same shared tables)."""
-        return dataclasses.replace(self, path=(*self.path, *keys))
+        """The context of a child at ``keys`` below this one (same shared tables, no example input)."""
+        return dataclasses.replace(self, path=(*self.path, *keys), example=None)
+
+    def with_example(self, example: Any) -> LiftContext:
+        """The same context carrying an example input for the module lifted here (enables tracing).
+
+        Example:
+            >>> ctx = LiftContext(framework="toy", lift_node=lambda m, c: m).with_example("x")
+            >>> ctx.example, ctx.child("a").example
+            ('x', None)
+        """
+        return dataclasses.replace(self, example=example)
 
     def lift(self, module: Any, *keys: str | int) -> Any:
         """Lifts a child module found at ``keys`` below this context."""
@@ -218,11 +232,18 @@ class LowerContext:
         cached = self.shared.by_identity.get((key, tuple(axis_names)))
         if cached is not None:
             return cached
-        value = getattr(variable, "value", variable) if _has_value(variable) else None
+        if not _has_value(variable):
+            raise LowerError(
+                f"{self.where}: cannot lower {variable!r}: it is an unbound slot, so there is no array to put "
+                f"in the {self.framework} module. Fix: bind variables first with "
+                "pzb.bind_variables(model, variables), or lower the model the slots came from."
+            )
+        value = getattr(variable, "value", variable)
         if value is None:
             raise LowerError(
-                f"{self.where}: cannot lower {variable!r}: it holds no value (an unbound slot?). "
-                "Fix: bind variables first with pzb.bind_variables(model, variables)."
+                f"{self.where}: cannot lower {getattr(variable, 'label', 'value')!r}: it holds None where the "
+                f"{self.framework} layer needs an array. Fix: give it an array value before lowering "
+                "(variable.value = ...)."
             )
         if not nx.is_namedarray(value):
             array = value

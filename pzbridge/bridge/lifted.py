@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -44,11 +44,35 @@ class CallingConvention(Struct):
 
     inputs: tuple[tuple[str, ...], ...] = static_field(default=())
     output: tuple[str, ...] | None = static_field(default=None)
+    side_names: tuple[str, ...] = static_field(default=())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(tuple(names) for names in self.inputs))
         if self.output is not None:
             object.__setattr__(self, "output", tuple(self.output))
+        object.__setattr__(self, "side_names", tuple(self.side_names))
+
+    def split_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """The body's input and side inputs for a positional call ``(*args, **kwargs)``.
+
+        Positional arguments are named by :meth:`name_inputs`. With
+        ``side_names`` (a traced module's extra arguments, such as a mask) the
+        first argument is the input and argument ``i + 1`` becomes the side
+        input ``side_names[i]``; otherwise several arguments form a tuple.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> conv = CallingConvention((("f",), ("f",)), ("f",), side_names=("mask",))
+            >>> x, side = conv.split_call([jnp.ones(2), jnp.zeros(2)], {})
+            >>> dict(x.named_shape), sorted(side)
+            ({'f': 2}, ['mask'])
+        """
+        named = self.name_inputs(list(args))
+        side = dict(kwargs)
+        if self.side_names:
+            side.update(zip(self.side_names, named[1:]))
+            return named[0], side
+        return (named[0] if len(named) == 1 else tuple(named)), side
 
     def name_inputs(self, args: Sequence[Any]) -> list[Any]:
         """Tags each positional argument's trailing axes.
@@ -151,6 +175,5 @@ class LiftedModel(Layer):
             >>> m.positional(jnp.arange(3)).tolist()
             [0, 1, 2]
         """
-        named = self.convention.name_inputs(args)
-        x = named[0] if len(named) == 1 else tuple(named)
-        return self.convention.unname_output(self.body(x, **kwargs))
+        x, side = self.convention.split_call(args, kwargs)
+        return self.convention.unname_output(self.body(x, **side))

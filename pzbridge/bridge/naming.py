@@ -2,7 +2,7 @@
 
 Lifted layers take and return named arrays, so lifting must decide what each
 positional axis of the original framework is called. The defaults follow
-``shared/DESIGN.md`` ("Named axes conventions"); pass a modified policy to
+``docs/architecture.md`` ("Axis naming"); pass a modified policy to
 ``pzb.lift(..., naming=...)`` to use other names (e.g. ``embed`` instead of
 ``features``).
 

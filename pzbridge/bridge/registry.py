@@ -1,7 +1,7 @@
 """The rule tables that drive lifting and lowering.
 
 Lifting and lowering are each one traversal driven by a table (see
-``shared/STYLE.md``): a *rule* knows one framework class and the lifted
+``docs/architecture.md``): a *rule* knows one framework class and the lifted
 class(es) it becomes, with both directions side by side:
 
 - ``lift(module, ctx)`` turns a framework module into a lifted layer;
@@ -66,6 +66,7 @@ class RuleRegistry:
         self.framework = framework
         self._lift: dict[type, Any] = {}
         self._lower: dict[type, Any] = {}
+        self._unknown: Callable[[Any, Any], Any] | None = None
 
     def rule(self, source: type | None = None, lifted: Sequence[type] = ()) -> Callable[[type[_R]], type[_R]]:
         """Class decorator registering a rule (an instance is created once).
@@ -135,6 +136,44 @@ class RuleRegistry:
             if rule is not None:
                 return rule
         return None
+
+    def set_unknown_handler(self, handler: Callable[[Any, Any], Any]) -> None:
+        """Sets how a module without a lift rule is lifted (``Foreign``, or traced when examples are given).
+
+        Example:
+            >>> registry = RuleRegistry("toy")
+            >>> registry.set_unknown_handler(lambda module, ctx: ("unknown", module))
+            >>> registry.lift_unknown(3, None)
+            ('unknown', 3)
+        """
+        self._unknown = handler
+
+    def lift_unknown(self, module: Any, ctx: Any) -> Any:
+        """Lifts a module that has no rule with the handler set by :meth:`set_unknown_handler`.
+
+        Raises:
+          LookupError: If no handler is set.
+        """
+        if self._unknown is None:
+            raise LookupError(f"the {self.framework} rule table has no handler for modules without a rule")
+        return self._unknown(module, ctx)
+
+    def convention_of(self, module: Any, naming: Any) -> Any | None:
+        """The calling convention the lift rule of ``module``'s class records, or None.
+
+        Rules may define ``convention(module, naming)`` to say what the
+        module's positional inputs and output are called.
+
+        Example:
+            >>> registry = RuleRegistry("toy")
+            >>> class R:
+            ...     def convention(self, module, naming): return ("features",)
+            >>> registry.add(R(), source=int)
+            >>> registry.convention_of(3, None), registry.convention_of("x", None)
+            (('features',), None)
+        """
+        rule = self.lift_rule_for(type(module))
+        return rule.convention(module, naming) if rule is not None and hasattr(rule, "convention") else None
 
     def known_sources(self) -> list[str]:
         """Names of the framework classes with lift rules (for error messages).

@@ -1,7 +1,7 @@
 """pzbridge's exception hierarchy.
 
 Every error a user can trigger is a :class:`PzbridgeError`. Each one answers
-three questions (see ``shared/DESIGN.md``, "Errors"): *where* in the model it
+three questions: *where* in the model it
 happened (a path such as ``blocks[3].attn.query``), *what* was expected and
 what was found, and *how* to fix it. Subclasses also inherit from the closest
 built-in exception (``ValueError``, ``TypeError``, ...) so code that already

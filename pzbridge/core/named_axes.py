@@ -6,13 +6,15 @@ This module only re-exports; the pieces live in small modules:
   (:class:`NamedArray`, :class:`NamedArrayView`) and metadata-only axis moves
   (``tag`` / ``untag`` never transpose);
 - :mod:`pzbridge.core.named_axes_ops`: :func:`nmap` (one ``jax.vmap`` per
-  group of names shared by the same arguments, not one per name),
-  name-broadcasting operators, reductions and indexing;
+  group of names shared by the same arguments, not one per name), and the
+  methods that compute on data (name-broadcasting operators, reductions,
+  indexing, ``astype`` / ``reshape`` / ``broadcast_to``), which it installs on
+  ``NamedArrayBase``;
 - :mod:`pzbridge.core.named_axes_build`: constructors, joins and ``scan``;
 - :mod:`pzbridge.core.named_axes_treescope`: rendering, loaded on first use.
 
 Lifted layers take and return named arrays; a name a layer does not use
-passes through untouched (see ``shared/DESIGN.md``, "Named axes
+passes through untouched (see docs/architecture.md, "Axis naming and calling
 conventions").
 
 Example:

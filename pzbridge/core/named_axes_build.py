@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from pzbridge.core.errors import NamedAxisError
 from pzbridge.core.named_axes_core import AxisMap, NamedArray, NamedArrayBase, is_namedarray
-from pzbridge.core.named_axes_ops import nmap
+from pzbridge.core.named_axes_ops import map_data, nmap
 
 
 def full(named_shape: Mapping[str, int], fill_value: Any, dtype: Any = None) -> NamedArray:
@@ -64,8 +64,6 @@ def full_like(x: NamedArrayBase, fill_value: Any, dtype: Any = None) -> NamedArr
         >>> full_like(zeros({"a": 2}), 3.0).unwrap("a").tolist()
         [3.0, 3.0]
     """
-    from pzbridge.core.named_axes_ops import map_data
-
     return map_data(lambda d: jnp.full_like(d, fill_value, dtype=dtype), x)
 
 

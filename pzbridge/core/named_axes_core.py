@@ -15,9 +15,12 @@ A named array has *positional* axes (indexed by position, like numpy) and
 
 Operations that return an array whose layout happens to be a positional
 prefix return a :class:`NamedArray`, so views only exist while they save work.
-The vectorised operations (arithmetic, reductions, indexing) are methods of
-:class:`NamedArrayBase` implemented in :mod:`pzbridge.core.named_axes_ops`.
-See ``shared/DESIGN.md`` ("Named axes conventions").
+The vectorised operations (``astype``, ``reshape``, ``broadcast_to``,
+arithmetic, reductions, indexing) are methods of :class:`NamedArrayBase` that
+:mod:`pzbridge.core.named_axes_ops` installs: it builds on the classes here,
+so this module never imports it, and ``pzbridge/core/__init__.py`` imports it
+so the methods are in place whichever core module is imported first. See
+docs/architecture.md ("Axis naming and calling conventions").
 
 Example:
     >>> import jax.numpy as jnp
@@ -463,45 +466,9 @@ class NamedArrayBase(abc.ABC):
         return NamedArrayView(data, tuple(data.shape), other.data_axis_for_logical_axis, other.data_axis_for_name)
 
 
-    # Vectorised array operations (implemented in named_axes_ops). ---------------
-
-    def astype(self, dtype: Any) -> NamedArrayBase:
-        """Casts the data to ``dtype`` (layout unchanged).
-
-        Example:
-            >>> import jax.numpy as jnp
-            >>> wrap(jnp.zeros(2), "a").astype(jnp.int32).dtype
-            dtype('int32')
-        """
-        return _ops.map_data(lambda d: d.astype(dtype), self)
-
-    def reshape(self, *shape: Any) -> NamedArrayBase:
-        """Reshapes the positional axes (vectorised over every named axis).
-
-        Example:
-            >>> import jax.numpy as jnp
-            >>> wrap(jnp.zeros((2, 6))).tag_prefix("b").reshape(2, 3).positional_shape
-            (2, 3)
-        """
-        target = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        return _ops.nmap(lambda a: jnp.reshape(a, tuple(target)))(self)
-
-    def broadcast_to(self, positional_shape: tuple[int, ...] = (), named_shape: Mapping[str, int] | None = None) -> NamedArrayBase:
-        """Broadcasts to a positional shape (numpy rules) and adds named axes.
-
-        Args:
-          positional_shape: Target positional shape.
-          named_shape: Named axes to add (existing names must keep their size).
-
-        Returns:
-          A named array with at least these axes.
-
-        Example:
-            >>> import jax.numpy as jnp
-            >>> dict(wrap(jnp.zeros(3), "s").broadcast_to((), {"b": 2}).named_shape)
-            {'s': 3, 'b': 2}
-        """
-        return _ops.broadcast_to(self, tuple(positional_shape), dict(named_shape or {}))
+    # Operations that compute on the data (``astype``, ``reshape``,
+    # ``broadcast_to``, indexing, ``at``, operators, reductions) are installed
+    # on this class by pzbridge.core.named_axes_ops.install_methods.
 
     def broadcast_like(self, other: Any) -> NamedArrayBase:
         """Broadcasts to the positional and named shape of ``other``.
@@ -514,42 +481,6 @@ class NamedArrayBase(abc.ABC):
         if isinstance(other, NamedArrayBase):
             return self.broadcast_to(other.positional_shape, other.named_shape)
         return self.broadcast_to(tuple(jnp.shape(other)), {})
-
-    def __getitem__(self, index: Any) -> NamedArrayBase:
-        """Indexes positional axes numpy-style, or named axes with a dict.
-
-        A tuple/int/slice/array index applies to the positional axes and is
-        vectorised over the named axes; index arrays may be named arrays (their
-        names are vectorised jointly). A dict ``{name: index}`` indexes named
-        axes: an int removes the name, a slice keeps it (resized), ``None``
-        adds a new size-1 name, and an integer (named) array gathers; the
-        positional axes of array indices come first in the result.
-
-        Example:
-            >>> import jax.numpy as jnp
-            >>> x = wrap(jnp.arange(6).reshape(2, 3), "b", "s")
-            >>> x[{"s": 1}].unwrap("b").tolist()
-            [1, 4]
-            >>> dict(x[{"s": slice(0, 2)}].named_shape)
-            {'b': 2, 's': 2}
-        """
-        return _ops.getitem(self, index)
-
-    @property
-    def at(self) -> Any:
-        """Functional updates: ``x.at[index].set(v)`` (also add, multiply, ...).
-
-        The index has the same forms as in ``__getitem__``; positional parts
-        of ``v`` broadcast numpy-style against the indexed region, named axes
-        of ``v`` are matched by name.
-
-        Example:
-            >>> import jax.numpy as jnp
-            >>> x = wrap(jnp.zeros((2, 3)), "b", "s")
-            >>> x.at[{"s": 0}].set(1.0).unwrap("b", "s").tolist()
-            [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
-        """
-        return _ops.IndexUpdateHelper(self)
 
     def __iter__(self) -> Any:
         raise TypeError(
@@ -578,6 +509,8 @@ class NamedArrayBase(abc.ABC):
         return self._scalar(operator.index)
 
     # Rendering (treescope is imported only when something is rendered). ----------
+    # The renderer module imports treescope but nothing of this module: it
+    # works on the array through its methods, so the dependency points one way.
 
     def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
         from pzbridge.core.named_axes_treescope import render_named_array
@@ -588,6 +521,23 @@ class NamedArrayBase(abc.ABC):
         from pzbridge.core.named_axes_treescope import NamedArrayAdapter
 
         return NamedArrayAdapter()
+
+    def _aligned_data(self, other: Any) -> jax.Array:
+        """``other`` broadcast to this array, as data laid out like this array's view.
+
+        The treescope adapter aligns a ``valid_mask`` (a named or a plain
+        array) with the data it draws this way: names are matched by name,
+        positional axes broadcast numpy-style.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> x = wrap(jnp.zeros((2, 3)), "b", "s").untag("s")
+            >>> x._aligned_data(wrap(jnp.ones(2, bool), "b")).shape
+            (2, 3)
+        """
+        named = other if isinstance(other, NamedArrayBase) else wrap(other)
+        view = self.as_namedarrayview()
+        return named.broadcast_like(self).order_like(view).as_namedarrayview().data_array
 
 
 @pytree_dataclass
@@ -776,7 +726,3 @@ def unwrap(array: Any, *names: AxisName) -> jax.Array:
         raise NamedAxisError(f"unwrap got names {list(names)} for a plain array. Fix: call it without names.")
     return jnp.asarray(array)
 
-
-# Imported last: the operations module needs the classes above, and installs
-# the operators and reductions on NamedArrayBase when it finishes loading.
-from pzbridge.core import named_axes_ops as _ops  # noqa: E402

@@ -647,14 +647,116 @@ def _reduction(name: str, fn: Callable[..., Any], single_axis: bool) -> Callable
     return method
 
 
+class _DataMethods:
+    """The methods of :class:`NamedArrayBase` that compute on the data.
+
+    Not a base class: :func:`install_methods` copies these onto
+    ``NamedArrayBase``. They live here because they call the operations of
+    this module, which builds on the classes of ``named_axes_core``; keeping
+    them out of that module keeps the import graph acyclic.
+    """
+
+    def astype(self: NamedArrayBase, dtype: Any) -> NamedArrayBase:
+        """Casts the data to ``dtype`` (layout unchanged).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from pzbridge.core.named_axes_core import wrap
+            >>> wrap(jnp.zeros(2), "a").astype(jnp.int32).dtype
+            dtype('int32')
+        """
+        return map_data(lambda d: d.astype(dtype), self)
+
+    def reshape(self: NamedArrayBase, *shape: Any) -> NamedArrayBase:
+        """Reshapes the positional axes (vectorised over every named axis).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from pzbridge.core.named_axes_core import wrap
+            >>> wrap(jnp.zeros((2, 6))).tag_prefix("b").reshape(2, 3).positional_shape
+            (2, 3)
+        """
+        target = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return nmap(lambda a: jnp.reshape(a, tuple(target)))(self)
+
+    def broadcast_to(
+        self: NamedArrayBase, positional_shape: tuple[int, ...] = (), named_shape: Mapping[str, int] | None = None
+    ) -> NamedArrayBase:
+        """Broadcasts to a positional shape (numpy rules) and adds named axes.
+
+        Args:
+          positional_shape: Target positional shape.
+          named_shape: Named axes to add (existing names must keep their size).
+
+        Returns:
+          A named array with at least these axes.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from pzbridge.core.named_axes_core import wrap
+            >>> dict(wrap(jnp.zeros(3), "s").broadcast_to((), {"b": 2}).named_shape)
+            {'s': 3, 'b': 2}
+        """
+        return broadcast_to(self, tuple(positional_shape), dict(named_shape or {}))
+
+    def __getitem__(self: NamedArrayBase, index: Any) -> NamedArrayBase:
+        """Indexes positional axes numpy-style, or named axes with a dict.
+
+        A tuple/int/slice/array index applies to the positional axes and is
+        vectorised over the named axes; index arrays may be named arrays (their
+        names are vectorised jointly). A dict ``{name: index}`` indexes named
+        axes: an int removes the name, a slice keeps it (resized), ``None``
+        adds a new size-1 name, and an integer (named) array gathers; the
+        positional axes of array indices come first in the result.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from pzbridge.core.named_axes_core import wrap
+            >>> x = wrap(jnp.arange(6).reshape(2, 3), "b", "s")
+            >>> x[{"s": 1}].unwrap("b").tolist()
+            [1, 4]
+            >>> dict(x[{"s": slice(0, 2)}].named_shape)
+            {'b': 2, 's': 2}
+        """
+        return getitem(self, index)
+
+    @property
+    def at(self: NamedArrayBase) -> IndexUpdateHelper:
+        """Functional updates: ``x.at[index].set(v)`` (also add, multiply, ...).
+
+        The index has the same forms as in ``__getitem__``; positional parts
+        of ``v`` broadcast numpy-style against the indexed region, named axes
+        of ``v`` are matched by name.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from pzbridge.core.named_axes_core import wrap
+            >>> x = wrap(jnp.zeros((2, 3)), "b", "s")
+            >>> x.at[{"s": 0}].set(1.0).unwrap("b", "s").tolist()
+            [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+        """
+        return IndexUpdateHelper(self)
+
+
+_DATA_METHODS = ("astype", "reshape", "broadcast_to", "__getitem__", "at")
+
+
 def install_methods(cls: type) -> None:
-    """Adds operators and reductions to ``cls`` (called once for NamedArrayBase).
+    """Adds the data methods, operators and reductions to ``cls``.
+
+    Called once, for ``NamedArrayBase``, when this module loads;
+    ``pzbridge/core/__init__.py`` imports this module, so the methods are
+    installed before any core module can be used.
 
     Example:
         >>> from pzbridge.core.named_axes_core import NamedArrayBase
         >>> hasattr(NamedArrayBase, "__radd__"), hasattr(NamedArrayBase, "argmax")
         (True, True)
+        >>> hasattr(NamedArrayBase, "astype"), hasattr(NamedArrayBase, "at")
+        (True, True)
     """
+    for name in _DATA_METHODS:
+        setattr(cls, name, vars(_DataMethods)[name])
     for name, fn in _BINARY.items():
         forward, reflected = _binary(name, fn)
         setattr(cls, f"__{name}__", forward)

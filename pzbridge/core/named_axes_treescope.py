@@ -2,7 +2,9 @@
 
 :class:`~pzbridge.core.named_axes_core.NamedArrayBase` defines
 ``__treescope_repr__`` and ``__treescope_ndarray_adapter__`` which import this
-module lazily, so ``import pzbridge`` never imports treescope. The one-line
+module lazily, so ``import pzbridge`` never imports treescope. This module does
+not import ``named_axes_core`` back: it works on the array through its
+attributes and methods, so the dependency points one way. The one-line
 summary shows dtype, positional sizes and ``name:size`` pairs, e.g.
 ``NamedArray float32(4 | batch:2, seq:3)``; the array visualiser
 (``treescope.render_array``) labels named axes by name through
@@ -27,10 +29,9 @@ from treescope import dtype_util, lowering, ndarray_adapters, rendering_parts
 from treescope.external import jax_support
 
 from pzbridge.core.errors import NamedAxisError
-from pzbridge.core.named_axes_core import NamedArrayBase
 
 
-def shape_summary(array: NamedArrayBase) -> str:
+def shape_summary(array: Any) -> str:
     """``dtype(positional | name:size, ...)``, the compact shape used in labels.
 
     Example:
@@ -47,14 +48,14 @@ def shape_summary(array: NamedArrayBase) -> str:
     return f"{dtype_util.get_dtype_name(array.dtype)}({positional}{separator}{named})"
 
 
-def _data_summary(array: NamedArrayBase, inspect_data: bool) -> str:
+def _data_summary(array: Any, inspect_data: bool) -> str:
     data = array.data_array
     if inspect_data and isinstance(data, jax.Array) and jax_support.safe_to_summarize(data):
         return jax_support.summarize_array_data(data)
     return ""
 
 
-def render_named_array(node: NamedArrayBase, path: str | None, subtree_renderer: Any) -> Any:
+def render_named_array(node: Any, path: str | None, subtree_renderer: Any) -> Any:
     """Renders a named array as a foldable node labelled with its axis names.
 
     Falls back to treescope's default rendering (``NotImplemented``) for an
@@ -103,8 +104,11 @@ def render_named_array(node: NamedArrayBase, path: str | None, subtree_renderer:
     )
 
 
-class NamedArrayAdapter(ndarray_adapters.NDArrayAdapter[NamedArrayBase]):
+class NamedArrayAdapter(ndarray_adapters.NDArrayAdapter[Any]):
     """Lets ``treescope.render_array`` show named axes by name.
+
+    Every ``array`` argument is a named array (``NamedArrayBase``); it is typed
+    ``Any`` because this module does not import ``named_axes_core``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -114,7 +118,7 @@ class NamedArrayAdapter(ndarray_adapters.NDArrayAdapter[NamedArrayBase]):
         ['NamedPositionlessAxisInfo', 'PositionalAxisInfo']
     """
 
-    def get_axis_info_for_array_data(self, array: NamedArrayBase) -> tuple[ndarray_adapters.AxisInfo, ...]:
+    def get_axis_info_for_array_data(self, array: Any) -> tuple[ndarray_adapters.AxisInfo, ...]:
         view = array.as_namedarrayview()
         infos: dict[int, ndarray_adapters.AxisInfo] = {}
         for name, axis in view.data_axis_for_name.items():
@@ -124,34 +128,28 @@ class NamedArrayAdapter(ndarray_adapters.NDArrayAdapter[NamedArrayBase]):
         return tuple(infos[i] for i in range(len(infos)))
 
     def get_array_data_with_truncation(
-        self, array: NamedArrayBase, mask: Any, edge_items_per_axis: tuple[int | None, ...]
+        self, array: Any, mask: Any, edge_items_per_axis: tuple[int | None, ...]
     ) -> tuple[np.ndarray, np.ndarray]:
         view = array.as_namedarrayview()
-        mask_data = None
-        if mask is not None:
-            if not isinstance(mask, NamedArrayBase):
-                from pzbridge.core.named_axes_core import wrap
-
-                mask = wrap(mask)
-            # Broadcast the mask to the array (by name and positionally), then
-            # lay it out exactly like the array's data.
-            mask_data = mask.broadcast_like(array).order_like(view).as_namedarrayview().data_array
+        # The mask (named or plain) is broadcast to the array and laid out
+        # exactly like the array's data.
+        mask_data = None if mask is None else array._aligned_data(mask)  # noqa: SLF001 - same package.
         return jax_support.JAXArrayAdapter().get_array_data_with_truncation(
             array=view.data_array, mask=mask_data, edge_items_per_axis=edge_items_per_axis
         )
 
-    def get_array_summary(self, array: NamedArrayBase, fast: bool) -> str:
+    def get_array_summary(self, array: Any, fast: bool) -> str:
         return f"{type(array).__name__} {shape_summary(array)}{_data_summary(array, not fast)}"
 
-    def get_numpy_dtype(self, array: NamedArrayBase) -> np.dtype | None:
+    def get_numpy_dtype(self, array: Any) -> np.dtype | None:
         return array.dtype if isinstance(array.dtype, np.dtype) else None
 
-    def get_sharding_info_for_array_data(self, array: NamedArrayBase) -> ndarray_adapters.ShardingInfo | None:
+    def get_sharding_info_for_array_data(self, array: Any) -> ndarray_adapters.ShardingInfo | None:
         data = array.data_array
         if not isinstance(data, jax.Array) or isinstance(data, jax.core.Tracer):
             return None
         return jax_support.JAXArrayAdapter().get_sharding_info_for_array_data(data)
 
-    def should_autovisualize(self, array: NamedArrayBase) -> bool:
+    def should_autovisualize(self, array: Any) -> bool:
         data = array.data_array
         return isinstance(data, jax.Array) and not isinstance(data, jax.core.Tracer) and not data.is_deleted()

@@ -11,7 +11,7 @@ subtree was), so every edit is "select, transform, rebuild". Selected
 subtrees never nest: a selector keeps the outermost match unless asked for
 the innermost.
 
-Two departures from Penzai, both deliberate (see ``shared/DESIGN.md``):
+Two departures from Penzai, both deliberate:
 
 * **Speed.** Internally a selection is kept flat (one treedef, its leaves and
   the selected leaf positions; see :mod:`pzbridge.core.selectors_flat`), so a
@@ -49,7 +49,7 @@ from pzbridge.core import selectors_flat as fl
 from pzbridge.core.errors import SelectionError, format_path
 from pzbridge.core.selectors_flat import KeyPath, SelectionHole, SelectionQuote
 from pzbridge.core.selectors_splice import splice
-from pzbridge.core.struct import Struct, pytree_dataclass
+from pzbridge.core.struct import Struct, pytree_dataclass, register_select
 from pzbridge.core.tree_util import tree_equal
 
 __all__ = [
@@ -801,6 +801,11 @@ def select(tree: Any) -> Selection:
         [1, 2]
     """
     return Selection._from_flat(fl.flat_root(tree))
+
+
+# Struct.select() starts a selection; struct.py cannot import this module (a
+# Selection is a Struct), so it is told which function to call.
+register_select(select)
 
 
 def _one_level(x: Any) -> tuple[list, Any]:

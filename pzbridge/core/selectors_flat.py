@@ -17,7 +17,8 @@ of a selection quotes them instead of confusing them with its own holes).
 
 Sharing: a selected :class:`~pzbridge.core.variable_base.AbstractVariable` is
 one *entry* however many places it fills, so it is counted, returned and
-edited once (see ``shared/DESIGN.md``).
+edited once, so edits keep tied variables tied (see docs/architecture.md,
+"How state and sharing are kept").
 
 Example:
     >>> import jax.numpy as jnp

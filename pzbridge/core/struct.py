@@ -39,9 +39,30 @@ from typing import Any, Callable, TypeVar
 import jax
 
 from pzbridge.core.errors import StructError
+from pzbridge.core.tree_util import tree_equal
 
 _T = TypeVar("_T")
 _DECORATED_MARKER = "__pzbridge_pytree_dataclass__"
+
+# The function behind Struct.select. Selections are Structs, so this module
+# cannot import the selectors; pzbridge.core.selectors registers its `select`
+# here when it loads, and pzbridge/core/__init__.py imports it, so the hook is
+# set before any core module can be used.
+_select: Callable[[Any], Any] | None = None
+
+
+def register_select(select: Callable[[Any], Any]) -> None:
+    """Sets the function :meth:`Struct.select` calls (done by ``pzbridge.core.selectors``).
+
+    Args:
+      select: A function from a tree to a selection of the whole tree.
+
+    Example:
+        >>> from pzbridge.core.selectors import select
+        >>> register_select(select)  # What importing pzbridge.core.selectors does.
+    """
+    global _select
+    _select = select
 
 
 def static_field(**kwargs: Any) -> Any:
@@ -196,9 +217,12 @@ class Struct:
           A :class:`~pzbridge.core.selectors.Selection` selecting this whole
           struct.
         """
-        from pzbridge.core.selectors import select
-
-        return select(self)
+        if _select is None:
+            raise StructError(
+                "Struct.select() needs pzbridge.core.selectors, which registers itself when pzbridge.core "
+                "is imported. Fix: import pzbridge (or pzbridge.core) instead of loading struct.py alone."
+            )
+        return _select(self)
 
     def replace(self: _T, **changes: Any) -> _T:
         """Returns a copy with the given fields replaced (runs ``__post_init__``).
@@ -215,8 +239,6 @@ class Struct:
     def __eq__(self, other: object) -> bool:
         if type(self) is not type(other):
             return NotImplemented
-        from pzbridge.core.tree_util import tree_equal
-
         return tree_equal(self, other)
 
     def __hash__(self) -> int:

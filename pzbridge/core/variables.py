@@ -13,7 +13,8 @@ This module only re-exports; the code lives in small modules with one job:
 :mod:`pzbridge.core.variables_kinds` (the classes),
 :mod:`pzbridge.core.variables_binding` (bind / unbind / freeze) and
 :mod:`pzbridge.core.variables_stateless` (``stateless_call``). See
-``shared/DESIGN.md``.
+docs/architecture.md ("The lift / lower contract") for what variables are to
+a lifted model.
 
 Example:
     >>> import jax.numpy as jnp

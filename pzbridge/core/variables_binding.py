@@ -10,7 +10,7 @@ objects with one label would silently merge, so that is an error.
 
 Labels are unique across kinds: a ``Parameter`` and a ``StateVariable``
 may not share a label, which lets ``bind_variables`` report a kind mismatch
-instead of a missing variable. See ``shared/DESIGN.md`` ("The lift / lower
+instead of a missing variable. See docs/architecture.md ("The lift / lower
 contract").
 
 Example:

@@ -15,8 +15,9 @@ Layers read ``.value`` and work the same on a mutable variable and on its
 frozen value, so one model definition runs both in stateful Python code and
 inside pure functions. Binding and unbinding live in
 :mod:`pzbridge.core.variables_binding`; the public facade is
-:mod:`pzbridge.core.variables`. See ``shared/DESIGN.md`` ("The lift / lower
-contract") for why sharing is carried by object identity.
+:mod:`pzbridge.core.variables`. See docs/architecture.md ("The lift / lower
+contract", "How state and sharing are kept") for why sharing is carried by
+object identity.
 
 Example:
     >>> import jax.numpy as jnp
@@ -206,9 +207,11 @@ class LabeledVariable(AbstractVariable):
         return f"{type(self).__name__}(label={self._label!r}, value={_summarize(self._value)}{meta})"
 
     def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        # Treescope is loaded on first render; the renderer does not import
+        # this module, so the variable tells it its kind.
         from pzbridge.core.variables_treescope import render_variable
 
-        return render_variable(self, path, subtree_renderer)
+        return render_variable(self, kind_name(self), path, subtree_renderer)
 
 
 @pytree_dataclass

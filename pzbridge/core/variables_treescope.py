@@ -8,7 +8,9 @@ reached from two places ("Repeated python obj at 0x...") — sharing is visible
 in the rendering. Frozen values and slots are ordinary structs and use
 treescope's dataclass rendering. Imported lazily from
 ``LabeledVariable.__treescope_repr__`` so that treescope is loaded only when
-something is rendered.
+something is rendered; this module does not import
+:mod:`pzbridge.core.variables_kinds` back (the variable passes its kind), so
+the dependency points one way.
 
 Example:
     >>> import treescope, jax.numpy as jnp
@@ -23,28 +25,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from pzbridge.core.variables_kinds import LabeledVariable, StateVariable
-
 PARAMETER_COLOR = "#93cce1"
 STATE_VARIABLE_COLOR = "#f0c090"
 
 
-def variable_color(variable: LabeledVariable) -> str:
+def variable_color(kind: str) -> str:
     """The background colour of a variable's rendering, by kind.
 
+    Args:
+      kind: ``"Parameter"`` or ``"StateVariable"``, as
+        :func:`pzbridge.core.variables_kinds.kind_name` gives it.
+
     Example:
-        >>> from pzbridge.core.variables_kinds import StateVariable
-        >>> variable_color(StateVariable(0, "n")) == STATE_VARIABLE_COLOR
+        >>> variable_color("StateVariable") == STATE_VARIABLE_COLOR
         True
     """
-    return STATE_VARIABLE_COLOR if isinstance(variable, StateVariable) else PARAMETER_COLOR
+    return STATE_VARIABLE_COLOR if kind == "StateVariable" else PARAMETER_COLOR
 
 
-def render_variable(variable: LabeledVariable, path: str | None, subtree_renderer: Any) -> Any:
+def render_variable(variable: Any, kind: str, path: str | None, subtree_renderer: Any) -> Any:
     """Renders ``Kind(label=..., value=..., metadata=...)`` for treescope.
 
     Args:
-      variable: The variable to render.
+      variable: The variable to render (a ``LabeledVariable``).
+      kind: Its kind, ``"Parameter"`` or ``"StateVariable"`` (picks the colour).
       path: The path treescope passes to ``__treescope_repr__``.
       subtree_renderer: Treescope's renderer for the children.
 
@@ -63,5 +67,5 @@ def render_variable(variable: LabeledVariable, path: str | None, subtree_rendere
     if variable.metadata:
         attributes["metadata"] = variable.metadata
     return repr_lib.render_object_constructor(
-        type(variable), attributes, path, subtree_renderer, roundtrippable=False, color=variable_color(variable)
+        type(variable), attributes, path, subtree_renderer, roundtrippable=False, color=variable_color(kind)
     )

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 import pzbridge as pzb
-from pzbridge.bridge.lora_equinox import LoRALinear, lora_filter
+from pzbridge.bridge.equinox.lora import LoRALinear, lora_filter
 from pzbridge.demo.report import Report
 from pzbridge.demo.roundtrip import add_lora, checkpoint_round_trip, structure_summary, write_html
 from pzbridge.toolshed.intermediates import capture_intermediates

@@ -1,6 +1,6 @@
 """The lifted vocabulary: the layer protocol, combinators and primitives on named axes.
 
-Never imports Equinox or Flax (see ``shared/DESIGN.md``).
+Never imports Equinox or Flax (see docs/architecture.md, "Layers of the package").
 """
 
 from pzbridge.nn.combinators import (

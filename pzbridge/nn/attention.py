@@ -24,7 +24,8 @@ name on both sides (``kv_heads_axis == heads_axis``) this is plain
 multi-head attention.
 
 Each contraction is one ``einsum`` on the raw data (see
-:mod:`pzbridge.nn.contraction`). See ``shared/DESIGN.md``.
+:mod:`pzbridge.nn.contraction`). See docs/architecture.md ("Framework
+behaviours the bridges respect") for how the two frameworks' attentions differ.
 
 Example:
     >>> import jax, jax.numpy as jnp

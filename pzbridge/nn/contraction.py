@@ -50,6 +50,7 @@ def contract(
     contract_names: Sequence[str],
     rename: Mapping[str, str] | None = None,
     precision: Any = None,
+    preferred_element_type: Any = None,
 ) -> nx.NamedArrayBase:
     """Multiplies named arrays, summing over ``contract_names``; other names are kept.
 
@@ -63,6 +64,8 @@ def contract(
       contract_names: Names summed over; each must appear in some operand.
       rename: Optional renaming of result axes (metadata only).
       precision: Passed to ``jnp.einsum``.
+      preferred_element_type: Passed to ``jnp.einsum`` (the dtype the product
+        accumulates in and is returned in; None: the operands' dtype).
 
     Returns:
       A named array (a view when the positional axes do not lead): axes come
@@ -126,7 +129,8 @@ def contract(
             "Fix: rename to names that are not already present."
         )
     out_spec = _output_spec(specs, positional_spec, {letters[n] for n in kept})
-    result = jnp.einsum(",".join(specs) + "->" + out_spec, *datas, precision=precision)
+    result = jnp.einsum(",".join(specs) + "->" + out_spec, *datas, precision=precision,
+                        preferred_element_type=preferred_element_type)
     name_of_letter = {letters[name]: rename.get(name, name) for name in kept}
     positional_axes = tuple(out_spec.index(c) for c in positional_spec)
     return make_named(result, positional_axes, {name_of_letter[c]: i for i, c in enumerate(out_spec)

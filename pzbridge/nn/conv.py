@@ -23,7 +23,7 @@ The bias is an optional field of the layer rather than a separate
 It may carry extra size-1 axes (Equinox stores it as ``(out, 1, 1)``) so the
 original buffer can be kept as is.
 
-See ``shared/DESIGN.md`` ("Named axes conventions").
+See docs/architecture.md ("Axis naming and calling conventions").
 
 Example:
     >>> import jax, jax.numpy as jnp

@@ -12,8 +12,8 @@ when it calls that child.
 
 The template is framework-specific (it lives in :mod:`pzbridge.bridge`) and
 static, so ``nn`` stays free of Equinox and Flax; it only has to satisfy the
-small :class:`ForeignTemplate` interface. See ``shared/DESIGN.md``
-("The lift / lower contract").
+small :class:`ForeignTemplate` interface. See docs/architecture.md
+("Foreign: modules without a rule").
 
 Example:
     >>> class Doubler(ForeignTemplate):

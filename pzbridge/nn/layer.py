@@ -12,7 +12,7 @@ does not use, so combinators simply forward all of them.
 Named axes a layer does not use pass through untouched, so a batch is just an
 extra name: no ``jax.vmap`` is needed around a lifted model.
 
-See ``shared/DESIGN.md`` ("Named axes conventions").
+See docs/architecture.md ("Axis naming and calling conventions").
 
 Example:
     >>> import pzbridge as pzb

@@ -76,6 +76,12 @@ class Linear(Layer):
         object.__setattr__(self, "out_axis_names", tuple(self.out_axis_names))
 
     def __call__(self, x: nx.NamedArrayBase, /, **side_inputs: Any) -> nx.NamedArray:
+        weights = self.weights.value
+        self._check_input(x, weights)
+        return contract([x, weights], self.in_axis_names, self._output_rename())
+
+    def _check_input(self, x: nx.NamedArrayBase, weights: nx.NamedArrayBase) -> None:
+        """Raises a ``NamedAxisError`` naming the layer if ``x`` cannot be contracted with ``weights``."""
         missing = [name for name in self.in_axis_names if name not in x.named_shape]
         if missing:
             raise NamedAxisError(
@@ -83,7 +89,6 @@ class Linear(Layer):
                 f"its named axes; found named shape {dict(x.named_shape)}). "
                 "Fix: tag the input, e.g. pzb.nx.wrap(x, 'batch', 'features'), or rename its axes."
             )
-        weights = self.weights.value
         wrong = {n: (x.named_shape[n], weights.named_shape[n]) for n in self.in_axis_names
                  if n in weights.named_shape and x.named_shape[n] != weights.named_shape[n]}
         if wrong:
@@ -92,8 +97,10 @@ class Linear(Layer):
                 f"(input named shape {dict(x.named_shape)}, weights {dict(weights.named_shape)}). "
                 "Fix: feed an input with those sizes, or rebuild the layer for the input's sizes."
             )
-        rename = {weight_output_name(n, self.in_axis_names): n for n in self.out_axis_names}
-        return contract([x, weights], self.in_axis_names, rename)
+
+    def _output_rename(self) -> dict[str, str]:
+        """Maps each output axis's name inside the weight to the name the layer produces."""
+        return {weight_output_name(n, self.in_axis_names): n for n in self.out_axis_names}
 
     def _label(self) -> str:
         return repr(getattr(self.weights, "label", "?"))

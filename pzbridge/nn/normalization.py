@@ -19,7 +19,7 @@ axes (Equinox stores a LayerNorm weight over the whole normalised shape,
 NNX over the feature axis only), stored in any axis order. All arithmetic is
 done once on the raw data: no transposes of the input, no vmap.
 
-See ``shared/DESIGN.md`` ("Named axes conventions").
+See docs/architecture.md ("Axis naming and calling conventions").
 
 Example:
     >>> import jax, jax.numpy as jnp

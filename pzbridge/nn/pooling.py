@@ -14,7 +14,7 @@ axis into contiguous windows as ``eqx.nn.AdaptivePool`` does: with ``n =
 q * target + r`` the first ``r`` windows have ``q + 1`` elements and the rest
 ``q``.
 
-See ``shared/DESIGN.md`` ("Named axes conventions").
+See docs/architecture.md ("Axis naming and calling conventions").
 
 Example:
     >>> import jax.numpy as jnp

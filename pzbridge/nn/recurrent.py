@@ -10,7 +10,8 @@ next ``Linear`` with no renaming). Every other named axis is a batch axis.
 time axis.
 
 The cells are written so that both Equinox's and Flax NNX's cells are exact
-instances, keeping their buffers as they are (see ``shared/DESIGN.md``):
+instances, keeping their buffers as they are (see docs/architecture.md,
+"Framework behaviours the bridges respect"):
 
 - kernels are *fused* (one parameter whose gate-major ``fused_axis`` has
   size ``gates * hidden``: Equinox ``weight_ih`` / ``weight_hh``, NNX

@@ -2,7 +2,9 @@
 
 Libraries that transform models test their transforms with these strategies:
 random named arrays (:mod:`pzbridge.testing.named_arrays`), random pytrees of
-structs (:mod:`pzbridge.testing.trees`), and random Equinox / NNX models
+structs (:mod:`pzbridge.testing.trees`), numerical comparisons that are bitwise
+only where two programs are the same and within a few ulps otherwise
+(:mod:`pzbridge.testing.numerics`), and random Equinox / NNX models
 (:mod:`pzbridge.testing.equinox_strategies`, :mod:`pzbridge.testing.nnx_strategies`,
 imported on first use because they load the frameworks).
 
@@ -31,6 +33,16 @@ from pzbridge.testing.named_arrays import (
     named_shapes,
     positional_shapes,
 )
+from pzbridge.testing.numerics import (
+    assert_bitwise_reproducible,
+    assert_outputs_match,
+    assert_same_computation,
+    assert_same_outputs,
+    exact_computation,
+    jaxpr_difference,
+    same_computation,
+    ulps_difference,
+)
 from pzbridge.testing.trees import array_leaves, random_struct_trees, sequential_like_trees
 
 _LAZY = {
@@ -53,6 +65,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "array_leaves",
+    "assert_bitwise_reproducible",
+    "assert_outputs_match",
+    "assert_same_computation",
+    "assert_same_outputs",
     "axis_names",
     "broadcastable_named_array_cases",
     "build_named_array",
@@ -61,11 +77,15 @@ __all__ = [
     "assert_round_trip",
     "assert_same_buffers",
     "equinox_models",
+    "exact_computation",
+    "jaxpr_difference",
     "named_array_cases",
     "named_arrays",
     "named_shapes",
     "nnx_models",
     "positional_shapes",
     "random_struct_trees",
+    "same_computation",
     "sequential_like_trees",
+    "ulps_difference",
 ]

@@ -22,8 +22,8 @@ Two guarantees:
   removed. A save killed midway leaves an unfinished temporary directory
   that restore ignores, and the previous version intact.
 
-See ``shared/DESIGN.md`` ("Errors": a failed operation leaves the user's
-model, parameters and files exactly as they were).
+Both follow the rule every pzbridge operation keeps: a failed operation
+leaves the user's model, parameters and files exactly as they were.
 
 Example:
     >>> import tempfile, jax, jax.numpy as jnp, pzbridge as pzb

@@ -11,13 +11,16 @@ pzbridge already makes pure. :func:`collect_saved` runs the model through
 :func:`~pzbridge.core.variables.stateless_call`, which binds fresh copies of
 every variable, so the captured values come back as ordinary return values
 and everything works under ``jax.jit`` / ``jax.grad`` with no leaked tracers.
-A saver that never ran (because it sits inside a ``Foreign`` layer's original
-code, which calls lowered copies of its children) is reported as an error
-instead of silently returning nothing.
+The same channel works for a saver on a child of a ``Foreign`` layer: the
+child lowers to an adapter that the original code calls, and the bridges
+carry the adapter's state writes back into the lifted variables. A saver
+that never ran (its layer sits in a branch that was not taken, or is a child
+the ``Foreign``'s original code never calls) is reported as an error instead
+of silently returning nothing.
 
 Selections are given as a :class:`~pzbridge.core.selectors.Selection` of the
 model, a layer class (or tuple of classes), or a predicate on subtrees; see
-:func:`resolve_selection`. Only core and nn are imported (``shared/DESIGN.md``,
+:func:`resolve_selection`. Only core and nn are imported (docs/architecture.md,
 "Layers of the package").
 
 Example:
@@ -252,8 +255,8 @@ def collect_saved(model: Any, x: Any, /, **side_inputs: Any) -> tuple[Any, dict[
 
     Raises:
       PzbridgeError: If the model has no saver, or a saver never ran (it
-        sits inside a ``Foreign`` layer's original code or in a branch that
-        was not called).
+        sits in a branch that was not called, or on a child that a
+        ``Foreign`` layer's original code does not call).
 
     Example:
         >>> import pzbridge as pzb
@@ -274,10 +277,11 @@ def collect_saved(model: Any, x: Any, /, **side_inputs: Any) -> tuple[Any, dict[
     silent = [label for label in labels if by_label.get(label) is None]
     if silent:
         raise PzbridgeError(
-            f"collect_saved: the saver(s) {silent[:5]} never ran. A saver inside a Foreign layer is not "
-            "reached, because a Foreign runs its original framework code on lowered copies of its children. "
-            "Fix: select a layer that the lifted model calls itself (outside any Foreign), or lift with a "
-            "rule for that module."
+            f"collect_saved: the saver(s) {silent[:5]} never ran: the layers they follow (or precede) were "
+            "not called on this input. Inside a Foreign layer a saver runs only where the original code calls "
+            "the child it was inserted at; code that reads a child's weights without calling it, or what the "
+            "code computes between its children, is not reached. Fix: select a layer that is called (e.g. "
+            "the Foreign layer itself, or a child its code calls), or lift with a rule for that module."
         )
     return output, {label: by_label[label] for label in labels}
 

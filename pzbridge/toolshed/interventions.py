@@ -26,7 +26,8 @@ the activation to a new shape, so it is an error instead.
 
 :func:`insert_intervention` places a layer at a selection and
 :func:`patch_activations` does source-to-target activation patching in one
-call. Only core and nn are imported (``shared/DESIGN.md``).
+call. Only core and nn are imported (docs/architecture.md, "Layers of the
+package").
 
 Example:
     >>> import jax.numpy as jnp

@@ -19,8 +19,9 @@ Sharing: one base weight ``Parameter`` gets one adapter pair, wherever it is
 used, and merging a shared base gives one shared merged ``Parameter``.
 
 This module imports only ``core`` and ``nn``; framework lowering rules live in
-:mod:`pzbridge.bridge.lora_equinox` and :mod:`pzbridge.bridge.lora_nnx`. See
-``shared/DESIGN.md`` (use case 3, "Round trips to training").
+:mod:`pzbridge.bridge.equinox.lora` and :mod:`pzbridge.bridge.nnx.lora`. See
+docs/architecture.md ("Lowering edited models") for how a lowered adapter
+trains with the framework's own tools.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -31,7 +32,7 @@ Example:
     >>> [v.label for v in pzb.unbind_params(adapted)[1]]
     ['dense.weights', 'dense.lora_a', 'dense.lora_b']
     >>> x = pzb.nx.wrap(jnp.ones((4, 3)), "batch", "features")
-    >>> bool(jnp.all(adapted(x).unwrap("batch", "features") == model(x).unwrap("batch", "features")))
+    >>> bool(jnp.allclose(adapted(x).unwrap("batch", "features"), model(x).unwrap("batch", "features")))
     True
 """
 
@@ -149,12 +150,30 @@ class LowRankAdapter(Layer):
 
     def __call__(self, x: nx.NamedArrayBase, /, **side_inputs: Any) -> nx.NamedArrayBase:
         y = self.base(x, **side_inputs)
+        return y + self.update(x)
+
+    def update(self, x: nx.NamedArrayBase) -> nx.NamedArrayBase:
+        """The low-rank term alone, ``(alpha / rank) * contract(contract(x, A), B)``.
+
+        Bridges use it where the framework's LoRA layer adds the update after
+        the base layer's bias (``nnx.LoRALinear``), to compute in that order.
+
+        Example:
+            >>> import jax.numpy as jnp, pzbridge as pzb
+            >>> lin = Linear(pzb.Parameter(pzb.nx.wrap(jnp.eye(2), "features", "features_out"), "w"),
+            ...              ("features",), ("features",))
+            >>> a = pzb.Parameter(pzb.nx.wrap(jnp.ones((2, 1)), "features", "lora_rank"), "a")
+            >>> b = pzb.Parameter(pzb.nx.wrap(jnp.ones((1, 2)), "lora_rank", "features_out"), "b")
+            >>> x = pzb.nx.wrap(jnp.array([1.0, 2.0]), "features")
+            >>> LowRankAdapter(lin, a, b, alpha=1.0).update(x).unwrap("features")
+            Array([3., 3.], dtype=float32)
+        """
         hidden = contract([x, self.lora_a.value], _input_axes(self.base))
         update = contract([hidden, self.lora_b.value], (self.rank_axis,), _output_rename(self.base))
         scale = self.scale
         if scale != 1.0:
             update = update * jnp.asarray(scale, update.dtype)
-        return y + update
+        return update
 
     def merged(self) -> nx.NamedArray:
         """The base weight plus ``scale * A @ B``, in the base weight's storage order.
@@ -175,6 +194,21 @@ class LowRankAdapter(Layer):
         product = contract([self.lora_a.value, self.lora_b.value], (self.rank_axis,)).order_as(*order)
         data = value.order_as(*order).data_array
         return nx.wrap(data + (product.data_array * self.scale).astype(data.dtype), *order)
+
+
+_WEIGHT_NAMES = ("weight", "weights", "kernel", "embedding", "embeddings", "w")
+
+
+def _adapter_label(weight_label: str, part: str) -> str:
+    """``blocks.0.query.kernel`` -> ``blocks.0.query.lora_a``; a raw weight keeps its name: ``attn.W_Q.lora_a``.
+
+    Only a layer's conventional weight name is replaced, so two raw arrays of
+    one module (``W_Q``, ``W_K``) get distinct adapter labels.
+    """
+    prefix, _, last = weight_label.rpartition(".")
+    if last in _WEIGHT_NAMES:
+        return f"{prefix}.{part}" if prefix else part
+    return f"{weight_label}.{part}"
 
 
 def _make_adapter_params(
@@ -198,9 +232,7 @@ def _make_adapter_params(
     a_shape = {n: s for n, s in shape.items() if n in inputs}
     a_shape[rank_axis] = rank
     b_shape = {rank_axis: rank, **{n: s for n, s in shape.items() if n not in inputs}}
-    # The weight's label minus its last part (a root weight 'weight' gives 'lora_a').
-    prefix = weight.label.rsplit(".", 1)[0] + "." if "." in weight.label else ""
-    a_label, b_label = f"{prefix}lora_a", f"{prefix}lora_b"
+    a_label, b_label = _adapter_label(weight.label, "lora_a"), _adapter_label(weight.label, "lora_b")
     dtype = value.dtype
     if init_base_rng is None:
         return ParameterSlot(a_label), ParameterSlot(b_label)
@@ -223,8 +255,10 @@ def loraify_linears_in_selection(
     traversal order); ``B`` is zero, so the edited model computes exactly
     what the original did. A base weight shared by several layers gets one
     adapter pair shared by all of them. Labels are the base weight's label
-    with its last component replaced by ``lora_a`` / ``lora_b``
-    (``blocks.0.attn.query.kernel`` -> ``blocks.0.attn.query.lora_a``).
+    with its last component, when that is a layer's weight name (``weight``,
+    ``kernel`` ...), replaced by ``lora_a`` / ``lora_b``
+    (``blocks.0.attn.query.kernel`` -> ``blocks.0.attn.query.lora_a``), else
+    extended (a raw array ``attn.W_Q`` -> ``attn.W_Q.lora_a``).
 
     Args:
       selection: A selection (``pzb.select(model).at_instances_of(pzb.nn.Linear)``)

@@ -13,8 +13,9 @@ from hypothesis import given
 
 import pzbridge as pzb
 from pzbridge.bridge import equinox_rule
-from pzbridge.bridge.equinox_core import EquinoxAdapter, new_module
-from pzbridge.bridge.equinox_layers import EqxLinear
+from pzbridge.bridge.equinox.adapter import EquinoxAdapter
+from pzbridge.bridge.equinox.traversal import new_module
+from pzbridge.bridge.equinox.linear import EqxLinear
 from pzbridge.core.errors import LiftError
 from pzbridge.testing.equinox_strategies import ScaledByWeight, equinox_models
 

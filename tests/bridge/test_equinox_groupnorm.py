@@ -13,11 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.bridge.equinox_core import EquinoxAdapter
-from pzbridge.bridge.equinox_groupnorm import EqxGroupNormNd
+from pzbridge.bridge.equinox.adapter import EquinoxAdapter
+from pzbridge.bridge.equinox.group_norm import EqxGroupNormNd
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError
 from pzbridge.testing.equinox_strategies import assert_outputs_close, assert_round_trip, assert_same_buffers
+from pzbridge.testing.numerics import assert_outputs_match
 
 
 def _norm(groups: int, channels: int, affine: bool, seed: int) -> eqx.nn.GroupNorm:
@@ -41,8 +42,8 @@ def test_groupnorm_round_trips_exactly_and_computes_the_original_under_jit(spati
     want = eqx.filter_jit(lambda m, a: m(a))(norm, x)
     got = eqx.filter_jit(lambda m, a: m.positional(a))(lifted, x)
     assert got.shape == want.shape
-    # Bitwise up to one spatial axis; XLA orders multi-axis reductions differently (1 ulp).
-    assert_outputs_close(want, got, rtol=0.0 if len(spatial) < 2 else 1e-6)
+    # Not Equinox's program (its jaxpr differs: reshapes, reduction order), so not bitwise on every CPU.
+    assert_outputs_match(got, want, same_computation=False)
 
 
 @given(st.sampled_from([(1, 3), (2, 4), (3, 6), (4, 4)]), st.integers(0, 2), st.booleans(), st.integers(0, 50))

@@ -13,12 +13,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.bridge.equinox_core import EquinoxAdapter
-from pzbridge.bridge.equinox_recurrent import EqxCell
+from pzbridge.bridge.equinox.adapter import EquinoxAdapter
+from pzbridge.bridge.equinox.recurrent import EqxCell
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError
 from pzbridge.nn.recurrent import GRUCell, LSTMCell
 from pzbridge.testing.equinox_strategies import assert_outputs_close, assert_round_trip, assert_same_buffers
+from pzbridge.testing.numerics import assert_outputs_match
 
 KEY = jax.random.key(3)
 
@@ -37,7 +38,7 @@ def _cell(lstm: bool, n_in: int, hidden: int, use_bias: bool, seed: int = 1):
 
 @pytest.mark.parametrize("lstm", [False, True], ids=["gru", "lstm"])
 @pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "nobias"])
-def test_cell_round_trips_exactly_and_computes_the_original_bitwise_under_jit(lstm, use_bias):
+def test_cell_round_trips_exactly_and_computes_the_original_under_jit(lstm, use_bias):
     cell = _cell(lstm, 3, 5, use_bias)
     lifted = pzb.lift(cell)
     assert type(lifted.body) is EqxCell
@@ -48,7 +49,8 @@ def test_cell_round_trips_exactly_and_computes_the_original_bitwise_under_jit(ls
     want = eqx.filter_jit(lambda m, a, b: m(a, b))(cell, x, h)
     got = eqx.filter_jit(lambda m, a, b: m.positional(a, b))(lifted, x, h)
     assert jax.tree_util.tree_structure(want) == jax.tree_util.tree_structure(got)
-    assert_outputs_close(want, got, rtol=0.0)
+    # Named-axis contractions: not Equinox's jaxpr, so within a few ulps rather than bitwise on every CPU.
+    assert_outputs_match(got, want, same_computation=False)
 
 
 @given(st.integers(1, 4), st.integers(1, 4), st.booleans(), st.booleans(), st.integers(0, 100))

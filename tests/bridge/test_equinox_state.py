@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.bridge.equinox_state import EqxBatchNorm, lower_with_state
+from pzbridge.bridge.equinox.state import EqxBatchNorm, lower_with_state
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LowerError
 from pzbridge.core.variables import Parameter, StateVariable

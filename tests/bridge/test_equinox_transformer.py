@@ -12,7 +12,8 @@ import numpy as np
 import optax
 
 import pzbridge as pzb
-from pzbridge.bridge.equinox_layers import EqxMLP, EqxMultiheadAttention
+from pzbridge.bridge.equinox.linear import EqxMLP
+from pzbridge.bridge.equinox.attention import EqxMultiheadAttention
 from pzbridge.core import named_axes as nx
 from pzbridge.nn.foreign import Foreign
 from pzbridge.testing.equinox_strategies import assert_outputs_close, assert_round_trip

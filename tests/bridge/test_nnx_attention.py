@@ -9,13 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.bridge.nnx_attention import NnxAttention
-from pzbridge.bridge.nnx_core import NnxAdapter
+from pzbridge.bridge.nnx.attention import NnxAttention
+from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.core.errors import PzbridgeError
 from pzbridge.core.variables import StateVariable
 from pzbridge.nn.combinators import Identity
 from pzbridge.nn.foreign import Foreign
 from nnx_checks import assert_round_trip, assert_same_outputs
+from pzbridge.testing.numerics import assert_outputs_match
 
 
 def mha(heads=4, kv_heads=None, features=8, **kwargs):
@@ -49,12 +50,14 @@ def test_attention_lifts_to_named_heads_and_matches_nnx(heads, normalize_qk, use
     assert_round_trip(model)
 
 
-def test_default_attention_is_bitwise_equal_with_and_without_masks():
+def test_default_attention_matches_nnx_within_ulps_with_and_without_masks():
     model = mha(4, normalize_qk=True)
     x = jax.random.normal(jax.random.key(0), (2, 5, 8))
-    assert_same_outputs(model, x)
-    assert_same_outputs(model, x, mask=nnx.make_causal_mask(jnp.ones((2, 5))))
-    assert_same_outputs(model, x, is_causal=True)
+    # Named-head einsums and the lifted qk LayerNorm are not NNX's program (the jaxprs differ), so the outputs
+    # may differ in the last bits on other CPUs (1 ulp on AMD EPYC): a few ulps, not bitwise.
+    assert_same_outputs(model, x, ulps=4)
+    assert_same_outputs(model, x, ulps=4, mask=nnx.make_causal_mask(jnp.ones((2, 5))))
+    assert_same_outputs(model, x, ulps=4, is_causal=True)
 
 
 def test_cross_attention_takes_separate_key_inputs():
@@ -62,7 +65,7 @@ def test_cross_attention_takes_separate_key_inputs():
     q = jax.random.normal(jax.random.key(0), (3, 2, 4))
     kv = jax.random.normal(jax.random.key(1), (3, 6, 4))
     expected = model(q, kv)
-    assert np.array_equal(pzb.lift(model).positional(q, kv), expected)
+    assert_outputs_match(pzb.lift(model).positional(q, kv), expected, same_computation=False)  # not NNX's jaxpr
 
 
 def test_attention_with_named_batch_axes_and_named_mask():
@@ -83,12 +86,12 @@ def test_decode_cache_becomes_state_variables_and_matches_nnx_step_by_step():
     assert all(isinstance(v, StateVariable) for v in (body.cached_key, body.cached_value, body.cache_index))
     assert body.cached_key.metadata["nnx_type"] is nnx.Cache
     x = jax.random.normal(jax.random.key(3), (2, 4, 8))
-    for t in range(4):
-        assert np.array_equal(lifted.positional(x[:, t:t + 1]), reference(x[:, t:t + 1]))
+    for t in range(4):  # not NNX's program (the jaxprs differ): within a few ulps
+        assert_outputs_match(lifted.positional(x[:, t:t + 1]), reference(x[:, t:t + 1]), same_computation=False)
     assert int(body.cache_index.value) == 4 and int(model.cache_index[...]) == 0
     lowered = pzb.lower(lifted)
     assert nnx.graphdef(lowered) == nnx.graphdef(reference)
-    assert np.array_equal(lowered.cached_value[...], reference.cached_value[...])
+    assert_outputs_match(lowered.cached_value[...], reference.cached_value[...], same_computation=False)
     assert_round_trip(model)
 
 

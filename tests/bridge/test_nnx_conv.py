@@ -10,10 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.bridge.nnx_conv import NnxConv, NnxConvTranspose
-from pzbridge.bridge.nnx_core import NnxAdapter
+from pzbridge.bridge.nnx.conv import NnxConv, NnxConvTranspose
+from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.nn.foreign import Foreign
 from nnx_checks import assert_round_trip, assert_same_outputs
+from pzbridge.testing import numerics
 
 settings_ = settings(max_examples=12)
 
@@ -59,16 +60,19 @@ def test_conv_unbatched_and_multi_batch_inputs_match():
 def test_conv_passes_extra_named_batch_axes_through():
     model = nnx.Conv(3, 5, (3, 3), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 4, 6, 6, 3))
-    named = pzb.nx.wrap(x, "batch", "seq", "height", "width", "channels")
-    out = pzb.lift(model).body(named)
-    assert set(out.named_shape) == {"batch", "seq", "height", "width", "channels"}
-    assert np.array_equal(out.unwrap("batch", "seq", "height", "width", "channels"), model(x))
+    names = ("batch", "seq", "height", "width", "channels")
+    out = pzb.lift(model).body(pzb.nx.wrap(x, *names))
+    assert set(out.named_shape) == set(names)
+    # Bitwise: NNX's own program (the jaxprs are compared), so equal on any CPU.
+    numerics.assert_same_outputs(lambda a: pzb.lift(model).body(pzb.nx.wrap(a, *names)).unwrap(*names), model, x,
+                                 bitwise=True)
 
 
 @settings_
 @given(st.sampled_from(["SAME", "VALID", ((1, 2), (0, 1))]), st.sampled_from([1, 2]), st.sampled_from([1, 2]),
        st.booleans(), st.booleans(), st.integers(0, 99))
-def test_conv_transpose_matches_bitwise(padding, strides, dilation, transpose_kernel, use_bias, seed):
+def test_conv_transpose_matches_bitwise_unless_it_flips_the_kernel(padding, strides, dilation, transpose_kernel,
+                                                                  use_bias, seed):
     model = nnx.ConvTranspose(3, 5, (3, 2), strides=strides, padding=padding, kernel_dilation=dilation,
                               transpose_kernel=transpose_kernel, use_bias=use_bias, rngs=nnx.Rngs(seed))
     body = pzb.lift(model).body
@@ -78,10 +82,12 @@ def test_conv_transpose_matches_bitwise(padding, strides, dilation, transpose_ke
     stored = tuple(body.kernel.value.named_shape)[2:]
     assert stored == (("channels_out", "channels") if transpose_kernel else ("channels", "channels_out"))
     x = jax.random.normal(jax.random.key(seed), (2, 5, 4, 3))
-    assert_same_outputs(model, x)
+    # Flipping the kernel is not NNX's program (a jaxpr of its own): within a few ulps, not bitwise on every CPU.
+    assert_same_outputs(model, x, ulps=4 if transpose_kernel else None)
     assert_round_trip(model)
-    named = pzb.nx.wrap(x, "batch", "height", "width", "channels")
-    assert np.array_equal(body(named).unwrap("batch", "height", "width", "channels"), model(x))
+    names = ("batch", "height", "width", "channels")
+    numerics.assert_same_outputs(lambda a: body(pzb.nx.wrap(a, *names)).unwrap(*names), model, x,
+                                 bitwise=not transpose_kernel)
 
 
 def test_conv_configurations_without_pzbridge_counterpart_stay_foreign_and_exact():

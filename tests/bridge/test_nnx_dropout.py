@@ -8,11 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.bridge.nnx_dropout import NnxDropout, stream_keys_equal
+from pzbridge.bridge.nnx.dropout import NnxDropout, stream_keys_equal
 from pzbridge.core.random_stream import RandomStream
 from pzbridge.core.variables import StateVariable
 from pzbridge.nn.foreign import Foreign
 from nnx_checks import assert_round_trip, assert_same_outputs
+from nnx_checks import pure
+from pzbridge.testing.numerics import assert_bitwise_reproducible
 
 
 @settings(max_examples=15)
@@ -26,9 +28,12 @@ def test_dropout_masks_equal_nnx_and_counts_advance_alike(rate, seed, calls):
     assert isinstance(body.random_stream.offset, StateVariable)
     x = jax.random.normal(jax.random.key(seed), (3, 5))
     for _ in range(calls + 1):
+        # Bitwise on any CPU: the lifted call is NNX's program (the jaxprs, on copies of the state, are compared).
+        assert_bitwise_reproducible(pure(lambda l, a: l.positional(a), lifted), lambda a: nnx.clone(reference)(a), x)
         assert np.array_equal(lifted.positional(x), reference(x))
     lowered = pzb.lower(lifted)
     assert type(lowered.rngs) is nnx.RngStream and stream_keys_equal(lowered.rngs, reference.rngs)
+    assert_bitwise_reproducible(lambda a: nnx.clone(lowered)(a), lambda a: nnx.clone(reference)(a), x)
     assert np.array_equal(lowered(x), reference(x))  # continues the same key sequence
     assert int(model.rngs.count[...]) == 0  # the user's stream did not move
     assert_round_trip(model)
@@ -49,8 +54,11 @@ def test_deterministic_and_train_switches():
 def test_dropout_with_named_batch_axes_matches_nnx_mask():
     model = nnx.Dropout(0.5, rngs=nnx.Rngs(7))
     x = jax.random.normal(jax.random.key(1), (2, 3, 4))
-    out = pzb.lift(model).body(pzb.nx.wrap(x, "batch", "seq", "features"))
-    assert np.array_equal(out.unwrap("batch", "seq", "features"), nnx.clone(model)(x))
+    names = ("batch", "seq", "features")
+    out = pzb.lift(model).body(pzb.nx.wrap(x, *names))
+    assert np.array_equal(out.unwrap(*names), nnx.clone(model)(x))
+    assert_bitwise_reproducible(pure(lambda l, a: l.body(pzb.nx.wrap(a, *names)).unwrap(*names), pzb.lift(model)),
+                                lambda a: nnx.clone(model)(a), x)
 
 
 def test_dropout_inside_sequential_after_linear_matches_nnx():

@@ -1,4 +1,4 @@
-"""NNX GroupNorm / InstanceNorm rules: lifted form, exact outputs, round trips, named batch axes, fallbacks."""
+"""NNX GroupNorm / InstanceNorm rules: lifted form, outputs, round trips, named batch axes, exact fallbacks."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.bridge.nnx_groupnorm import NnxGroupNorm, NnxInstanceNorm
+from pzbridge.bridge.nnx.group_norm import NnxGroupNorm, NnxInstanceNorm
 from pzbridge.nn.foreign import Foreign
 from nnx_checks import assert_round_trip, assert_same_outputs
+from pzbridge.testing.numerics import assert_outputs_match
 
 settings_ = settings(max_examples=12)
 
@@ -18,7 +19,7 @@ settings_ = settings(max_examples=12)
 @settings_
 @given(st.sampled_from([(4, 1), (4, 2), (6, 3), (6, 6)]), st.booleans(), st.booleans(), st.booleans(),
        st.sampled_from([(2, 4), (2, 3, 5), (1, 2, 3, 3)]), st.integers(0, 99))
-def test_groupnorm_lifts_and_matches_bitwise(channels_groups, use_scale, use_bias, fast, lead, seed):
+def test_groupnorm_lifts_and_matches_nnx(channels_groups, use_scale, use_bias, fast, lead, seed):
     channels, groups = channels_groups
     model = nnx.GroupNorm(channels, num_groups=groups, use_scale=use_scale, use_bias=use_bias,
                           use_fast_variance=fast, rngs=nnx.Rngs(seed))
@@ -27,18 +28,19 @@ def test_groupnorm_lifts_and_matches_bitwise(channels_groups, use_scale, use_bia
     body = pzb.lift(model).body
     assert isinstance(body, NnxGroupNorm) and body.groups == groups
     x = 3.0 * jax.random.normal(jax.random.key(seed), (*lead, channels)) + 1.0
-    assert_same_outputs(model, x)
+    # The named-axis norm is not NNX's program (the jaxprs differ): within a few ulps, not bitwise on every CPU.
+    assert_same_outputs(model, x, ulps=4)
     assert_round_trip(model)
 
 
 @settings_
 @given(st.integers(1, 5), st.booleans(), st.booleans(), st.sampled_from([(2, 4), (2, 3, 5)]), st.integers(0, 99))
-def test_instancenorm_lifts_and_matches_bitwise(channels, use_scale, fast, lead, seed):
+def test_instancenorm_lifts_and_matches_nnx(channels, use_scale, fast, lead, seed):
     model = nnx.InstanceNorm(channels, use_scale=use_scale, use_fast_variance=fast, rngs=nnx.Rngs(seed))
     body = pzb.lift(model).body
     assert isinstance(body, NnxInstanceNorm)
     x = 2.0 * jax.random.normal(jax.random.key(seed), (*lead, channels)) - 0.5
-    assert_same_outputs(model, x)
+    assert_same_outputs(model, x, ulps=4)  # not NNX's jaxpr
     assert_round_trip(model)
 
 
@@ -52,7 +54,7 @@ def test_group_and_instance_norm_pass_extra_named_batch_axes_through():
         out = body(named)
         assert set(out.named_shape) == {"batch", "seq", "channels"} and out.positional_shape == (5, 5)
         got = out.untag_prefix("batch", "seq").unwrap("channels")
-        assert np.array_equal(got, expected)
+        assert_outputs_match(got, expected, same_computation=False)
 
 
 def test_non_default_group_norm_configurations_stay_foreign_and_exact():

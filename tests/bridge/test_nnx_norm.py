@@ -10,36 +10,38 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.bridge.nnx_core import NnxAdapter
-from pzbridge.bridge.nnx_norm import NnxBatchNorm, NnxLayerNorm, NnxRMSNorm
+from pzbridge.bridge.nnx.adapter import NnxAdapter
+from pzbridge.bridge.nnx.norm import NnxBatchNorm, NnxLayerNorm, NnxRMSNorm
 from pzbridge.core.variables import StateVariable, stateless_call, unbind_variables
 from pzbridge.nn.foreign import Foreign
 from nnx_checks import assert_round_trip, assert_same_outputs
+from pzbridge.testing.numerics import assert_outputs_match
 
 settings_ = settings(max_examples=15)
 
 
 @settings_
 @given(st.integers(1, 5), st.booleans(), st.booleans(), st.booleans(), st.integers(0, 99))
-def test_layernorm_lifts_to_named_norm_and_matches_bitwise(features, use_bias, use_scale, fast, seed):
+def test_layernorm_lifts_to_named_norm_and_matches_nnx(features, use_bias, use_scale, fast, seed):
     model = nnx.LayerNorm(features, use_bias=use_bias, use_scale=use_scale, use_fast_variance=fast,
                           rngs=nnx.Rngs(seed))
     body = pzb.lift(model).body
     assert isinstance(body, NnxLayerNorm) and body.across_axes == ("features",)
     assert (body.bias is None) == (not use_bias) and (body.scale is None) == (not use_scale)
     x = 3.0 * jax.random.normal(jax.random.key(seed), (2, 3, features)) + 1.0
-    assert_same_outputs(model, x)
+    # The named-axis norm is not NNX's program (the jaxprs differ): within a few ulps, not bitwise on every CPU.
+    assert_same_outputs(model, x, ulps=4)
     assert_round_trip(model)
 
 
 @settings_
 @given(st.integers(1, 5), st.sampled_from([1e-6, 1e-2]), st.integers(0, 99))
-def test_rmsnorm_lifts_scale_only_and_matches_bitwise(features, epsilon, seed):
+def test_rmsnorm_lifts_scale_only_and_matches_nnx(features, epsilon, seed):
     model = nnx.RMSNorm(features, epsilon=epsilon, rngs=nnx.Rngs(seed))
     body = pzb.lift(model).body
     assert isinstance(body, NnxRMSNorm) and body.bias is None and body.epsilon == epsilon
     assert dict(body.scale.value.named_shape) == {"features": features}
-    assert_same_outputs(model, jax.random.normal(jax.random.key(seed), (4, features)))
+    assert_same_outputs(model, jax.random.normal(jax.random.key(seed), (4, features)), ulps=4)  # not NNX's jaxpr
     assert_round_trip(model)
 
 
@@ -48,7 +50,7 @@ def test_norms_pass_extra_named_batch_axes_through():
     for model in (nnx.LayerNorm(4, rngs=nnx.Rngs(0)), nnx.RMSNorm(4, rngs=nnx.Rngs(0))):
         named = pzb.nx.wrap(x, "batch", "seq", "features")
         out = pzb.lift(model).body(named)
-        assert np.array_equal(out.unwrap("batch", "seq", "features"), model(x))
+        assert_outputs_match(out.unwrap("batch", "seq", "features"), model(x), same_computation=False)
 
 
 def test_non_default_norm_configurations_stay_foreign_and_exact():
@@ -87,17 +89,18 @@ def test_batchnorm_training_statistics_equal_nnx_in_place_update(features, momen
     slots, values = unbind_variables(lifted, freeze=True)
     named = pzb.nx.wrap(x, "batch", "seq", "features")
     out, state = jax.jit(lambda v, a: stateless_call(slots, v, a))(values, named)
-    assert np.array_equal(out.unwrap("batch", "seq", "features"), expected)
+    # Not NNX's program (the jaxprs differ: named reductions), so within a few ulps rather than bitwise.
+    assert_outputs_match(out.unwrap("batch", "seq", "features"), expected, same_computation=False)
     new = {v.label: v.value for v in state}
-    assert np.array_equal(new["mean"].unwrap("features"), reference.mean[...])
-    assert np.array_equal(new["var"].unwrap("features"), reference.var[...])
+    assert_outputs_match(new["mean"].unwrap("features"), reference.mean[...], same_computation=False)
+    assert_outputs_match(new["var"].unwrap("features"), reference.var[...], same_computation=False)
     # A plain (eager) lifted call updates the lifted StateVariables; lowering carries them back.
     eager = nnx.clone(model)
     eager(x)
     lifted.positional(x)
     lowered = pzb.lower(lifted)
-    assert np.array_equal(lowered.mean[...], eager.mean[...])
-    assert np.array_equal(lowered.var[...], eager.var[...])
+    assert_outputs_match(lowered.mean[...], eager.mean[...], same_computation=False)
+    assert_outputs_match(lowered.var[...], eager.var[...], same_computation=False)
     assert np.array_equal(model.mean[...], np.zeros(features))  # the user's module is untouched
 
 
@@ -108,11 +111,12 @@ def test_batchnorm_eval_mode_and_named_batch_axes():
     lifted = pzb.lift(model)
     assert lifted.body.use_running_average
     x = jax.random.normal(jax.random.key(1), (2, 4, 3))
-    assert_same_outputs(model, x)
+    assert_same_outputs(model, x, ulps=4)  # not NNX's jaxpr
     train_model = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     named = pzb.nx.wrap(x, "batch", "seq", "features")
     out = pzb.lift(train_model).body(named)
-    assert np.array_equal(out.unwrap("batch", "seq", "features"), nnx.clone(train_model)(x))
-    assert np.array_equal(pzb.lift(model).positional(x, use_running_average=False), nnx.clone(model)(x, False))
+    assert_outputs_match(out.unwrap("batch", "seq", "features"), nnx.clone(train_model)(x), same_computation=False)
+    assert_outputs_match(pzb.lift(model).positional(x, use_running_average=False), nnx.clone(model)(x, False),
+                         same_computation=False)
     lowered = assert_round_trip(model)
     assert lowered.use_running_average is True

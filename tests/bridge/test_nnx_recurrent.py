@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.bridge.nnx_core import NnxAdapter
-from pzbridge.bridge.nnx_recurrent import NnxCell
+from pzbridge.bridge.nnx.adapter import NnxAdapter
+from pzbridge.bridge.nnx.recurrent import NnxCell
 from pzbridge.nn.foreign import Foreign
 from pzbridge.nn.recurrent import GRUCell, LSTMCell, SimpleCell
 from nnx_checks import assert_round_trip

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 
 import pzbridge as pzb
 from pzbridge.testing.nnx_strategies import nnx_models
+from pzbridge.testing.numerics import assert_bitwise_reproducible, assert_outputs_match
 
 
 def leaf_arrays(module):
@@ -31,6 +32,16 @@ def assert_bitwise_equal_state(a, b):
     for x, y in zip(leaf_arrays(a), leaf_arrays(b)):
         assert x.dtype == y.dtype and x.shape == y.shape
         assert np.array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
+
+
+def assert_state_matches(a, b):
+    """Same state tree; integer leaves (counters, keys) equal, float leaves within a few ulps.
+
+    For state that two different programs updated (the lifted BatchNorm vs NNX's): not bitwise on every CPU.
+    """
+    sa, sb = nnx.state(a), nnx.state(b)
+    assert jax.tree.structure(sa) == jax.tree.structure(sb)
+    assert_outputs_match(leaf_arrays(a), leaf_arrays(b), same_computation=False)
 
 
 def variable_ids(module):
@@ -56,6 +67,8 @@ def test_lifted_and_lowered_outputs_equal_original_and_leave_it_untouched(pair):
     reference = nnx.clone(model)
     expected = reference(x)
     lifted = pzb.lift(model)
+    # lower(lift(m)) is m again (same class, graphdef, buffers): NNX's own program, bitwise on any CPU.
+    assert_bitwise_reproducible(lambda a: nnx.clone(pzb.lower(lifted))(a), lambda a: nnx.clone(model)(a), x)
     assert np.array_equal(np.asarray(pzb.lower(lifted)(x)), np.asarray(expected))
     got = lifted.positional(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6)
@@ -63,5 +76,6 @@ def test_lifted_and_lowered_outputs_equal_original_and_leave_it_untouched(pair):
     # variables, never into the user's module.
     for a, b in zip(before, leaf_arrays(model)):
         assert np.array_equal(a, b)
-    # ... and lowering carries those updates: the lowered state equals the reference's after its call.
-    assert_bitwise_equal_state(pzb.lower(lifted), reference)
+    # ... and lowering carries those updates: the lowered state equals the reference's after its call
+    # (updated by the lifted program, not NNX's: within a few ulps).
+    assert_state_matches(pzb.lower(lifted), reference)

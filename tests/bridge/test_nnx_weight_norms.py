@@ -28,6 +28,8 @@ import pzbridge as pzb
 from pzbridge.core.variables import StateVariable
 from pzbridge.nn.foreign import Foreign
 from nnx_checks import assert_round_trip
+from nnx_checks import pure
+from pzbridge.testing.numerics import assert_bitwise_reproducible
 
 
 def _spectral():
@@ -57,8 +59,12 @@ def test_weight_norm_wrappers_round_trip_exactly():
 def test_weight_norm_wrappers_compute_what_nnx_computes():
     x = jax.random.normal(jax.random.key(0), (2, 3))
     model = _spectral()
+    # Bitwise on any CPU: Foreign runs NNX's own program (the jaxprs, on copies of the state, are compared).
+    assert_bitwise_reproducible(pure(lambda l, a: l.positional(a, update_stats=True), pzb.lift(model)),
+                                lambda a: nnx.clone(model)(a, update_stats=True), x)
     assert np.array_equal(pzb.lift(model).positional(x, update_stats=True), nnx.clone(model)(x, update_stats=True))
     model = _weight()
+    assert_bitwise_reproducible(pure(lambda l, a: l.positional(a), pzb.lift(model)), lambda a: nnx.clone(model)(a), x)
     assert np.array_equal(pzb.lift(model).positional(x), nnx.clone(model)(x))
 
 
@@ -77,6 +83,18 @@ def test_spectral_norm_power_iteration_state_is_written_back_and_lowered():
     got = jax.tree.leaves(nnx.state(lowered, nnx.BatchStat))
     expected = jax.tree.leaves(nnx.state(reference, nnx.BatchStat))
     assert len(got) == len(expected) == 2
+
+    def lowered_stats(a):
+        fresh = pzb.lift(nnx.clone(model))
+        fresh.positional(a, update_stats=True)
+        return jax.tree.leaves(nnx.state(pzb.lower(fresh), nnx.BatchStat))
+
+    def nnx_stats(a):
+        fresh = nnx.clone(model)
+        fresh(a, update_stats=True)
+        return jax.tree.leaves(nnx.state(fresh, nnx.BatchStat))
+
+    assert_bitwise_reproducible(lowered_stats, nnx_stats, x)  # NNX's power iteration, run by Foreign
     assert all(np.array_equal(a, b) for a, b in zip(got, expected))
     # The user's model is untouched by the lifted call.
     original = jax.tree.leaves(nnx.state(model, nnx.BatchStat))

@@ -23,6 +23,7 @@ from pzbridge.nn.attention import AttendToValues, Attention, AttentionLogits
 from pzbridge.nn.combinators import Identity
 from pzbridge.nn.masks import ApplyCausalMask, ApplyExplicitMask, ApplySlidingWindowMask
 from pzbridge.nn.rope import ApplyRoPE
+from pzbridge.testing.numerics import assert_bitwise_reproducible, exact_computation
 
 ATOL = 1e-5
 
@@ -137,6 +138,7 @@ def test_position_masks_match_vmapped_reference(kind, window, t, s, batch, fill,
         )(logits, q_pos)
         return out.unwrap(*bn, "seq", "kv_seq"), expected
 
+    assert exact_computation(both, logits, q_pos)  # masking rounds nowhere: equal on any CPU
     np.testing.assert_array_equal(*both(logits, q_pos))
 
 
@@ -151,6 +153,7 @@ def test_explicit_mask_from_side_input_or_field_matches_where(t, s, batch, as_fi
     layer = ApplyExplicitMask(mask if as_field else None, masked_out_value=-7.0)
     call = jax.jit(lambda lg, m: layer(nx.wrap(lg, *bn, "seq", "kv_seq"), **({} if as_field else {"attn_mask": m})))
     out = call(logits, mask)
+    assert exact_computation(call, logits, mask)  # a select rounds nowhere: equal to NumPy's on any CPU
     np.testing.assert_array_equal(out.unwrap(*bn, "seq", "kv_seq"), np.where(keep, logits, -7.0))
 
 
@@ -274,8 +277,10 @@ def test_from_config_is_deterministic_and_slots_without_rng():
     assert labels == {v.label for v in a}
     # Binding the values into the slots gives the built model's output.
     x = nx.wrap(jnp.ones((3, 4)), "seq", "features")
+    built = build(jax.random.key(3))
+    assert_bitwise_reproducible(lambda v: slots.stateless_call(a, v)[0], built, x)  # the same program
     np.testing.assert_array_equal(slots.stateless_call(a, x)[0].unwrap("seq", "features"),
-                                  build(jax.random.key(3))(x).unwrap("seq", "features"))
+                                  built(x).unwrap("seq", "features"))
 
 
 def test_jit_and_grad_through_stateless_call_match_reference_gradient():

@@ -23,6 +23,7 @@ from pzbridge.core.errors import StructError
 from pzbridge.nn.conv import kernel_axis_name
 from pzbridge.nn.conv_transpose import ConvTranspose, padding_from_lax_conv_transpose, transposed_padding
 from pzbridge.testing.named_arrays import build_named_array
+from pzbridge.testing.numerics import assert_same_outputs
 
 SPATIAL = {1: ("width",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
@@ -124,7 +125,7 @@ def test_flipped_conv_transpose_is_the_adjoint_of_the_forward_convolution(case):
 
 @pytest.mark.parametrize("padding", ["SAME", "SAME_LOWER", "VALID", 1, ((2, 0), (1, 1))])
 @pytest.mark.parametrize("mode", ["ZEROS", "CIRCULAR"])
-def test_conv_transpose_equals_equinox_conv_transpose2d_bitwise(padding, mode):
+def test_conv_transpose_matches_equinox_conv_transpose2d(padding, mode):
     if mode == "CIRCULAR" and padding not in ("SAME", "SAME_LOWER"):
         pytest.skip("Equinox defines circular transposed convolutions only for SAME padding")
     output_padding = (1, 0) if mode == "ZEROS" else 0
@@ -137,8 +138,9 @@ def test_conv_transpose_equals_equinox_conv_transpose2d_bitwise(padding, mode):
         strides=(2, 3), padding=padding, output_padding=output_padding, dilation=(1, 2), groups=2,
         padding_mode=mode.lower(),
     )
-    got = layer(pzb.nx.wrap(x, "channels", "height", "width")).unwrap("channels", "height", "width")
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(m(x)))
+    names = ("channels", "height", "width")
+    # Not Equinox's program (the jaxprs differ): within a few ulps, not bitwise on every CPU.
+    assert_same_outputs(lambda v: layer(pzb.nx.wrap(v, *names)).unwrap(*names), m, x, bitwise=False)
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID", [(1, 2), (0, 1)]])
@@ -156,9 +158,9 @@ def test_conv_transpose_equals_flax_nnx_conv_transpose(padding, transpose_kernel
         strides=(2, 3), padding=padding_from_lax_conv_transpose(lax_padding, (3, 2), (2, 3), (2, 1)),
         dilation=(2, 1), flip_kernel=transpose_kernel,
     )
-    got = layer(pzb.nx.wrap(x, "batch", "height", "width", "channels"))
-    got = got.unwrap("batch", "height", "width", "channels")
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(m(x)))
+    names = ("batch", "height", "width", "channels")
+    # Bitwise where the program is Flax's (checked on the jaxprs); flipping the kernel is not: within ulps.
+    assert_same_outputs(lambda v: layer(pzb.nx.wrap(v, *names)).unwrap(*names), m, x, bitwise=not transpose_kernel)
 
 
 def test_transposed_padding_literal_values():

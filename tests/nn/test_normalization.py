@@ -23,6 +23,7 @@ from pzbridge.core.variables import (
     unbind_variables,
 )
 from pzbridge.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from pzbridge.testing.numerics import assert_outputs_match
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -250,6 +251,8 @@ def test_batch_norm_debias_divides_running_stats_by_step_count():
 
 
 # Framework parity (these pin what the bridges will rely on). -------------------------------------
+# The named-axis norms are not the frameworks' programs (their jaxprs differ), so they agree within a few ulps:
+# bitwise agreement on one CPU does not carry over to others (AMD EPYC rounds some of them 1 ulp apart).
 
 
 def _x(seed, shape):
@@ -257,7 +260,7 @@ def _x(seed, shape):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_layer_norm_equals_equinox_bitwise_under_jit(seed):
+def test_layer_norm_matches_equinox_under_jit(seed):
     x = _x(seed, (4, 3, 5))
     ref = eqx.nn.LayerNorm((3, 5))
     ref = eqx.tree_at(lambda m: (m.weight, m.bias), ref, (_x(seed + 1, (3, 5)), _x(seed + 2, (3, 5))))
@@ -265,11 +268,11 @@ def test_layer_norm_equals_equinox_bitwise_under_jit(seed):
                       Parameter(nx.wrap(ref.bias, "features", "heads"), "b"), ("features", "heads"), ref.eps)
     expected = jax.jit(jax.vmap(ref))(x)
     got = jax.jit(lambda v: layer(nx.wrap(v, "batch", "features", "heads")).unwrap("batch", "features", "heads"))(x)
-    np.testing.assert_array_equal(got, expected)
+    assert_outputs_match(got, expected, same_computation=False)
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_layer_norm_equals_nnx_bitwise_under_jit(fast):
+def test_layer_norm_matches_nnx_under_jit(fast):
     x = _x(0, (4, 6))
     ref = nnx.LayerNorm(6, rngs=nnx.Rngs(0), use_fast_variance=fast)
     ref.scale[...] = _x(1, (6,))
@@ -279,22 +282,22 @@ def test_layer_norm_equals_nnx_bitwise_under_jit(fast):
                       dtype_policy="promote")
     expected = jax.jit(lambda v: ref(v))(x)
     got = jax.jit(lambda v: layer(nx.wrap(v, "batch", "features")).unwrap("batch", "features"))(x)
-    np.testing.assert_array_equal(got, expected)
+    assert_outputs_match(got, expected, same_computation=False)
 
 
-def test_rms_norm_equals_equinox_and_nnx_bitwise_under_jit():
+def test_rms_norm_matches_equinox_and_nnx_under_jit():
     x = _x(3, (4, 6))
     ref = eqx.nn.RMSNorm(6)
     ref = eqx.tree_at(lambda m: (m.weight, m.bias), ref, (_x(4, (6,)), _x(5, (6,))))
     layer = RMSNorm(Parameter(nx.wrap(ref.weight, "features"), "w"), Parameter(nx.wrap(ref.bias, "features"), "b"),
                     ("features",), ref.eps)
     run = lambda l: jax.jit(lambda v: l(nx.wrap(v, "batch", "features")).unwrap("batch", "features"))(x)  # noqa: E731
-    np.testing.assert_array_equal(run(layer), jax.jit(jax.vmap(ref))(x))
+    assert_outputs_match(run(layer), jax.jit(jax.vmap(ref))(x), same_computation=False)
     nref = nnx.RMSNorm(6, rngs=nnx.Rngs(0))
     nref.scale[...] = _x(6, (6,))
     nlayer = RMSNorm(Parameter(nx.wrap(nref.scale[...], "features"), "s"), None, ("features",), nref.epsilon,
                      scale_into_inverse=True, dtype_policy="promote")
-    np.testing.assert_array_equal(run(nlayer), jax.jit(lambda v: nref(v))(x))
+    assert_outputs_match(run(nlayer), jax.jit(lambda v: nref(v))(x), same_computation=False)
 
 
 def test_layer_norm_dtype_policies_match_frameworks_for_bfloat16_input():
@@ -305,7 +308,7 @@ def test_layer_norm_dtype_policies_match_frameworks_for_bfloat16_input():
     got = layer(nx.wrap(x, "batch", "features")).unwrap("batch", "features")
     expected = jax.vmap(ref)(x)
     assert got.dtype == expected.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(got, expected)
+    assert_outputs_match(got, expected, same_computation=False)
     nref = nnx.LayerNorm(6, rngs=nnx.Rngs(0))
     nlayer = LayerNorm(Parameter(nx.wrap(nref.scale[...], "features"), "s"), Parameter(nx.wrap(nref.bias[...], "features"), "b"),
                        ("features",), nref.epsilon, use_fast_variance=True, scale_into_inverse=True,
@@ -313,7 +316,7 @@ def test_layer_norm_dtype_policies_match_frameworks_for_bfloat16_input():
     got = nlayer(nx.wrap(x, "batch", "features")).unwrap("batch", "features")
     expected = nref(x)
     assert got.dtype == expected.dtype == jnp.float32
-    np.testing.assert_array_equal(got, expected)
+    assert_outputs_match(got, expected, same_computation=False)
 
 
 def test_group_norm_equals_equinox_and_nnx():

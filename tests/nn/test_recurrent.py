@@ -27,6 +27,7 @@ from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError, StructError
 from pzbridge.nn.recurrent import GRUCell, LSTMCell, SimpleCell
 from pzbridge.nn.recurrent_scan import Bidirectional, ScanOverAxis, flip_sequences
+from pzbridge.testing.numerics import assert_outputs_match
 
 P = pzb.Parameter
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
@@ -356,20 +357,20 @@ def test_equinox_lstm_cell_lifts_with_sum_bias_and_h_c_carry(use_bias):
     np.testing.assert_allclose(new_c.unwrap("features"), exp_c, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="bitwise pin measured on CPU")
-def test_equinox_cells_are_reproduced_bitwise_under_jit():
+def test_equinox_cells_are_reproduced_within_ulps_under_jit():
+    # Not Equinox's program (the jaxprs differ: contraction layout), so not bitwise on every CPU.
     x, h, c = random_data(1, (3,)), random_data(2, (4,)), random_data(3, (4,))
     gru = eqx.nn.GRUCell(3, 4, key=jax.random.key(0))
     lifted = eqx_gru_to_cell(gru)
     got = jax.jit(lambda x, h: lifted((nx.wrap(h, "features"), nx.wrap(x, "features")))[1].unwrap("features"))(x, h)
-    np.testing.assert_array_equal(got, jax.jit(lambda x, h: gru(x, h))(x, h))
+    assert_outputs_match(got, jax.jit(lambda x, h: gru(x, h))(x, h), same_computation=False)
     lstm = eqx.nn.LSTMCell(3, 4, key=jax.random.key(0))
     cell = eqx_lstm_to_cell(lstm)
     got = jax.jit(lambda x, h, c: cell(((nx.wrap(h, "features"), nx.wrap(c, "features")), nx.wrap(x, "features")))[0])
     got_h, got_c = got(x, h, c)
     exp_h, exp_c = jax.jit(lambda x, s: lstm(x, s))(x, (h, c))
-    np.testing.assert_array_equal(got_h.unwrap("features"), exp_h)
-    np.testing.assert_array_equal(got_c.unwrap("features"), exp_c)
+    assert_outputs_match(got_h.unwrap("features"), exp_h, same_computation=False)
+    assert_outputs_match(got_c.unwrap("features"), exp_c, same_computation=False)
 
 
 def test_equinox_lstm_scanned_like_its_docstring_equals_scan_over_axis():

@@ -21,6 +21,7 @@ import pzbridge as pzb
 from pzbridge import checkpoint
 from pzbridge.nn.linear import Linear
 from pzbridge.toolshed.lora import loraify_linears_in_selection
+from pzbridge.testing.numerics import assert_bitwise_reproducible
 
 
 def _values(model):
@@ -70,6 +71,7 @@ def test_restore_into_freshly_lifted_equinox_model_with_lora(tmp_path):
     checkpoint.restore(tmp_path, fresh)
     assert _bitwise_equal(_values(fresh), _values(model))
     x = jnp.ones(3)
+    assert_bitwise_reproducible(pzb.lower(fresh), pzb.lower(model), x)  # the same program on the restored values
     np.testing.assert_array_equal(pzb.lower(fresh)(x), pzb.lower(model)(x))
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.bridge.equinox_layers import EqxLinear
+from pzbridge.bridge.equinox.linear import EqxLinear
 from pzbridge.core.errors import NamedAxisError, PzbridgeError, SelectionError
 from pzbridge.nn.linear import Affine
 from pzbridge.toolshed.interventions import (

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import pzbridge as pzb
-from pzbridge.bridge.lora_equinox import LoRALinear, lora_filter
+from pzbridge.bridge.equinox.lora import LoRALinear, lora_filter
 from pzbridge.core.errors import LowerError
 from pzbridge.nn.foreign import Foreign
 from pzbridge.nn.linear import Linear

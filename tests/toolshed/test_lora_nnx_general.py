@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.bridge.lora_nnx_general import LoRAEinsum, LoRALinearGeneral
+from pzbridge.bridge.nnx.lora_general import LoRAEinsum, LoRALinearGeneral
 from pzbridge.core.errors import LowerError
 from pzbridge.nn.basic import NamedEinsum
 from pzbridge.nn.linear import Linear

@@ -1,0 +1,141 @@
+"""Equinox ``Sequential``, ``Identity`` and ``Lambda``, both directions side by side.
+
+``eqx.nn.Sequential`` lifts to :class:`EqxSequential` (its layers in order;
+``key`` is split per layer as Equinox does). An unknown module inside it
+becomes ``Foreign`` whose own axes are named by its neighbours' calling
+conventions. Any other pzbridge ``Sequential`` lowers to ``eqx.nn.Sequential``
+of its lowered sublayers. ``Identity`` and ``Lambda`` map to pzbridge's
+``Identity`` and ``Elementwise``.
+
+Example:
+    >>> import jax, jax.numpy as jnp, equinox as eqx
+    >>> import pzbridge as pzb
+    >>> seq = eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=jax.random.key(0)), eqx.nn.Lambda(jax.nn.relu)])
+    >>> lifted = pzb.lift(seq)
+    >>> type(lifted.body).__name__, type(pzb.lower(lifted)).__name__
+    ('EqxSequential', 'Sequential')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+
+from pzbridge.bridge.context import LiftContext, LowerContext
+from pzbridge.bridge.equinox.traversal import (
+    EQUINOX,
+    equinox_rule,
+    new_module,
+    with_names,
+)
+from pzbridge.bridge.lifted import CallingConvention
+from pzbridge.core.struct import pytree_dataclass
+from pzbridge.nn.basic import Elementwise
+from pzbridge.nn.combinators import Identity, Sequential
+from pzbridge.nn.foreign import Foreign
+
+
+@pytree_dataclass
+class EqxSequential(Sequential):
+    """``eqx.nn.Sequential`` lifted: a ``key`` side input is split per layer, as Equinox does.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> EqxSequential([pzb.nn.Identity()])(1, key=jax.random.key(0))
+        1
+    """
+
+    def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
+        key = side_inputs.get("key")
+        if key is None:
+            return super().__call__(x, **side_inputs)
+        keys = jax.random.split(key, len(self.sublayers))
+        for layer, layer_key in zip(self.sublayers, keys):
+            x = layer(x, **{**side_inputs, "key": layer_key})
+        return x
+
+
+@equinox_rule(source=eqx.nn.Identity, lifted=(Identity,))
+class IdentityRule:
+    """``eqx.nn.Identity`` <-> ``Identity``."""
+
+    def lift(self, module: eqx.nn.Identity, ctx: LiftContext) -> Identity:
+        return Identity()
+
+    def lower(self, layer: Identity, ctx: LowerContext) -> eqx.nn.Identity:
+        return new_module(eqx.nn.Identity)
+
+
+@equinox_rule(source=eqx.nn.Lambda, lifted=(Elementwise,))
+class LambdaRule:
+    """``eqx.nn.Lambda(fn)`` <-> ``Elementwise(fn)``.
+
+    Equinox applies ``fn`` to the unbatched array; ``Elementwise`` applies it
+    to the whole named array, which is the same for elementwise functions
+    (activations). Non-elementwise functions should stay ``Foreign``:
+    register your own rule for a ``Lambda`` subclass if needed.
+    """
+
+    def lift(self, module: eqx.nn.Lambda, ctx: LiftContext) -> Elementwise:
+        return Elementwise(module.fn)
+
+    def lower(self, layer: Elementwise, ctx: LowerContext) -> eqx.nn.Lambda:
+        return new_module(eqx.nn.Lambda, fn=layer.fn)
+
+
+def _convention_of(layer: Any, naming: Any) -> CallingConvention | None:
+    rule = EQUINOX.lift_rule_for(type(layer))
+    if _preserves_shape(layer) or rule is None or not hasattr(rule, "convention"):
+        return None
+    return rule.convention(layer, naming)
+
+
+def _preserves_shape(layer: Any) -> bool:
+    if type(layer) is eqx.nn.Sequential:
+        return all(_preserves_shape(sub) for sub in layer.layers)
+    return type(layer) in (eqx.nn.Lambda, eqx.nn.Identity, eqx.nn.Dropout)
+
+
+@equinox_rule(source=eqx.nn.Sequential, lifted=(EqxSequential, Sequential))
+class SequentialRule:
+    """``eqx.nn.Sequential`` <-> ``EqxSequential`` (layers lifted in order; ``key`` split per layer).
+
+    Any other pzbridge ``Sequential`` (including named groups) lowers to
+    ``eqx.nn.Sequential`` of its lowered sublayers.
+    """
+
+    def lift(self, module: eqx.nn.Sequential, ctx: LiftContext) -> EqxSequential:
+        layers = [ctx.lift(layer, "layers", i) for i, layer in enumerate(module.layers)]
+        conventions = [_convention_of(layer, ctx.naming) for layer in module.layers]
+        for i, lifted in enumerate(layers):
+            if isinstance(lifted, Foreign):
+                # An unknown module's own axes are named by its neighbours.
+                before = next((c.output for c in reversed(conventions[:i]) if c and c.output is not None), None)
+                after = next((c.inputs[0] for c in conventions[i + 1 :] if c and c.inputs), None)
+                inputs = before if before is not None else (after or ())
+                layers[i] = with_names(lifted, inputs, after if after is not None else inputs)
+        return EqxSequential(layers)
+
+    def convention(self, module: eqx.nn.Sequential, naming: Any) -> CallingConvention | None:
+        """The first named layer's input names and the last one's output names.
+
+        Shape-preserving layers (``Lambda``, ``Identity``, ``Dropout``) are
+        skipped; None when a layer without a convention comes first.
+        """
+        def first(layers: Any) -> CallingConvention | None:
+            for layer in layers:
+                if _preserves_shape(layer):
+                    continue
+                rule = EQUINOX.lift_rule_for(type(layer))
+                return rule.convention(layer, naming) if hasattr(rule, "convention") else None
+            return None
+
+        head, tail = first(module.layers), first(reversed(module.layers))
+        return None if head is None or tail is None else CallingConvention(head.inputs, tail.output)
+
+    def lower(self, layer: Sequential, ctx: LowerContext) -> eqx.nn.Sequential:
+        return new_module(
+            eqx.nn.Sequential, layers=tuple(ctx.lower(sub, "layers", i) for i, sub in enumerate(layer.sublayers))
+        )

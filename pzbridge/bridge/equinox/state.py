@@ -1,0 +1,266 @@
+"""Equinox ``BatchNorm`` with its ``eqx.nn.State``, and lowering back to ``(module, state)``.
+
+Equinox keeps running statistics outside the model: the layer holds
+``StateIndex`` markers and the values live in an ``eqx.nn.State`` threaded
+through every call. pzbridge keeps state *in* the model as ``StateVariable``
+objects, so lifting needs the state (``pzb.lift(model, state=state)``): each
+of the BatchNorm's entries becomes a ``StateVariable`` labelled by the path
+(``bn.running_mean``, ``bn.running_var``, ``bn.counter`` / ``bn.first_call``).
+Without ``state=`` the layer stays ``Foreign``, as before.
+
+Equinox's BatchNorm acts on one example and reduces over the ``vmap`` axis
+named ``axis_name``. Lifted, that batch axis is simply a *named* axis with the
+same name(s) (usually ``"batch"``), reduced together with whatever spatial
+axes the input has; the channel axis is ``channels``. So
+``lifted(x, train=True)`` on an ``x`` named ``batch, channels, ...`` updates
+the StateVariables exactly as ``jax.vmap(bn, axis_name="batch")`` updates the
+State. :func:`lower_with_state` gives back the module and an ``eqx.nn.State``
+holding the current StateVariable values.
+
+Example:
+    >>> import jax, jax.numpy as jnp, equinox as eqx
+    >>> import pzbridge as pzb
+    >>> bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(2, "batch", mode="batch")
+    >>> lifted = pzb.lift(bn, state=state)
+    >>> _ = lifted(pzb.nx.wrap(jnp.array([[0.0, 1.0], [2.0, 5.0]]), "batch", "channels"), train=True)
+    >>> [round(v, 6) for v in lifted.body.running_mean.value.unwrap("channels").tolist()]  # 0.01 * batch mean
+    [0.01, 0.03]
+    >>> module, new_state = lower_with_state(lifted)
+    >>> int(new_state.get(module.batch_counter))
+    1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from typing import Any
+
+import equinox as eqx
+import jax
+
+from pzbridge.bridge.context import LiftContext, LowerContext
+from pzbridge.bridge.equinox.adapter import EquinoxAdapter
+from pzbridge.bridge.equinox.traversal import (
+    EqxOrigin,
+    equinox_rule,
+    lift_foreign,
+    new_lower_context,
+    origin_of,
+    rebuild_from_origin,
+)
+from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import LowerError, NamedAxisError
+from pzbridge.core.struct import pytree_dataclass, static_field
+from pzbridge.core.variables import StateVariable
+from pzbridge.nn.normalization import BatchNorm
+
+_STATE_KEY = "state"
+
+
+_OUT_KEY = "equinox_state_out"
+
+
+@pytree_dataclass
+class EqxBatchNorm(BatchNorm):
+    """``eqx.nn.BatchNorm`` lifted with its state: a pzbridge ``BatchNorm`` over named batch axes.
+
+    ``across_axes`` holds the batch names (Equinox's ``axis_name``) followed
+    by candidate spatial names; a call reduces over those the input has.
+    Positional axes, if any, are named ``(channels, *spatial[-k:])`` on the
+    way in and un-named on the way out. ``inference=`` is accepted as a side
+    input like Equinox's keyword (``train=`` takes priority).
+
+    Attributes:
+      indices: The original ``StateIndex`` markers, in the order
+        ``(ema_first_time_index, ema_state_index, batch_counter, batch_state_index)``
+        (``None`` where the mode has none); kept so lowering rebuilds them exactly.
+      channel_axis: Name of the channel axis (static).
+      batch_axes: The named batch axes, i.e. Equinox's ``axis_name`` (static).
+      axis_name: Equinox's ``axis_name`` value as given (static).
+      origin: The original class and static fields (static).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from pzbridge.core.variables import StateVariable
+        >>> mean = StateVariable(nx.wrap(jnp.zeros(1), "channels"), "m")
+        >>> var = StateVariable(nx.wrap(jnp.ones(1), "channels"), "v")
+        >>> count = StateVariable(jnp.array(0), "c")
+        >>> bn = EqxBatchNorm(None, None, mean, var, count, None, ("batch",), 0.0, 0.5, debias=True,
+        ...                   divide_by_sqrt=True, channel_axis="channels", batch_axes=("batch",))
+        >>> bn(nx.wrap(jnp.array([[1.0], [3.0]]), "batch", "channels"), train=True).unwrap("batch", "channels")
+        Array([[-1.],
+               [ 1.]], dtype=float32)
+        >>> int(count.value), mean.value.unwrap("channels").tolist()
+        (1, [1.0])
+    """
+
+    indices: tuple[Any, ...] = ()
+    channel_axis: str = static_field(default="channels")
+    batch_axes: tuple[str, ...] = static_field(default=("batch",))
+    axis_name: Any = static_field(default="batch")
+    origin: EqxOrigin | None = static_field(default=None)
+
+    def __call__(self, x: nx.NamedArrayBase, /, **side_inputs: Any) -> nx.NamedArrayBase:
+        spatial = tuple(n for n in self.across_axes if n not in self.batch_axes)
+        tagged: tuple[str, ...] = ()
+        if nx.is_namedarray(x) and x.positional_shape:
+            rank = len(x.positional_shape)
+            if not 1 <= rank <= len(spatial) + 1:
+                raise NamedAxisError(
+                    f"EqxBatchNorm {self.running_mean.label!r}: expected positional (channels, *spatial) with at "
+                    f"most {len(spatial)} spatial axes, found positional shape {x.positional_shape} (named "
+                    f"{dict(x.named_shape)}). Fix: name the axes, e.g. pzb.nx.wrap(x, 'batch', 'channels')."
+                )
+            tagged = (self.channel_axis, *spatial[len(spatial) - rank + 1:])
+            x = x.tag(*tagged)
+        if "train" not in side_inputs and side_inputs.get("inference") is not None:
+            side_inputs = {**side_inputs, "train": not side_inputs["inference"]}
+        present = tuple(n for n in spatial if nx.is_namedarray(x) and n in x.named_shape)
+        layer = dataclasses.replace(self, across_axes=(*self.batch_axes, *present))
+        out = BatchNorm.__call__(layer, x, **side_inputs)
+        return out.untag(*tagged) if tagged else out
+
+
+def _batch_axes(axis_name: Any) -> tuple[str, ...] | None:
+    """Equinox's ``axis_name`` as named-axis names, or None when it cannot be one."""
+    names = (axis_name,) if isinstance(axis_name, str) else axis_name
+    if not isinstance(names, tuple) or not names or not all(isinstance(n, str) for n in names):
+        return None
+    return names
+
+
+@equinox_rule(source=eqx.nn.BatchNorm, lifted=(EqxBatchNorm,))
+class BatchNormRule:
+    """``eqx.nn.BatchNorm`` <-> ``EqxBatchNorm`` (with ``state=``); ``weight``/``bias``/stats ``(C,)`` -> ``{channels}``.
+
+    Mode ``"batch"`` lifts to pzbridge mode ``"batch"`` with ``debias=True``
+    and a ``counter``; mode ``"ema"`` to mode ``"ema"`` with ``first_call``.
+    Equinox's ``(x - m) / sqrt(v + eps)`` is ``divide_by_sqrt=True``.
+    Without a State at lift time (or with an ``axis_name`` that is not a
+    string / tuple of strings) the module stays ``Foreign``.
+    """
+
+    def lift(self, module: eqx.nn.BatchNorm, ctx: LiftContext) -> Any:
+        state = ctx.shared.extras.get(_STATE_KEY)
+        batch_axes = _batch_axes(module.axis_name)
+        if state is None or batch_axes is None:
+            return lift_foreign(module, ctx)
+        c = ctx.naming.channels
+        weight = None if module.weight is None else ctx.child("weight").parameter(module.weight, (c,))
+        bias = None if module.bias is None else ctx.child("bias").parameter(module.bias, (c,))
+        ema = module.mode == "ema"
+        stats_index = module.ema_state_index if ema else module.batch_state_index
+        mean, var = state.get(stats_index)
+        # The State's own arrays are the sources, so an array reached twice stays one variable.
+        running_mean = ctx.variable(StateVariable, mean, lambda: nx.wrap(mean, c), ctx.label("running_mean"), None)
+        running_var = ctx.variable(StateVariable, var, lambda: nx.wrap(var, c), ctx.label("running_var"), None)
+        counter = first = None
+        if ema:
+            first = ctx.state_variable(state.get(module.ema_first_time_index), "first_call")
+        else:
+            counter = ctx.state_variable(state.get(module.batch_counter), "counter")
+        spatial = (ctx.naming.depth, ctx.naming.height, ctx.naming.width)
+        indices = (module.ema_first_time_index, module.ema_state_index, module.batch_counter,
+                   module.batch_state_index)
+        return EqxBatchNorm(
+            weight, bias, running_mean, running_var, counter, first, (*batch_axes, *spatial),
+            module.eps, module.momentum, module.mode, use_running_average=bool(module.inference),
+            debias=not ema, divide_by_sqrt=True, indices=indices, channel_axis=c, batch_axes=batch_axes,
+            axis_name=module.axis_name, origin=origin_of(module),
+        )
+
+    def lower(self, layer: EqxBatchNorm, ctx: LowerContext) -> Any:
+        c = layer.channel_axis
+        params = [p for p in (layer.scale, layer.bias) if p is not None]
+        ema = layer.mode == "ema"
+        fits = (
+            len(params) in (0, 2) and layer.debias == (not ema) and layer.divide_by_sqrt
+            and not layer.use_fast_variance and not layer.scale_into_inverse and layer.dtype_policy == "input"
+            and len(layer.indices) == 4 and all(_axes(p) == (c,) for p in params)
+            and all(_axes(s) == (c,) for s in (layer.running_mean, layer.running_var))
+        )
+        if not fits:
+            return EquinoxAdapter.wrap(layer, ctx)
+        weight = None if layer.scale is None else ctx.child("weight").array(layer.scale, (c,))
+        bias = None if layer.bias is None else ctx.child("bias").array(layer.bias, (c,))
+        first_index, ema_index, counter_index, batch_index = layer.indices
+        stats = (ctx.array(layer.running_mean, (c,)), ctx.array(layer.running_var, (c,)))
+        out = ctx.shared.extras.setdefault(_OUT_KEY, {})
+        if ema:
+            out[first_index.marker] = ctx.array(layer.first_call, ())
+            out[ema_index.marker] = stats
+        else:
+            out[counter_index.marker] = ctx.array(layer.counter, ())
+            out[batch_index.marker] = stats
+        origin = layer.origin
+        size = stats[0].shape[0]
+        return rebuild_from_origin(
+            origin, eqx.nn.BatchNorm, weight=weight, bias=bias, ema_first_time_index=first_index,
+            ema_state_index=ema_index, batch_counter=counter_index, batch_state_index=batch_index,
+            axis_name=layer.axis_name, inference=layer.use_running_average,
+            **({} if origin is not None else dict(
+                input_size=size, eps=layer.epsilon, channelwise_affine=weight is not None,
+                momentum=layer.momentum, mode=layer.mode)),
+        )
+
+
+def _axes(variable: Any) -> tuple[str, ...]:
+    value = getattr(variable, "value", None)
+    return tuple(value.named_shape) if nx.is_namedarray(value) and not value.positional_shape else ()
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, eqx.nn.StateIndex)
+
+
+def lower_with_state(lifted: Any, state: eqx.nn.State | None = None) -> tuple[Any, eqx.nn.State]:
+    """Lowers a lifted Equinox model and collects its ``eqx.nn.State`` from the StateVariables.
+
+    The State has one entry per ``StateIndex`` of the lowered module, in the
+    module's leaf order (as ``eqx.nn.make_with_state`` builds it). Entries of
+    lifted BatchNorms hold the StateVariables' current values; entries of
+    other stateful modules (e.g. a ``Foreign`` ``SpectralNorm``) are taken
+    from ``state``.
+
+    Args:
+      lifted: A :class:`~pzbridge.bridge.lifted.LiftedModel` (or lifted layer) from Equinox.
+      state: The original State, used for entries pzbridge does not hold.
+
+    Returns:
+      ``(module, state)`` as ``eqx.nn.make_with_state`` would return them.
+
+    Raises:
+      LowerError: If a ``StateIndex`` has no value in the lifted model nor in ``state``.
+
+    Example:
+        >>> import equinox as eqx
+        >>> import pzbridge as pzb
+        >>> bn, st = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="ema")
+        >>> module, new_st = lower_with_state(pzb.lift(bn, state=st))
+        >>> bool(new_st.get(module.ema_first_time_index))
+        True
+    """
+
+    body = getattr(lifted, "body", lifted)
+    ctx = new_lower_context()
+    module = ctx.lower_node(body, ctx)
+    collected: dict[Hashable, Any] = ctx.shared.extras.get(_OUT_KEY, {})
+    known = dict(state._state) if state is not None else {}  # noqa: SLF001 - State has no public mapping view
+    keys, values = [], []
+    for leaf in jax.tree_util.tree_leaves(module, is_leaf=_is_index):
+        if not _is_index(leaf) or leaf.marker in keys:
+            continue
+        if leaf.marker in collected:
+            value = collected[leaf.marker]
+        elif leaf.marker in known:
+            value = known[leaf.marker]
+        else:
+            raise LowerError(
+                f"<root>: the lowered module has a StateIndex {leaf.marker!r} whose value pzbridge does not "
+                "hold (a stateful module kept as Foreign). Fix: pass the original state, "
+                "lower_with_state(lifted, state=state)."
+            )
+        keys.append(leaf.marker)
+        values.append(value)
+    return module, eqx.nn.State.tree_unflatten(tuple(keys), tuple(values))

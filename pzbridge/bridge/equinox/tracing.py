@@ -1,0 +1,311 @@
+"""Traced lifting of custom Equinox modules, and lowering ``Traced`` layers back to Equinox.
+
+With example inputs (``pzb.lift(model, x)``) an ``eqx.Module`` without a rule
+is traced instead of kept ``Foreign``: its children are replaced by
+:class:`~pzbridge.bridge.tracing.child_calls.ChildProxy` s, its own arrays and
+its children's arrays become traced inputs, and ``jax.make_jaxpr`` of its
+``__call__`` gives the graph that :mod:`pzbridge.bridge.tracing.graph`
+converts. Each child is lifted at its call site: a known layer by its rule, a
+custom child by tracing it with the shapes it is called with (so
+``jax.vmap(self.mlp)(x)`` lifts the MLP on one token and the mapped axis
+keeps its name), and an untraceable one as ``Foreign``.
+
+Equinox modules act on unbatched arrays: the lifted model names the example's
+axes (default ``seq, features`` for the last two) and any extra named axis
+(``batch``) passes through.
+
+Lowering a ``Traced``: when the glue is as traced, the original class is
+rebuilt around the (possibly edited) children, exactly like a ``Foreign``;
+otherwise the edited graph runs in an :class:`~pzbridge.bridge.equinox.adapter.EquinoxAdapter`.
+
+Example:
+    >>> import jax, jax.numpy as jnp, equinox as eqx
+    >>> import pzbridge as pzb
+    >>> class Block(eqx.Module):
+    ...     linear: eqx.nn.Linear
+    ...     def __call__(self, x): return x + jax.vmap(self.linear)(x)
+    >>> block = Block(eqx.nn.Linear(4, 4, key=jax.random.key(0)))
+    >>> x = jnp.ones((3, 4))
+    >>> lifted = pzb.lift(block, x)
+    >>> type(lifted.body.body).__name__
+    'Residual'
+    >>> bool(jnp.allclose(lifted.positional(x), block(x)))
+    True
+    >>> pzb.lower(lifted).linear.weight is block.linear.weight
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import equinox as eqx
+import jax
+
+from pzbridge.bridge.context import LiftContext, LowerContext
+from pzbridge.bridge.equinox.adapter import EquinoxAdapter
+from pzbridge.bridge.equinox.traversal import (
+    EQUINOX,
+    EquinoxTemplate,
+    _child_key,
+    _key_text,
+    foreign_or_error,
+    is_array,
+    lift_foreign,
+    with_names,
+)
+from pzbridge.bridge.tracing.assemble import (
+    call_names,
+    child_spec,
+    children_for_rebuild,
+    default_input_names,
+    input_roles,
+    make_traced,
+    traced_convention,
+)
+from pzbridge.bridge.tracing.child_calls import ChildCall, ChildProxy
+from pzbridge.bridge.tracing.example import Example
+from pzbridge.bridge.tracing.graph import ChildSpec, InputRole, Untraceable, convert
+from pzbridge.bridge.tracing.structure import build_layer
+from pzbridge.core import named_axes as pzb_nx
+from pzbridge.core.errors import LiftError
+from pzbridge.nn.dataflow import Traced
+from pzbridge.nn.foreign import Foreign
+
+_TRACES = "equinox_traces"
+
+
+@dataclasses.dataclass
+class _Parts:
+    """An Equinox module flattened one level: its children, its arrays, everything else."""
+
+    module: Any
+    flat: list[tuple[Any, Any]]
+    treedef: Any
+    children: list[tuple[int, tuple[str | int, ...], Any]]
+    arrays: list[tuple[int, tuple[str | int, ...], Any]]
+
+    @classmethod
+    def of(cls, module: Any) -> _Parts:
+        is_submodule = lambda value: value is not module and isinstance(value, eqx.Module)  # noqa: E731
+        flat, treedef = jax.tree_util.tree_flatten_with_path(module, is_leaf=is_submodule)
+        children, arrays = [], []
+        for index, (path, leaf) in enumerate(flat):
+            keys = _child_key(path)
+            if isinstance(leaf, eqx.Module):
+                children.append((index, keys, leaf))
+            elif is_array(leaf):
+                arrays.append((index, keys, leaf))
+        return cls(module, flat, treedef, children, arrays)
+
+
+def _split_child(child: Any) -> tuple[list[Any], Any, Any]:
+    arrays, static = eqx.partition(child, is_array)
+    leaves, treedef = jax.tree_util.tree_flatten(arrays)
+    return leaves, treedef, static
+
+
+def _struct(array: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(array.shape), array.dtype)
+
+
+def _trace(parts: _Parts, example: Example) -> tuple[Any, Any, list[ChildCall], list[InputRole], list[str], Any]:
+    module = parts.module
+    child_splits = [_split_child(child) for _, _, child in parts.children]
+    param_roles = [InputRole("param", name=_key_text(keys), array=array, path=keys)
+                   for _, keys, array in parts.arrays]
+    for (_, keys, _), (leaves, treedef, static) in zip(parts.children, child_splits):
+        arrays = jax.tree_util.tree_unflatten(treedef, leaves)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]:
+            sub = _child_key(path)
+            param_roles.append(InputRole("param", name=_key_text((*keys, *sub)), array=leaf, path=(*keys, *sub)))
+    given = example.input_names[0] if example.input_names else None
+    first = example.args[0] if example.args else None
+    data_names = given if given is not None else (
+        default_input_names(len(first.shape), ("seq", "features"), first.dtype) if hasattr(first, "shape") else ())
+    roles, dynamic, args_treedef, side_names = input_roles(example, type(module).__call__, param_roles, data_names,
+                                                           names_fixed=given is not None)
+    flat_args = jax.tree_util.tree_leaves((example.args, dict(example.kwargs)))
+    calls: list[ChildCall] = []
+
+    def traced_call(own: list[Any], child_leaves: list[list[Any]], dynamic_args: list[Any]) -> Any:
+        leaves = [leaf for _, leaf in parts.flat]
+        for (index, _, _), array in zip(parts.arrays, own):
+            leaves[index] = array
+        for (index, keys, _), (_, treedef, static), arrays in zip(parts.children, child_splits, child_leaves):
+            def run(leaves_: Any, args: Any, kwargs: Any, treedef: Any = treedef, static: Any = static) -> Any:
+                return eqx.combine(jax.tree_util.tree_unflatten(treedef, list(leaves_)), static)(*args, **kwargs)
+
+            rebuilt = eqx.combine(jax.tree_util.tree_unflatten(treedef, arrays), static)
+            leaves[index] = ChildProxy(_key_text(keys), rebuilt, arrays, run, calls)
+        traced_module = jax.tree_util.tree_unflatten(parts.treedef, leaves)
+        values = list(flat_args)
+        for position, value in zip(dynamic, dynamic_args):
+            values[position] = value
+        args, kwargs = jax.tree_util.tree_unflatten(args_treedef, values)
+        return type(module).__call__(traced_module, *args, **kwargs)
+
+    own_structs = [_struct(a) for _, _, a in parts.arrays]
+    child_structs = [[_struct(a) for a in leaves] for leaves, _, _ in child_splits]
+    dynamic_structs = [flat_args[i] for i in dynamic]
+    try:
+        closed, out_shape = jax.make_jaxpr(traced_call, return_shape=True)(own_structs, child_structs,
+                                                                          dynamic_structs)
+    except Untraceable:
+        raise
+    except Exception as error:  # noqa: BLE001 - any tracing failure means the code is not traceable
+        raise Untraceable(f"its __call__ cannot be traced ({type(error).__name__}: {error})") from None
+    return closed, out_shape, calls, roles, side_names, jax.tree_util.tree_structure(out_shape)
+
+
+def _hashable(value: Any) -> Any:
+    if is_array(value):
+        return ("array", tuple(value.shape), str(value.dtype))
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value
+
+
+def _trace_key(module: Any, example: Example) -> Any:
+    """What determines a module's trace: its full tree structure, non-array leaves, array shapes, the example."""
+    try:
+        leaves, treedef = jax.tree_util.tree_flatten((module, example.args, dict(example.kwargs)))
+        key = (treedef, tuple(_hashable(leaf) for leaf in leaves), example.input_names)
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _with_roles_of(parts: _Parts, cached: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A cached trace with the input roles pointing at this module's own arrays."""
+    closed, out_shape, calls, roles, side_names, out_treedef = cached
+    arrays = [array for _, _, array in parts.arrays]
+    for _, _, child in parts.children:
+        leaves, _, _ = _split_child(child)
+        arrays.extend(leaves)
+    params = iter(arrays)
+    fresh = [dataclasses.replace(role, array=next(params)) if role.kind == "param" else role for role in roles]
+    return closed, out_shape, calls, fresh, side_names, out_treedef
+
+
+def lift_traced(module: Any, ctx: LiftContext) -> Traced:
+    """Traces ``module``'s ``__call__`` with ``ctx.example`` and lifts it as a :class:`Traced` layer.
+
+    Raises:
+      Untraceable: If the code cannot be traced or expressed.
+    """
+    example: Example = ctx.example
+    parts = _Parts.of(module)
+    # Modules of one structure called the same way (the blocks of a model) trace to the same jaxpr.
+    cache = ctx.shared.extras.setdefault(_TRACES, {})
+    key = _trace_key(module, example)
+    if key is None or key not in cache:
+        traced_once = _trace(parts, example)
+        if key is not None:
+            cache[key] = traced_once
+    else:
+        traced_once = _with_roles_of(parts, cache[key])
+    closed, out_shape, calls, roles, side_names, out_treedef = traced_once
+    children_by_key = {_key_text(keys): (keys, child) for _, keys, child in parts.children}
+    lifted: dict[str, Any] = {}
+    plain = ctx.child()
+
+    def child_handler(call: ChildCall, structs: Any, arg_names: Any) -> ChildSpec:
+        keys, child = children_by_key[call.key]
+        args, kwargs = call.rebuild_args(structs)
+        rule = EQUINOX.lift_rule_for(type(child))
+        traced_child = False
+        if call.key not in lifted:
+            if rule is not None:
+                lifted[call.key] = plain.lift(child, *keys)
+            else:
+                names = tuple(tuple(n if n is not None else f"axis{i}" for i, n in enumerate(arg))
+                              for arg in arg_names)
+                child_ctx = plain.child(*keys).with_example(Example(tuple(args), dict(kwargs), names))
+                lifted[call.key] = ctx.lift_node(child, child_ctx)
+        layer = lifted[call.key]
+        if isinstance(layer, Traced):
+            traced_child = True
+            convention = layer.convention
+        elif isinstance(layer, Foreign):
+            names = tuple(n for n in arg_names[0] if n is not None) if arg_names else ()
+            layer = with_names(layer, names, names)
+            lifted[call.key] = layer
+            convention = None
+        else:
+            convention = EQUINOX.convention_of(child, ctx.naming)
+        param_names = call_names(type(child).__call__, args, kwargs)
+        return child_spec(layer, convention, args, kwargs, traced_child, param_names)
+
+    def param_handler(role: InputRole, storage_names: tuple[str, ...]) -> Any:
+        return plain.child(*role.path).parameter(role.array, storage_names)
+
+    called = {call.key for call in calls}
+    uncalled = {key: plain.lift(child, *keys) for key, (keys, child) in children_by_key.items() if key not in called}
+    def param_hint(role: InputRole) -> tuple[str, ...] | None:
+        lifted_already = ctx.shared.by_identity.get(id(role.array))
+        value = getattr(lifted_already, "value", None)
+        return tuple(value.named_shape) if pzb_nx.is_namedarray(value) and not value.positional_shape else None
+
+    graph = convert(closed, roles, child_handler, param_handler, param_hint)
+    body = build_layer(graph, out_treedef)
+    by_id = {id(child): {**uncalled, **lifted}[key] for key, (_, child) in children_by_key.items()}
+    fill = dataclasses.replace(plain, lift_node=lambda m, c: by_id[id(m)] if id(m) in by_id else ctx.lift_node(m, c))
+    foreign = lift_foreign(module, fill)
+    own = {role.name for i, role in enumerate(roles[: len(parts.arrays)]) if i not in graph.unused_params}
+    labels = {key: foreign.children[key].label for key in own}
+    convention = traced_convention(graph, roles, side_names, jax.tree_util.treedef_is_leaf(out_treedef))
+    return make_traced(body, foreign.template, foreign.children, list(lifted), labels, convention)
+
+
+def traced_or_foreign(module: Any, ctx: LiftContext) -> Any:
+    """Lifts a module without a rule: traced when ``ctx`` has an example, else ``Foreign``.
+
+    An untraceable module stays ``Foreign`` (or raises with ``strict=True``,
+    naming the reason).
+
+    Example:
+        >>> class Id(eqx.Module):
+        ...     def __call__(self, x): return x
+        >>> from pzbridge.bridge.equinox.traversal import new_lift_context
+        >>> type(traced_or_foreign(Id(), new_lift_context())).__name__
+        'Foreign'
+    """
+    if ctx.example is None:
+        return foreign_or_error(module, ctx)
+    try:
+        return lift_traced(module, ctx)
+    except Untraceable as reason:
+        return foreign_or_error(module, ctx.child(), f"not traceable: {reason}")
+    except LiftError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a converter bug must not make the model unliftable
+        if ctx.strict:
+            raise LiftError(
+                f"{ctx.where}: traced lifting of {type(module).__qualname__} failed inside pzbridge "
+                f"({type(error).__name__}: {error}). Fix: lift with strict=False to keep it Foreign, and "
+                "report this with the module's code."
+            ) from error
+        warnings.warn(
+            f"{ctx.where}: traced lifting of {type(module).__qualname__} failed inside pzbridge "
+            f"({type(error).__name__}: {error}); keeping it Foreign.", stacklevel=2)
+        return foreign_or_error(module, ctx.child())
+
+
+EQUINOX.set_unknown_handler(traced_or_foreign)
+
+
+@EQUINOX.rule(lifted=(Traced,))
+class TracedRule:
+    """A ``Traced`` lowers to its original class while the glue is as traced, else to an adapter."""
+
+    def lower(self, layer: Traced, ctx: LowerContext) -> Any:
+        children = children_for_rebuild(layer)
+        if children is not None and isinstance(layer.template, EquinoxTemplate):
+            return layer.template.rebuild(children, ctx)
+        return EquinoxAdapter.wrap(layer, ctx, layer.convention)

@@ -1,0 +1,25 @@
+"""Flax NNX <-> pzbridge: the traversal, variables, statics, the adapter and one module per layer family.
+
+Each family module (``linear``, ``attention``, ``norm`` ...) holds the lifted
+classes that carry NNX configuration back and its rules, with both directions
+side by side: grep for an ``nnx`` class (``nnx.LoRALinear`` is in
+:mod:`~pzbridge.bridge.nnx.lora`) to find how it lifts and lowers. Importing
+this package imports every family, which registers its rules in
+:data:`~pzbridge.bridge.nnx.traversal.NNX`; the LoRA rules come last because
+they wrap the Linear rules. See ``docs/architecture.md``.
+
+Example:
+    >>> from flax import nnx
+    >>> from pzbridge.bridge.nnx import NNX
+    >>> NNX.lift_rule_for(nnx.LoRALinear).__class__.__name__
+    'LoRALinearRule'
+"""
+
+from pzbridge.bridge.nnx.traversal import NNX, nnx_rule
+from pzbridge.bridge.nnx.adapter import NnxAdapter
+from pzbridge.bridge.nnx import linear, containers, attention, dropout, embed, norm  # noqa: F401
+from pzbridge.bridge.nnx import conv, group_norm, prelu, recurrent  # noqa: F401
+from pzbridge.bridge.nnx import lora, lora_general  # noqa: F401
+from pzbridge.bridge.nnx import tracing  # noqa: F401  (traced lifting of custom modules)
+
+__all__ = ["NNX", "NnxAdapter", "nnx_rule"]

@@ -1,0 +1,242 @@
+"""The NNX adapter: how a pzbridge-only layer becomes a genuine ``nnx.Module``.
+
+A lifted layer with no NNX counterpart lowers to :class:`NnxAdapter`. Its
+variables are NNX Variables (``nnx.Param`` for parameters, so
+``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains them), arrays the layer
+holds directly (an intervention's plain ``NamedArray`` vector, patch or
+mask) are plain array data of the module (NNX refuses arrays in static
+attributes, and they are constants, not parameters), the rest of the layer
+with unbound slots is a static attribute, and calls write new state back into
+the Variables (so ``nnx.jit`` keeps it). The adapter rule is registered for
+``object``: lowering reaches it only when nothing on a layer's MRO has a rule
+of its own. Re-lifting an adapter gives the layer back.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> import pzbridge as pzb
+    >>> adapter = pzb.lower(pzb.nn.Softmax("features"), framework="nnx")
+    >>> type(adapter).__name__, adapter(jnp.array([[0.0, 0.0]])).tolist()
+    ('NnxAdapter', [[0.5, 0.5]])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+
+from pzbridge.bridge.context import LiftContext, LowerContext
+from pzbridge.bridge.lifted import CallingConvention
+from pzbridge.bridge.nnx.traversal import new_lift_context, nnx_rule
+from pzbridge.bridge.nnx.variables import is_array, nnx_variable, storage_names
+from pzbridge.core import named_axes as nx
+from pzbridge.core.variables import (
+    AbstractVariableValue,
+    Parameter,
+    ParameterValue,
+    StateVariable,
+    StateVariableValue,
+    bind_variables,
+    stateless_call,
+    unbind_variables,
+)
+from pzbridge.toolshed.lora import is_lora_parameter
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableSpec:
+    """How an adapter's NNX Variable maps back to a pzbridge variable.
+
+    Attributes:
+      label: The pzbridge label.
+      kind: ``"Parameter"`` or ``"StateVariable"``.
+      names: Axis names of the value in storage order (``()`` for raw values).
+      metadata: The pzbridge metadata (as ``(key, value)`` pairs).
+
+    Example:
+        >>> VariableSpec("w", "Parameter", ("features",), ()).label
+        'w'
+    """
+
+    label: str
+    kind: str
+    names: tuple[str, ...]
+    metadata: tuple[tuple[Any, Any], ...]
+
+    def __hash__(self) -> int:
+        return hash((self.label, self.kind, self.names))
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayHole:
+    """Marks, in an adapter's static structure, where an array held by the layer goes.
+
+    Example:
+        >>> ArrayHole() == ArrayHole()
+        True
+    """
+
+
+def split_arrays(structure: Any) -> tuple[Any, list[Any]]:
+    """``structure`` with every array leaf replaced by an :class:`ArrayHole`, and those arrays in order.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> stripped, arrays = split_arrays(pzb.nn.AddBias(pzb.nx.wrap(jnp.ones(2), "features")))
+        >>> stripped.bias.data_array, [a.shape for a in arrays]
+        (ArrayHole(), [(2,)])
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(structure)
+    arrays = [leaf for leaf in leaves if is_array(leaf)]
+    holes = [ArrayHole() if is_array(leaf) else leaf for leaf in leaves]
+    return jax.tree_util.tree_unflatten(treedef, holes), arrays
+
+
+def fill_arrays(stripped: Any, arrays: Sequence[Any]) -> Any:
+    """The inverse of :func:`split_arrays`: the holes of ``stripped`` filled with ``arrays`` in order.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> fill_arrays(*split_arrays(pzb.nn.AddBias(pzb.nx.wrap(jnp.ones(2), "features")))).bias.unwrap("features")
+        Array([1., 1.], dtype=float32)
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(stripped)
+    supply = iter(arrays)
+    return jax.tree_util.tree_unflatten(
+        treedef, [next(supply) if isinstance(leaf, ArrayHole) else leaf for leaf in leaves]
+    )
+
+
+class NnxAdapter(nnx.Module):
+    """A genuine ``nnx.Module`` running a pzbridge layer with no NNX counterpart.
+
+    Its variables are NNX Variables (``nnx.Param`` for parameters, so
+    ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains them; LoRA factors made
+    by ``loraify_linears_in_selection`` are ``nnx.LoRAParam`` s, so
+    ``wrt=nnx.LoRAParam`` trains only those); arrays the
+    layer holds directly are plain array data (``arrays``); the layer with
+    unbound slots and array holes is a static attribute. Calling it names the positional
+    inputs by ``convention`` (default: the last axis is ``features``, leading
+    axes stay positional; extra positional arguments of a traced module become
+    the side inputs its convention names), runs the layer with ``stateless_call`` and writes
+    new state values back into its Variables (so ``nnx.jit`` keeps them).
+    Re-lifting an adapter gives back the layer.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> from pzbridge.bridge.nnx.traversal import new_lower_context
+        >>> adapter = NnxAdapter.wrap(pzb.nn.Elementwise(jax.nn.relu), new_lower_context())
+        >>> adapter(jax.numpy.array([[-1.0, 1.0]])).tolist()
+        [[0.0, 1.0]]
+    """
+
+    def __init__(self, structure: Any, variables: Sequence[nnx.Variable], specs: Sequence[VariableSpec],
+                 convention: CallingConvention | None = None) -> None:
+        stripped, arrays = split_arrays(structure)
+        self.structure = nnx.static(stripped)
+        self.arrays = nnx.List(arrays)
+        self.variables = nnx.List(list(variables))
+        self.specs = tuple(specs)
+        self.convention = convention
+
+    @classmethod
+    def wrap(cls, layer: Any, ctx: LowerContext, convention: CallingConvention | None = None) -> NnxAdapter:
+        """Lowers ``layer`` into an adapter (its variables become NNX Variables).
+
+        Args:
+          layer: A lifted layer with no NNX rule.
+          ctx: The lower context (shared variables stay shared).
+          convention: How positional inputs are named (default: trailing ``features``).
+        """
+        structure, variables = unbind_variables(layer)
+        lowered, specs = [], []
+        for variable in variables:
+            kind = type(variable).__name__
+            if isinstance(variable, AbstractVariableValue):
+                kind = "Parameter" if isinstance(variable, ParameterValue) else "StateVariable"
+            # LoRA factors added in pzbridge become nnx.LoRAParam (a Param), so both
+            # wrt=nnx.LoRAParam (adapters only) and wrt=nnx.Param train them.
+            lowered.append(nnx_variable(variable, ctx, default_type=nnx.LoRAParam if is_lora_parameter(variable)
+                                        else None))
+            specs.append(VariableSpec(variable.label, kind, storage_names(variable),
+                                      tuple(dict(variable.metadata).items())))
+        return cls(structure, lowered, specs, convention)
+
+    def frozen_values(self) -> list[AbstractVariableValue]:
+        """The variables as pzbridge frozen values (named as the layer expects).
+
+        Example:
+            >>> import pzbridge as pzb
+            >>> from pzbridge.bridge.nnx.traversal import new_lower_context
+            >>> NnxAdapter.wrap(pzb.nn.Identity(), new_lower_context()).frozen_values()
+            []
+        """
+        values = []
+        for spec, var in zip(self.specs, self.variables):
+            raw = var.get_raw_value() if isinstance(var, nnx.Variable) else var
+            value = nx.wrap(raw, *spec.names) if spec.names else raw
+            cls = ParameterValue if spec.kind == "Parameter" else StateVariableValue
+            values.append(cls(value, spec.label, dict(spec.metadata)))
+        return values
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        rank = len(getattr(x, "shape", ()))
+        convention = self.convention or CallingConvention((("features",) if rank else (),), ("features",))
+        # A traced module's extra positional arguments (a mask) are side inputs named in its convention.
+        inputs, side = convention.split_call([x, *args], kwargs)
+        out, new_state = stateless_call(self.layer_with_slots(), self.frozen_values(), inputs, **side)
+        by_label = {spec.label: var for spec, var in zip(self.specs, self.variables)}
+        for value in new_state:
+            target = by_label.get(value.label)
+            if isinstance(target, nnx.Variable):
+                names = next(s.names for s in self.specs if s.label == value.label)
+                new = value.value
+                target.set_raw_value(new.untag(*names).unwrap() if names and nx.is_namedarray(new) else new)
+        return convention.unname_output(out)
+
+    def lifted_layer(self, ctx: LiftContext | None = None) -> Any:
+        """The pzbridge layer with mutable variables (shared through ``ctx`` when given).
+
+        Example:
+            >>> import pzbridge as pzb
+            >>> from pzbridge.bridge.nnx.traversal import new_lower_context
+            >>> NnxAdapter.wrap(pzb.nn.Identity(), new_lower_context()).lifted_layer()
+            Identity()
+        """
+        ctx = ctx or new_lift_context()
+        fresh = []
+        for spec, var, value in zip(self.specs, self.variables, self.frozen_values()):
+            kind = Parameter if spec.kind == "Parameter" else StateVariable
+            fresh.append(ctx.variable(kind, var, lambda v=value: v.value, spec.label, dict(spec.metadata)))
+        layer = self.layer_with_slots()
+        return bind_variables(layer, fresh) if fresh else layer
+
+    def layer_with_slots(self) -> Any:
+        """The pzbridge layer with its arrays back in place and its variables as unbound slots.
+
+        Example:
+            >>> import pzbridge as pzb
+            >>> from pzbridge.bridge.nnx.traversal import new_lower_context
+            >>> bias = pzb.nn.AddBias(pzb.nx.wrap(jnp.ones(2), "features"))
+            >>> NnxAdapter.wrap(bias, new_lower_context()).layer_with_slots().bias.unwrap("features")
+            Array([1., 1.], dtype=float32)
+        """
+        return fill_arrays(self.structure, list(self.arrays))
+
+
+@nnx_rule(source=NnxAdapter, lifted=(object,))
+class NnxAdapterRule:
+    """The fallback for layers without an NNX rule: lower to an adapter; re-lifting gives the layer back.
+
+    Registered for ``object``, so lowering reaches it only when nothing on the
+    layer's MRO has a rule of its own.
+    """
+
+    def lower(self, layer: Any, ctx: LowerContext) -> NnxAdapter:
+        return NnxAdapter.wrap(layer, ctx)
+
+    def lift(self, module: NnxAdapter, ctx: LiftContext) -> Any:
+        return module.lifted_layer(ctx)

@@ -1,0 +1,462 @@
+"""Flax NNX ``MultiHeadAttention`` rule: per-head kernels on named axes, masks, GQA, decode cache.
+
+``nnx.MultiHeadAttention`` lifts to :class:`NnxAttention`, whose fields are
+the NNX submodules (``query``, ``key``, ``value``, ``out``, optional
+``query_ln`` / ``key_ln``) plus every step of the attention kernel as its own
+layer, so each can be selected and edited:
+
+    q = query(x)                     # {features} -> {heads, projection}   (kernel (in, H, hd))
+    k = key(x), v = value(x)         # {features} -> {kv_heads, projection} (GQA) or {heads, projection}
+    q, k = query_ln(q), key_ln(k)    # normalize_qk: LayerNorm over projection
+    k, v: seq -> kv_seq              # decode: written into the cache first
+    logits  = query_key_to_logits((q, k))   # AttentionLogits, then * 1/sqrt(head_dim)
+    logits  = mask(logits)                  # NNX `mask=` argument, `is_causal`, cache validity
+    weights = logits_to_weights(logits)     # Softmax over kv_seq
+    out     = out(attend_to_values((weights, v)))   # {heads, projection} -> {features}
+
+The op order follows what NNX runs by default (``jax.nn.dot_product_attention``:
+logits scaled after the dot product, masked with ``-0.7 * finfo.max``,
+softmax in float32). Grouped-query attention (``num_kv_heads < num_heads``)
+keeps keys and values on ``kv_heads`` and groups the query heads inside the
+contractions, as :mod:`pzbridge.nn.attention` does.
+
+Decode mode: after ``init_cache`` the ``Cache`` Variables ``cached_key``,
+``cached_value`` ``(*batch, L, H_kv, hd)`` and ``cache_index`` become
+``StateVariable``s holding the raw NNX arrays; a decode call (``decode=True``
+side input, or the module's ``decode`` attribute) writes one token at
+``cache_index`` and attends over the valid prefix, exactly as NNX does.
+
+Kept ``Foreign`` (exact, NNX code runs): ``dropout_rate > 0`` (NNX then uses a
+different kernel and an RNG stream), a custom ``attention_fn``, non-default
+numerics (``dtype``, ``precision``, ``dot_general``, promotion functions),
+non-float32 parameters, and modules with extra data attributes (e.g. after a
+``sow_weights=True`` call stored ``attention_weights``). A lifted call with
+``sow_weights=True`` raises: capture ``logits_to_weights`` with
+:mod:`pzbridge.toolshed.intermediates` instead (the lowered NNX module sows
+as usual). An edited kernel step (a replaced ``mask``, an inserted layer
+inside) lowers to an adapter module, since NNX's class cannot express it.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import pzbridge as pzb
+    >>> mha = nnx.MultiHeadAttention(num_heads=2, in_features=4, decode=False, rngs=nnx.Rngs(0))
+    >>> lifted = pzb.lift(mha)
+    >>> dict(lifted.body.query.sublayers[0].weights.value.named_shape)
+    {'features': 4, 'heads': 2, 'projection': 2}
+    >>> x = jax.random.normal(jax.random.key(0), (1, 3, 4))
+    >>> bool(jnp.allclose(lifted.positional(x), mha(x), atol=1e-6))
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pzbridge.bridge.context import LiftContext, LowerContext
+from pzbridge.bridge.lifted import CallingConvention
+from pzbridge.bridge.naming import AxisNaming
+from pzbridge.bridge.nnx.adapter import NnxAdapter
+from pzbridge.bridge.nnx.linear import LinearGeneralRule, NnxLinearGeneral
+from pzbridge.bridge.nnx.norm import LayerNormRule, NnxLayerNorm
+from pzbridge.bridge.nnx.statics import (
+    NnxStatics,
+    build_module,
+    fresh_statics,
+    has_data,
+    statics_match,
+)
+from pzbridge.bridge.nnx.traversal import lift_foreign, nnx_rule
+from pzbridge.bridge.nnx.variables import lift_variable, nnx_variable
+from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import NamedAxisError, PzbridgeError
+from pzbridge.core.named_axes_core import make_named
+from pzbridge.core.struct import pytree_dataclass, static_field
+from pzbridge.nn.attention import AttendToValues, AttentionLogits
+from pzbridge.nn.basic import ConstantRescale, RenameAxes, Softmax
+from pzbridge.nn.combinators import Sequential
+from pzbridge.nn.contraction import data_layout
+from pzbridge.nn.layer import Layer
+from pzbridge.nn.linear import AddBias, Linear
+from pzbridge.nn.normalization import align_to_layout
+
+DECODE_INDEX = "__nnx_decode_index__"
+"""Side input through which :class:`NnxAttention` tells its mask the cache index (decode mode)."""
+
+
+def large_negative(dtype: Any) -> jax.Array:
+    """The fill value ``jax.nn.dot_product_attention`` uses for masked logits.
+
+    Example:
+        >>> float(large_negative(jnp.float32)) < -1e38
+        True
+    """
+    top = min(jnp.finfo(dtype).max, jnp.finfo(np.float32).max)
+    return jnp.asarray(-0.7 * top, dtype=dtype)
+
+
+def named_mask(mask: Any, batch_names: tuple[str, ...], core: dict[str, int]) -> nx.NamedArrayBase:
+    """An NNX mask ``[batch..., H|1, T|1, S|1]`` as a boolean NamedArray of full size.
+
+    The trailing three dims get the names of ``core`` (``{name: size}`` for
+    heads, query and key positions); leading dims are right-aligned with
+    ``batch_names`` (sizes taken from the mask; size-1 dims broadcast to the
+    ``core`` sizes only).
+
+    Raises:
+      NamedAxisError: If the mask's rank or batch dims do not fit.
+
+    Example:
+        >>> m = named_mask(jnp.ones((1, 2, 3), bool), (), {"heads": 4, "seq": 2, "kv_seq": 3})
+        >>> dict(m.named_shape)
+        {'heads': 4, 'seq': 2, 'kv_seq': 3}
+    """
+    if nx.is_namedarray(mask):
+        return mask.astype(bool)
+    m = jnp.asarray(mask).astype(bool)
+    lead = m.shape[:-3] if m.ndim >= 3 else None
+    if lead is None or (len(lead) > len(batch_names) and any(s != 1 for s in lead[: len(lead) - len(batch_names)])):
+        raise NamedAxisError(
+            f"NnxAttention mask: expected NNX's layout [batch..., heads, q_length, kv_length] with at most "
+            f"{len(batch_names)} batch dims (the input's positional batch axes), found shape {m.shape}. Fix: pass "
+            f"a mask of that layout, or a NamedArray over (some of) {list(core)} and the batch axis names."
+        )
+    m = m.reshape(m.shape[max(0, len(lead) - len(batch_names)):])
+    names = batch_names[len(batch_names) - (m.ndim - 3):]
+    m = jnp.broadcast_to(m, m.shape[:-3] + tuple(core.values()))
+    keep_names = [n for n, s in zip(names, m.shape) if s != 1]
+    squeezed = m.reshape(tuple(s for n, s in zip(names, m.shape) if s != 1) + m.shape[-3:])
+    return nx.wrap(squeezed, *keep_names, *core)
+
+
+@pytree_dataclass
+class NnxAttentionMask(Layer):
+    """Masks attention logits the way ``nnx.MultiHeadAttention`` does.
+
+    Combines (logical and) the ``mask`` side input (NNX layout
+    ``[batch..., heads, q_length, kv_length]`` with size-1 broadcasting, or a
+    NamedArray over the logits' names), a causal mask when the ``is_causal``
+    side input is true, and in decode mode the cache validity
+    ``kv_position <= cache_index``. Masked logits become
+    :func:`large_negative`.
+
+    Attributes:
+      heads_axis, seq_axis, kv_seq_axis: The logits' axis names (static).
+
+    Example:
+        >>> logits = pzb.nx.zeros({"heads": 1, "seq": 2, "kv_seq": 2})
+        >>> out = NnxAttentionMask()(logits, is_causal=True).unwrap("heads", "seq", "kv_seq")
+        >>> bool(out[0, 0, 1] < -1e38), float(out[0, 1, 0])
+        (True, 0.0)
+    """
+
+    heads_axis: str = static_field(default="heads")
+    seq_axis: str = static_field(default="seq")
+    kv_seq_axis: str = static_field(default="kv_seq")
+
+    def __call__(self, x: nx.NamedArrayBase, /, **side_inputs: Any) -> nx.NamedArrayBase:
+        core = (self.heads_axis, self.seq_axis, self.kv_seq_axis)
+        data, positional, name_axes = data_layout(x)
+        missing = [n for n in core if n not in name_axes]
+        if missing:
+            raise NamedAxisError(
+                f"NnxAttentionMask: logits lack axes {missing} (named shape {dict(x.named_shape)}). "
+                "Fix: configure heads_axis / seq_axis / kv_seq_axis to the logits' names."
+            )
+        keeps = []
+        mask = side_inputs.get("mask")
+        if mask is not None:
+            if not nx.is_namedarray(mask):
+                sizes = {n: x.named_shape[n] for n in core}
+                mask = named_mask(mask, (), sizes)
+            keeps.append(align_to_layout(mask.astype(bool), data.ndim, name_axes, data.shape,
+                                         "NnxAttentionMask mask"))
+        seq, kv = name_axes[self.seq_axis], name_axes[self.kv_seq_axis]
+        q_pos = jax.lax.broadcasted_iota(jnp.int32, data.shape, seq)
+        k_pos = jax.lax.broadcasted_iota(jnp.int32, data.shape, kv)
+        if side_inputs.get("is_causal"):
+            keeps.append(k_pos <= q_pos)
+        index = side_inputs.get(DECODE_INDEX)
+        if index is not None:
+            keeps.append(k_pos <= index)
+        if not keeps:
+            return x
+        keep = functools.reduce(jnp.logical_and, keeps)
+        return make_named(jnp.where(keep, data, large_negative(data.dtype)), positional, name_axes)
+
+
+@pytree_dataclass
+class NnxAttention(Layer):
+    """``nnx.MultiHeadAttention`` lifted: projections and kernel steps as separate layers.
+
+    Called on a named array (self-attention) or a tuple ``(inputs_q,
+    inputs_k[, inputs_v])`` with axes ``seq`` and ``features``; side inputs
+    ``mask``, ``is_causal`` and ``decode`` act as NNX's call arguments.
+
+    Attributes:
+      query, key, value: Input projections (``NnxLinearGeneral``).
+      query_ln, key_ln: ``normalize_qk`` LayerNorms over ``projection``, or None.
+      query_key_to_logits: ``(queries, keys) -> logits`` (scaled).
+      mask: Logits -> masked logits (:class:`NnxAttentionMask`).
+      logits_to_weights: Softmax over ``kv_seq``.
+      attend_to_values: ``(weights, values) ->`` per-head outputs.
+      out: Output projection ``{heads, projection} -> {features}``.
+      cached_key, cached_value, cache_index: Decode-cache ``StateVariable``s
+        (raw NNX arrays ``(*batch, L, H_kv, hd)`` and a scalar), or None.
+      decode: The module's default decode flag (static).
+      seq_axis, kv_seq_axis, heads_axis, kv_heads_axis, projection_axis:
+        Axis names (static).
+      config: The original module's statics (static).
+    """
+
+    query: Layer
+    key: Layer
+    value: Layer
+    query_ln: Any
+    key_ln: Any
+    query_key_to_logits: Layer
+    mask: Layer
+    logits_to_weights: Layer
+    attend_to_values: Layer
+    out: Layer
+    cached_key: Any = None
+    cached_value: Any = None
+    cache_index: Any = None
+    decode: Any = static_field(default=False)
+    seq_axis: str = static_field(default="seq")
+    kv_seq_axis: str = static_field(default="kv_seq")
+    heads_axis: str = static_field(default="heads")
+    kv_heads_axis: str = static_field(default="heads")
+    projection_axis: str = static_field(default="projection")
+    config: Any = static_field(default=None)
+
+    def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
+        if side_inputs.get("sow_weights"):
+            raise PzbridgeError(
+                "NnxAttention: sow_weights=True cannot store weights in a lifted layer. Fix: capture the output "
+                "of `logits_to_weights` with pzbridge.toolshed.intermediates, or call the lowered NNX module."
+            )
+        inputs = tuple(x) if isinstance(x, tuple) else (x,)
+        # Contractions need every axis named: positional (batch) axes get temporary names.
+        temps = tuple(f"__attention_batch{i}" for i in range(len(inputs[0].positional_shape)))
+        if temps:
+            inputs = tuple(None if a is None else a.tag(*temps) for a in inputs)
+            mask = side_inputs.get("mask")
+            if mask is not None and not nx.is_namedarray(mask):
+                sizes = {self.heads_axis: self._num_heads(), self.seq_axis: inputs[0].named_shape[self.seq_axis],
+                         self.kv_seq_axis: self._kv_length(inputs, side_inputs)}
+                side_inputs = {**side_inputs, "mask": named_mask(mask, temps, sizes)}
+        out = self._attend(inputs, temps, side_inputs)
+        return out.untag(*temps) if temps else out
+
+    def _num_heads(self) -> int:
+        linear = self.out.sublayers[0] if isinstance(self.out, Sequential) else None
+        value = getattr(getattr(linear, "weights", None), "value", None)
+        if not nx.is_namedarray(value) or self.heads_axis not in value.named_shape:
+            raise NamedAxisError(
+                f"NnxAttention: cannot tell the number of heads (the output projection has no {self.heads_axis!r} "
+                "axis). Fix: pass the mask as a NamedArray."
+            )
+        return value.named_shape[self.heads_axis]
+
+    def _kv_length(self, inputs: tuple[Any, ...], side_inputs: dict[str, Any]) -> int:
+        decode = side_inputs.get("decode", self.decode)
+        if decode and self.cached_key is not None:
+            return self.cached_key.value.shape[-3]
+        source = inputs[1] if len(inputs) > 1 and inputs[1] is not None else inputs[0]
+        return source.named_shape[self.seq_axis]
+
+    def _attend(self, inputs: tuple[Any, ...], temps: tuple[str, ...], side_inputs: dict[str, Any]) -> Any:
+        inputs_q = inputs[0]
+        inputs_k = inputs[1] if len(inputs) > 1 and inputs[1] is not None else inputs_q
+        inputs_v = inputs[2] if len(inputs) > 2 and inputs[2] is not None else inputs_k
+        query = self.query(inputs_q, **side_inputs)
+        key = self.key(inputs_k, **side_inputs)
+        value = self.value(inputs_v, **side_inputs)
+        if self.query_ln is not None:
+            query = self.query_ln(query, **side_inputs)
+        if self.key_ln is not None:
+            key = self.key_ln(key, **side_inputs)
+        to_kv = RenameAxes((self.seq_axis,), (self.kv_seq_axis,))
+        key, value = to_kv(key), to_kv(value)
+        decode = side_inputs.get("decode")
+        if decode is None:
+            decode = self.decode
+        if decode:
+            key, value, side_inputs = self._write_cache(key, value, temps, side_inputs)
+        logits = self.query_key_to_logits((query, key), **side_inputs)
+        logits = self.mask(logits, **side_inputs)
+        weights = self.logits_to_weights(logits, **side_inputs)
+        return self.out(self.attend_to_values((weights, value), **side_inputs), **side_inputs)
+
+    def _write_cache(self, key: Any, value: Any, temps: tuple[str, ...],
+                     side_inputs: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+        if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+            raise PzbridgeError(
+                "NnxAttention: decode=True but the autoregressive cache is not initialised. Fix: call "
+                "`init_cache(input_shape)` on the NNX module before lifting it."
+            )
+        core = (self.kv_seq_axis, self.kv_heads_axis, self.projection_axis)
+        if key.named_shape.get(self.kv_seq_axis) != 1:
+            raise NamedAxisError(
+                f"NnxAttention decode: expected one new token along {self.seq_axis!r}, found named shape "
+                f"{dict(key.named_shape)}. Fix: decode one token per call, as NNX does."
+            )
+        # The cache's leading dims are NNX's batch dims: the (temporarily named) positional axes first.
+        batch_names = [*temps, *(n for n in key.named_axes if n not in core and n not in temps)]
+        index = self.cache_index.value
+        results = []
+        for variable, chunk in ((self.cached_key, key), (self.cached_value, value)):
+            cache = variable.value
+            data = chunk.untag(*batch_names, *core).unwrap()
+            if data.shape[:-3] != cache.shape[:-3] or data.shape[-2:] != cache.shape[-2:]:
+                raise NamedAxisError(
+                    f"NnxAttention decode: new entries of shape {data.shape} (batch axes {batch_names}, "
+                    f"then {list(core)}) do not fit the cache of shape {cache.shape}. Fix: init_cache with the "
+                    "batch shape of the inputs."
+                )
+            zero = jnp.zeros((), jnp.asarray(index).dtype)
+            starts = (zero,) * (cache.ndim - 3) + (index, zero, zero)
+            updated = jax.lax.dynamic_update_slice(cache, data.astype(cache.dtype), starts)
+            variable.value = updated
+            results.append(nx.wrap(updated).tag(*batch_names, *core))
+        self.cache_index.value = index + 1
+        return results[0], results[1], {**side_inputs, DECODE_INDEX: index}
+
+
+def kernel_layers(head_dim: int, naming: AxisNaming, kv_heads: str) -> dict[str, Layer]:
+    """The kernel steps NNX's default attention performs, as pzbridge layers.
+
+    Example:
+        >>> sorted(kernel_layers(4, AxisNaming(), "heads"))
+        ['attend_to_values', 'logits_to_weights', 'mask', 'query_key_to_logits']
+    """
+    heads, kv_seq = naming.heads, naming.kv_seq
+    return {
+        "query_key_to_logits": Sequential([AttentionLogits(naming.projection, heads, kv_heads, kv_seq),
+                                           ConstantRescale(float(1.0 / np.sqrt(head_dim)))]),
+        "mask": NnxAttentionMask(heads, naming.seq, kv_seq),
+        "logits_to_weights": Softmax((kv_seq,)),
+        "attend_to_values": AttendToValues(kv_seq, heads, kv_heads),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults() -> NnxStatics:
+    return fresh_statics(lambda: nnx.MultiHeadAttention(1, 1, rngs=nnx.Rngs(0)))
+
+
+_KNOBS = ("dtype", "precision", "attention_fn", "qkv_promote_dtype", "out_promote_dtype", "ln_promote_dtype",
+          "qkv_dot_general", "out_dot_general", "qkv_dot_general_cls", "out_dot_general_cls")
+
+
+_DATA = ("query", "key", "value", "query_ln", "key_ln", "out", "rngs", "cached_key", "cached_value", "cache_index")
+
+
+def _projection(module: nnx.LinearGeneral, ctx: LiftContext, ins: tuple[str, ...],
+                outs: tuple[str, ...]) -> NnxLinearGeneral:
+    key = ("nnx-module", id(module))
+    done = ctx.shared.by_identity.get(key)
+    if done is None:
+        layers: list[Any] = [Linear(lift_variable(module.kernel, ctx.child("kernel"), (*ins, *outs)), ins, outs)]
+        if module.bias is not None:
+            layers.append(AddBias(lift_variable(module.bias, ctx.child("bias"), outs)))
+        done = NnxLinearGeneral(layers, config=NnxStatics.of(module))
+        ctx.shared.by_identity[key] = done
+        ctx.shared.keep_alive.append(module)
+    return done
+
+
+def _qk_norm(module: Any, ctx: LiftContext) -> Any:
+    if module is None:
+        return None
+    key = ("nnx-module", id(module))
+    if key not in ctx.shared.by_identity:
+        p = ctx.naming.projection
+        ctx.shared.by_identity[key] = NnxLayerNorm(
+            None if module.scale is None else lift_variable(module.scale, ctx.child("scale"), (p,)),
+            None if module.bias is None else lift_variable(module.bias, ctx.child("bias"), (p,)),
+            (p,), module.epsilon, use_fast_variance=module.use_fast_variance, scale_into_inverse=True,
+            dtype_policy="promote", config=NnxStatics.of(module))
+        ctx.shared.keep_alive.append(module)
+    return ctx.shared.by_identity[key]
+
+
+@nnx_rule(source=nnx.MultiHeadAttention, lifted=(NnxAttention,))
+class MultiHeadAttentionRule:
+    """``nnx.MultiHeadAttention`` <-> :class:`NnxAttention`.
+
+    ``query.kernel (in, H, hd)`` -> ``{features, heads, projection}``;
+    ``key`` / ``value`` ``(in, H_kv, hd)`` -> ``{features, kv_heads, projection}``
+    (``heads`` when not grouped); ``out.kernel (H, hd, out)`` -> ``{heads,
+    projection, features}``; biases on the output names; ``query_ln`` /
+    ``key_ln`` scales ``{projection}``; ``Cache`` Variables -> raw
+    ``StateVariable``s. The calling convention names the trailing
+    ``(seq, features)`` of each input.
+    """
+
+    def _supported(self, module: nnx.MultiHeadAttention) -> bool:
+        # A projection replaced by another module (a lowered LoRALinearGeneral) keeps the attention Foreign.
+        projections = [getattr(module, n) for n in ("query", "key", "value", "out")]
+        linear_ok = all(type(p) is nnx.LinearGeneral and LinearGeneralRule()._supported(p) for p in projections)
+        norms_ok = all(m is None or LayerNormRule()._supported(m) for m in (module.query_ln, module.key_ln))
+        return (has_data(module, _DATA) and module.rngs is None and module.dropout_rate == 0.0 and linear_ok
+                and norms_ok and statics_match(module, _defaults(), _KNOBS)
+                and module.query.kernel.get_raw_value().dtype == jnp.float32)
+
+    def lift(self, module: nnx.MultiHeadAttention, ctx: LiftContext) -> Any:
+        if not self._supported(module):
+            return lift_foreign(module, ctx)
+        n = ctx.naming
+        kv_heads = n.heads if module.num_kv_heads == module.num_heads else n.kv_heads
+        f = (n.features,)
+        cache = {name: None if getattr(module, name) is None else lift_variable(getattr(module, name), ctx.child(name))
+                 for name in ("cached_key", "cached_value", "cache_index")}
+        return NnxAttention(
+            query=_projection(module.query, ctx.child("query"), f, (n.heads, n.projection)),
+            key=_projection(module.key, ctx.child("key"), f, (kv_heads, n.projection)),
+            value=_projection(module.value, ctx.child("value"), f, (kv_heads, n.projection)),
+            query_ln=_qk_norm(module.query_ln, ctx.child("query_ln")),
+            key_ln=_qk_norm(module.key_ln, ctx.child("key_ln")),
+            out=_projection(module.out, ctx.child("out"), (n.heads, n.projection), f),
+            **kernel_layers(module.head_dim, n, kv_heads),
+            **cache,
+            decode=module.decode,
+            seq_axis=n.seq, kv_seq_axis=n.kv_seq, heads_axis=n.heads, kv_heads_axis=kv_heads,
+            projection_axis=n.projection, config=NnxStatics.of(module),
+        )
+
+    def convention(self, module: nnx.MultiHeadAttention, naming: AxisNaming) -> CallingConvention | None:
+        if not self._supported(module):
+            return None
+        names = (naming.seq, naming.features)
+        return CallingConvention((names, names, names), names)
+
+    def lower(self, layer: NnxAttention, ctx: LowerContext) -> Any:
+        native = layer.config is not None and all(
+            isinstance(getattr(layer, name), NnxLinearGeneral) and getattr(layer, name).config is not None
+            for name in ("query", "key", "value", "out"))
+        if native:
+            naming = AxisNaming(seq=layer.seq_axis, kv_seq=layer.kv_seq_axis, heads=layer.heads_axis,
+                                projection=layer.projection_axis)
+            expected = kernel_layers(layer.config["head_dim"], naming, layer.kv_heads_axis)
+            native = all(getattr(layer, name) == value for name, value in expected.items())
+        if not native:
+            names = (layer.seq_axis, layer.query.sublayers[0].in_axis_names[0]
+                     if isinstance(layer.query, Sequential) and layer.query.sublayers
+                     and isinstance(layer.query.sublayers[0], Linear) else "features")
+            return NnxAdapter.wrap(layer, ctx, CallingConvention((names, names, names), names))
+        data = {name: ctx.lower(getattr(layer, name), name) for name in ("query", "key", "value", "out")}
+        for name in ("query_ln", "key_ln"):
+            data[name] = None if getattr(layer, name) is None else ctx.lower(getattr(layer, name), name)
+        for name in ("cached_key", "cached_value", "cache_index"):
+            variable = getattr(layer, name)
+            data[name] = None if variable is None else nnx_variable(variable, ctx.child(name))
+        data["rngs"] = None
+        return build_module(nnx.MultiHeadAttention, layer.config.replace(decode=layer.decode), data)

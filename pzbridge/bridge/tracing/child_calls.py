@@ -1,0 +1,181 @@
+"""One JAX primitive per child call, so a traced ``__call__`` shows its children as single equations.
+
+While a custom module is traced, each of its child modules is replaced by a
+:class:`ChildProxy`. Calling the proxy binds :data:`child_call_p`, whose
+operands are the child's own arrays and the call's array arguments, and whose
+``call`` parameter (a :class:`ChildCall`) says how to rebuild and run the
+real child. In the jaxpr the child is one equation; the glue around it is
+ordinary equations. ``jax.vmap`` over a child (``jax.vmap(self.mlp)(x)``)
+stays one equation too: the batching rule records the mapped axes in the
+``vmaps`` parameter instead of expanding the child, so the lifted child can
+treat the mapped axis as a named axis that keeps its outside name.
+
+The primitive has an abstract evaluation (``jax.eval_shape`` of the real
+call), an implementation and an XLA lowering (the real call, vmapped as
+recorded), and a JVP rule (the JVP of the implementation), so traced code
+may also be evaluated or differentiated.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> call = ChildCall("double", lambda leaves, args, kwargs: args[0] * 2, 0, jax.tree_util.tree_structure(((1,), {})), ())
+    >>> jaxpr = jax.make_jaxpr(lambda x: bind_child_call(call, [], [x]))(jnp.ones(3))
+    >>> [e.primitive.name for e in jaxpr.eqns]
+    ['pzb_child_call']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from pzbridge.core.errors import LiftError
+
+child_call_p = Primitive("pzb_child_call")
+child_call_p.multiple_results = True
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChildCall:
+    """How to run one traced child call from flat operands (hashable by identity: a primitive parameter).
+
+    Attributes:
+      key: The child's key in its parent (``"attn"``, ``"layers[2]"``).
+      run: ``run(module_leaves, args, kwargs) -> output`` calls the real child.
+      module_leaf_count: How many leading operands are the child's arrays.
+      args_treedef: Tree structure of ``(args, kwargs)`` with array leaves
+        replaced by operands and the rest kept in ``static_leaves``.
+      static_leaves: ``(position, value)`` of the non-array leaves of ``(args, kwargs)``.
+      arg_positions: Flat positions of the array leaves in ``(args, kwargs)``.
+      out_treedef: Tree structure of the output (set by the abstract evaluation).
+    """
+
+    key: str
+    run: Callable[[Sequence[Any], tuple[Any, ...], dict[str, Any]], Any]
+    module_leaf_count: int
+    args_treedef: Any
+    static_leaves: tuple[tuple[int, Any], ...]
+    arg_positions: tuple[int, ...] = ()
+    out_treedef: list[Any] = dataclasses.field(default_factory=lambda: [None])
+
+    def rebuild_args(self, arrays: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's ``(args, kwargs)`` with ``arrays`` in the array positions."""
+        leaves: list[Any] = [None] * self.args_treedef.num_leaves
+        for position, value in self.static_leaves:
+            leaves[position] = value
+        positions = self.arg_positions or tuple(i for i in range(len(leaves)) if i not in dict(self.static_leaves))
+        for position, value in zip(positions, arrays):
+            leaves[position] = value
+        return jax.tree_util.tree_unflatten(self.args_treedef, leaves)
+
+    def flat_call(self, *operands: Any) -> list[Any]:
+        """Runs the real child on flat operands and returns its flat outputs."""
+        module_leaves = operands[: self.module_leaf_count]
+        args, kwargs = self.rebuild_args(operands[self.module_leaf_count :])
+        out = self.run(module_leaves, args, kwargs)
+        flat, treedef = jax.tree_util.tree_flatten(out)
+        self.out_treedef[0] = treedef
+        return flat
+
+
+def _apply(*operands: Any, call: ChildCall, vmaps: tuple[tuple[int | None, ...], ...]) -> list[Any]:
+    fn: Callable[..., Any] = call.flat_call
+    for in_axes in reversed(vmaps):  # innermost vmap first
+        fn = jax.vmap(fn, in_axes=in_axes)
+    return fn(*operands)
+
+
+def _abstract_eval(*avals: Any, call: ChildCall, vmaps: tuple[tuple[int | None, ...], ...]) -> list[Any]:
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+    out = jax.eval_shape(functools.partial(_apply, call=call, vmaps=vmaps), *structs)
+    return [jax.core.ShapedArray(o.shape, o.dtype) for o in out]
+
+
+def _batch(args: Sequence[Any], dims: Sequence[Any], *, call: ChildCall,
+           vmaps: tuple[tuple[int | None, ...], ...]) -> tuple[list[Any], list[int]]:
+    in_axes = tuple(d if isinstance(d, int) else None for d in dims)  # unbatched operands: None or NotMapped
+    out = child_call_p.bind(*args, call=call, vmaps=(in_axes, *vmaps))
+    return out, [0] * len(out)
+
+
+def _jvp(primals: Sequence[Any], tangents: Sequence[Any], *, call: ChildCall,
+         vmaps: tuple[tuple[int | None, ...], ...]) -> tuple[Any, Any]:
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    return jax.jvp(functools.partial(_apply, call=call, vmaps=vmaps), list(primals), tangents)
+
+
+child_call_p.def_impl(_apply)
+child_call_p.def_abstract_eval(_abstract_eval)
+batching.primitive_batchers[child_call_p] = _batch
+ad.primitive_jvps[child_call_p] = _jvp
+mlir.register_lowering(child_call_p, mlir.lower_fun(_apply, multiple_results=True))
+
+
+def bind_child_call(call: ChildCall, module_leaves: Sequence[Any], arrays: Sequence[Any]) -> Any:
+    """Binds one child call and returns its output in the child's own output structure.
+
+    Example:
+        >>> call = ChildCall("id", lambda leaves, args, kwargs: args[0], 0, jax.tree_util.tree_structure(((1,), {})), ())
+        >>> float(bind_child_call(call, [], [jax.numpy.float32(2.0)]))
+        2.0
+    """
+    flat = child_call_p.bind(*module_leaves, *arrays, call=call, vmaps=())
+    return jax.tree_util.tree_unflatten(call.out_treedef[0], flat)
+
+
+def is_array_leaf(value: Any) -> bool:
+    """True for values that become traced operands (arrays, tracers, array-likes with a dtype).
+
+    Example:
+        >>> is_array_leaf(jax.numpy.ones(2)), is_array_leaf(3), is_array_leaf("x")
+        (True, False, False)
+    """
+    return isinstance(value, (jax.Array, jax.core.Tracer)) or (hasattr(value, "dtype") and hasattr(value, "shape"))
+
+
+class ChildProxy:
+    """Stands in for a child module while its parent is traced.
+
+    Calling the proxy binds one :data:`child_call_p`; any other attribute is
+    read from the child rebuilt on traced arrays, so code that reads a
+    child's weight (``self.proj.weight @ x``) traces that weight as an
+    operand of the parent's glue.
+
+    Args:
+      key: The child's key in the parent.
+      module: The child module rebuilt on traced arrays.
+      leaves: The traced arrays of ``module`` (its flattened array leaves).
+      run: ``run(leaves, args, kwargs)`` calls the real child rebuilt on ``leaves``.
+      calls: A list collecting every :class:`ChildCall` made (for the converter).
+    """
+
+    def __init__(self, key: str, module: Any, leaves: Sequence[Any],
+                 run: Callable[[Sequence[Any], tuple[Any, ...], dict[str, Any]], Any], calls: list[ChildCall]):
+        object.__setattr__(self, "_pzb_key", key)
+        object.__setattr__(self, "_pzb_module", module)
+        object.__setattr__(self, "_pzb_leaves", tuple(leaves))
+        object.__setattr__(self, "_pzb_run", run)
+        object.__setattr__(self, "_pzb_calls", calls)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        arrays = [(i, v) for i, v in enumerate(flat) if is_array_leaf(v)]
+        static = tuple((i, v) for i, v in enumerate(flat) if not is_array_leaf(v))
+        call = ChildCall(self._pzb_key, self._pzb_run, len(self._pzb_leaves), treedef, static,
+                         tuple(i for i, _ in arrays))
+        self._pzb_calls.append(call)
+        return bind_child_call(call, self._pzb_leaves, [v for _, v in arrays])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pzb_module, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise LiftError(
+            f"{self._pzb_key}: the traced __call__ assigns {name!r} on a child module (a Python side effect). "
+            "Fix: traced lifting needs side-effect-free code; lift without example inputs to keep it Foreign."
+        )
