@@ -63,6 +63,7 @@ from pzbridge.bridge.tracing.assemble import (
     default_input_names,
     input_roles,
     make_traced,
+    trace_call,
     traced_convention,
 )
 from pzbridge.bridge.tracing.child_calls import ChildCall, ChildProxy
@@ -150,13 +151,7 @@ def _trace(parts: _Parts, example: Example) -> tuple[Any, Any, list[ChildCall], 
     own_structs = [_struct(a) for _, _, a in parts.arrays]
     child_structs = [[_struct(a) for a in leaves] for leaves, _, _ in child_splits]
     dynamic_structs = [flat_args[i] for i in dynamic]
-    try:
-        closed, out_shape = jax.make_jaxpr(traced_call, return_shape=True)(own_structs, child_structs,
-                                                                          dynamic_structs)
-    except Untraceable:
-        raise
-    except Exception as error:  # noqa: BLE001 - any tracing failure means the code is not traceable
-        raise Untraceable(f"its __call__ cannot be traced ({type(error).__name__}: {error})") from None
+    closed, out_shape = trace_call(traced_call, own_structs, child_structs, dynamic_structs)
     return closed, out_shape, calls, roles, side_names, jax.tree_util.tree_structure(out_shape)
 
 

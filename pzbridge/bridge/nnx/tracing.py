@@ -90,6 +90,7 @@ from pzbridge.bridge.tracing.assemble import (
     default_input_names,
     input_roles,
     make_traced,
+    trace_call,
     traced_convention,
 )
 from pzbridge.bridge.tracing.child_calls import ChildCall, ChildProxy
@@ -315,13 +316,7 @@ def _trace(parts: _Parts, example: Example, naming: Any) -> tuple[Any, list[Chil
     own_structs = [_struct(_raw(value)) for *_, value in parts.own]
     node_structs = [[_struct(_raw(var)) for _, var in node.variables] for _, node in parts.nodes]
     dynamic_structs = [flat_args[i] for i in dynamic]
-    try:
-        closed, out_shape = jax.make_jaxpr(traced_call, return_shape=True)(own_structs, node_structs,
-                                                                          dynamic_structs)
-    except Untraceable:
-        raise
-    except Exception as error:  # noqa: BLE001 - any tracing failure means the code is not traceable
-        raise Untraceable(f"its __call__ cannot be traced ({type(error).__name__}: {error})") from None
+    closed, out_shape = trace_call(traced_call, own_structs, node_structs, dynamic_structs)
     return closed, calls, roles, sources, side_names, jax.tree_util.tree_structure(out_shape)
 
 

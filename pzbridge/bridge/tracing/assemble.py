@@ -166,6 +166,22 @@ def _input_ids(graph: Graph, roles: Sequence[InputRole]) -> dict[Any, int]:
     return ids
 
 
+def trace_call(fn: Callable[..., Any], *structs: Any) -> tuple[Any, Any]:
+    """``jax.make_jaxpr(fn, return_shape=True)(*structs)``, any tracing failure reported as :class:`Untraceable`.
+
+    Example:
+        >>> closed, shape = trace_call(lambda x: x * 2, jax.ShapeDtypeStruct((3,), "float32"))
+        >>> [e.primitive.name for e in closed.eqns], shape.shape
+        (['mul'], (3,))
+    """
+    try:
+        return jax.make_jaxpr(fn, return_shape=True)(*structs)
+    except Untraceable:
+        raise
+    except Exception as error:  # noqa: BLE001 - any tracing failure means the code is not traceable
+        raise Untraceable(f"its __call__ cannot be traced ({type(error).__name__}: {error})") from None
+
+
 def glue_signature(body: Any) -> Any:
     """The structure of ``body`` with every child call's layer cut out and variables as leaves.
 
