@@ -67,6 +67,7 @@ class RuleRegistry:
         self._lift: dict[type, Any] = {}
         self._lower: dict[type, Any] = {}
         self._unknown: Callable[[Any, Any], Any] | None = None
+        self._stacked: Callable[[Any, Any], Any] | None = None
 
     def rule(self, source: type | None = None, lifted: Sequence[type] = ()) -> Callable[[type[_R]], type[_R]]:
         """Class decorator registering a rule (an instance is created once).
@@ -157,6 +158,21 @@ class RuleRegistry:
         if self._unknown is None:
             raise LookupError(f"the {self.framework} rule table has no handler for modules without a rule")
         return self._unknown(module, ctx)
+
+    def set_stacked_handler(self, handler: Callable[[Any, Any], Any]) -> None:
+        """Sets how a module whose rule failed is tried as a stack of blocks (None: it is not one).
+
+        Example:
+            >>> registry = RuleRegistry("toy")
+            >>> registry.set_stacked_handler(lambda module, ctx: None)
+            >>> registry.lift_if_stacked(3, None) is None
+            True
+        """
+        self._stacked = handler
+
+    def lift_if_stacked(self, module: Any, ctx: Any) -> Any | None:
+        """The module lifted as a layer stack when its arrays have a common stack axis, else None."""
+        return None if self._stacked is None else self._stacked(module, ctx)
 
     def convention_of(self, module: Any, naming: Any) -> Any | None:
         """The calling convention the lift rule of ``module``'s class records, or None.

@@ -117,6 +117,9 @@ class CallChild(Layer):
       in_renames: Per argument, renames applied before the call (static).
       out_renames: Renames applied to the result (static).
       name: The child's key in the traced module, e.g. ``"attn"`` (static).
+      stack_axis: Set when the child is one block of a layer stack: its
+        parameters carry this axis and the enclosing
+        :class:`~pzbridge.nn.LayerStack` slices them per step (static).
 
     Example:
         >>> call = CallChild(pzb.nn.Identity(), 1, ("mask",))
@@ -131,6 +134,7 @@ class CallChild(Layer):
     in_renames: tuple[tuple[tuple[str, str], ...], ...] = static_field(default=())
     out_renames: tuple[tuple[str, str], ...] = static_field(default=())
     name: str = static_field(default="")
+    stack_axis: str = static_field(default="")
 
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
         values = x if self.data_count + len(self.side_names) > 1 else (x,)

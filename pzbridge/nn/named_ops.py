@@ -58,8 +58,10 @@ def _renamed(x: Any, renames: Mapping[str, str]) -> Any:
 
 
 def _size(entry: tuple[Any, ...], side_inputs: Mapping[str, Any]) -> int:
-    # (name, static size[, name of the input axis whose size it has])
-    source = entry[2] if len(entry) > 2 and entry[2] else entry[0]
+    # (name, static size[, name of the input axis whose size it has, "" for none: the size is fixed])
+    source = entry[2] if len(entry) > 2 else entry[0]
+    if not source:
+        return int(entry[1])
     return int(dict(side_inputs.get(AXIS_SIZES, ())).get(source, entry[1]))
 
 

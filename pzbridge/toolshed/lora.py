@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -54,6 +55,7 @@ from pzbridge.nn.combinators import Sequential
 from pzbridge.nn.contraction import contract
 from pzbridge.nn.initializers import key_for_label, variance_scaling
 from pzbridge.nn.layer import Layer
+from pzbridge.nn.layer_stack import STACK_AXIS
 from pzbridge.nn.linear import Linear, weight_output_name
 
 RANK_AXIS = "lora_rank"
@@ -212,7 +214,8 @@ def _adapter_label(weight_label: str, part: str) -> str:
 
 
 def _make_adapter_params(
-    base: Linear | NamedEinsum, rank: int, init_base_rng: jax.Array | None, rank_axis: str, where: str
+    base: Linear | NamedEinsum, rank: int, init_base_rng: jax.Array | None, rank_axis: str, where: str,
+    stack_axes: Sequence[str] = (),
 ) -> tuple[Any, Any]:
     weight = _weight_of(base, where)
     value = _named_value(weight, where)
@@ -229,8 +232,9 @@ def _make_adapter_params(
             f"{where}: the weight {weight.label!r} already has an axis named {rank_axis!r}. "
             "Fix: pass rank_axis=... with an unused name."
         )
-    a_shape = {n: s for n, s in shape.items() if n in inputs}
-    a_shape[rank_axis] = rank
+    # Each entry of a stack axis (a layer stack's ``layers``) is its own layer: both factors carry it.
+    stacked = {n: s for n, s in shape.items() if n in stack_axes and n not in inputs}
+    a_shape = {**stacked, **{n: s for n, s in shape.items() if n in inputs}, rank_axis: rank}
     b_shape = {rank_axis: rank, **{n: s for n, s in shape.items() if n not in inputs}}
     a_label, b_label = _adapter_label(weight.label, "lora_a"), _adapter_label(weight.label, "lora_b")
     dtype = value.dtype
@@ -247,6 +251,7 @@ def loraify_linears_in_selection(
     init_base_rng: jax.Array | None,
     alpha: float | None = None,
     rank_axis: str = RANK_AXIS,
+    stack_axes: Sequence[str] = (STACK_AXIS,),
 ) -> Any:
     """Wraps every selected ``Linear`` / ``NamedEinsum`` in a :class:`LowRankAdapter`.
 
@@ -268,6 +273,11 @@ def loraify_linears_in_selection(
       alpha: Scaling numerator; the update is scaled by ``alpha / rank``.
         Defaults to ``rank`` (scale 1, the convention of ``nnx.LoRA``).
       rank_axis: Name of the low-rank axis.
+      stack_axes: Weight axes that index separate layers (the ``layers`` axis
+        of a :class:`~pzbridge.nn.LayerStack`): ``A`` and ``B`` both carry
+        them, so every layer of a stack gets its own adapter. Other axes of the
+        weight that the layer does not contract (``heads``) are carried by
+        ``B`` only.
 
     Returns:
       The edited model (the selection's tree with adapters in place).
@@ -294,7 +304,7 @@ def loraify_linears_in_selection(
         weight = _weight_of(layer, where)
         key = id(weight)
         if key not in pairs:
-            pairs[key] = _make_adapter_params(layer, rank, init_base_rng, rank_axis, where)
+            pairs[key] = _make_adapter_params(layer, rank, init_base_rng, rank_axis, where, tuple(stack_axes))
             keep_alive.append(weight)
         a, b = pairs[key]
         return LowRankAdapter(layer, a, b, alpha=float(rank if alpha is None else alpha), rank_axis=rank_axis)

@@ -46,6 +46,7 @@ import jax
 
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox.adapter import EquinoxAdapter
+from pzbridge.bridge.equinox.stack import lift_stacked_block
 from pzbridge.bridge.equinox.traversal import (
     EQUINOX,
     EquinoxTemplate,
@@ -66,7 +67,7 @@ from pzbridge.bridge.tracing.assemble import (
     trace_call,
     traced_convention,
 )
-from pzbridge.bridge.tracing.child_calls import ChildCall, ChildProxy
+from pzbridge.bridge.tracing.child_calls import ChildCall, call_child
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.bridge.tracing.graph import ChildSpec, InputRole, Untraceable, convert
 from pzbridge.bridge.tracing.structure import build_layer
@@ -108,6 +109,30 @@ def _split_child(child: Any) -> tuple[list[Any], Any, Any]:
     return leaves, treedef, static
 
 
+def _proxy(key: str, rebuilt: Any, run: Any, calls: list[ChildCall]) -> Any:
+    """``rebuilt`` as an instance of a subclass of its class whose ``__call__`` binds one child call.
+
+    Being a real module of the same structure, it goes through ``eqx.partition``
+    / ``eqx.combine``, ``jax.tree_util`` and ``lax.scan`` (a stack of blocks run
+    by scan calls it once, on one block's arrays), and every attribute reads as
+    on the child. Whatever arrays it holds when called are the call's operands.
+    """
+    cls = type(rebuilt)
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        leaves = jax.tree_util.tree_leaves(eqx.filter(self, is_array))
+        return call_child(key, run, leaves, calls, args, kwargs)
+
+    # One class per child call site: the key and recorder must survive partition / combine, which keep
+    # only the class and the dataclass fields.
+    proxy_class = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                              "__qualname__": cls.__qualname__})
+    instance = object.__new__(proxy_class)
+    for field in dataclasses.fields(rebuilt):
+        object.__setattr__(instance, field.name, getattr(rebuilt, field.name))
+    return instance
+
+
 def _struct(array: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(array.shape), array.dtype)
 
@@ -140,7 +165,7 @@ def _trace(parts: _Parts, example: Example) -> tuple[Any, Any, list[ChildCall], 
                 return eqx.combine(jax.tree_util.tree_unflatten(treedef, list(leaves_)), static)(*args, **kwargs)
 
             rebuilt = eqx.combine(jax.tree_util.tree_unflatten(treedef, arrays), static)
-            leaves[index] = ChildProxy(_key_text(keys), rebuilt, arrays, run, calls)
+            leaves[index] = _proxy(_key_text(keys), rebuilt, run, calls)
         traced_module = jax.tree_util.tree_unflatten(parts.treedef, leaves)
         values = list(flat_args)
         for position, value in zip(dynamic, dynamic_args):
@@ -210,18 +235,20 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     lifted: dict[str, Any] = {}
     plain = ctx.child()
 
-    def child_handler(call: ChildCall, structs: Any, arg_names: Any) -> ChildSpec:
+    def child_handler(call: ChildCall, structs: Any, arg_names: Any, stack: tuple[str, int] | None = None) -> ChildSpec:
         keys, child = children_by_key[call.key]
         args, kwargs = call.rebuild_args(structs)
         rule = EQUINOX.lift_rule_for(type(child))
         traced_child = False
         if call.key not in lifted:
-            if rule is not None:
-                lifted[call.key] = plain.lift(child, *keys)
-            else:
+            child_ctx = plain.child(*keys)
+            if rule is None:
                 names = tuple(tuple(n if n is not None else f"axis{i}" for i, n in enumerate(arg))
                               for arg in arg_names)
-                child_ctx = plain.child(*keys).with_example(Example(tuple(args), dict(kwargs), names))
+                child_ctx = child_ctx.with_example(Example(tuple(args), dict(kwargs), names))
+            if stack is not None:  # one block of a stack run by lax.scan
+                lifted[call.key] = lift_stacked_block(child, child_ctx, stack[0])
+            else:
                 lifted[call.key] = ctx.lift_node(child, child_ctx)
         layer = lifted[call.key]
         if isinstance(layer, Traced):

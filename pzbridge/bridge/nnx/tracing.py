@@ -375,7 +375,9 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     lifted: dict[str, Any] = {}
     plain = ctx.child()
 
-    def child_handler(call: ChildCall, structs: Any, arg_names: Any) -> ChildSpec:
+    def child_handler(call: ChildCall, structs: Any, arg_names: Any, stack: tuple[str, int] | None = None) -> ChildSpec:
+        if stack is not None:
+            raise Untraceable(f"{call.key} is a stack of NNX layers run by a scan, which is not traced yet")
         node = nodes[call.key]
         child = node.value
         args, kwargs = call.rebuild_args(structs)

@@ -24,11 +24,13 @@ import jax
 
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.tracing.example import Example
-from pzbridge.bridge.tracing.graph import ChildSpec, Graph, InputRole, Untraceable
+from pzbridge.bridge.tracing.graph_types import ChildSpec, Graph, InputRole, Untraceable
 from pzbridge.core.selectors import select
 from pzbridge.core.tree_util import tree_equal
 from pzbridge.core.variable_base import AbstractVariable
+from pzbridge.core.variables_kinds import AbstractVariableValue
 from pzbridge.nn.dataflow import CallChild, Traced
+from pzbridge.nn.layer_stack import LayerStack
 
 
 class _ChildMarker:
@@ -190,7 +192,7 @@ def glue_signature(body: Any) -> Any:
         True
     """
     cut = select(body).at_instances_of(CallChild).apply(lambda call: dataclasses.replace(call, layer=_MARKER))
-    return jax.tree_util.tree_structure(cut, is_leaf=lambda x: isinstance(x, (AbstractVariable, _ChildMarker)))
+    return jax.tree_util.tree_structure(cut, is_leaf=lambda x: isinstance(x, (AbstractVariable, AbstractVariableValue, _ChildMarker)))
 
 
 def make_traced(body: Any, template: Any, children: Mapping[str, Any], child_keys: Sequence[str],
@@ -222,11 +224,13 @@ def children_for_rebuild(traced: Traced) -> dict[str, Any] | None:
     children: dict[str, Any] = dict(traced.extras)
     calls = select(traced.body).at_instances_of(CallChild).get_sequence()
     for call in calls:
-        if call.name in children and not (children[call.name] is call.layer or tree_equal(children[call.name],
-                                                                                           call.layer)):
+        # A block of a layer stack is the stacked child itself (lowered back to one stacked module).
+        layer = LayerStack(call.layer, call.stack_axis) if call.stack_axis else call.layer
+        if call.name in children and not (children[call.name] is layer or tree_equal(children[call.name], layer)):
             return None
-        children.setdefault(call.name, call.layer)
-    variables = {v.label: v for v in select(traced.body).at_instances_of(AbstractVariable).get_sequence()}
+        children.setdefault(call.name, layer)
+    variables = {v.label: v for v in select(traced.body).at_instances_of(
+        (AbstractVariable, AbstractVariableValue)).get_sequence()}
     for key, label in traced.labels:
         if label not in variables:
             return None

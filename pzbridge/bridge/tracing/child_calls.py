@@ -128,6 +128,25 @@ def bind_child_call(call: ChildCall, module_leaves: Sequence[Any], arrays: Seque
     return jax.tree_util.tree_unflatten(call.out_treedef[0], flat)
 
 
+def call_child(key: str, run: Callable[[Sequence[Any], tuple[Any, ...], dict[str, Any]], Any],
+               module_leaves: Sequence[Any], calls: list[ChildCall], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
+    """Binds one call of the child ``key`` (arrays ``module_leaves``) with ``args`` / ``kwargs``; records it in ``calls``.
+
+    Example:
+        >>> calls = []
+        >>> out = call_child("id", lambda leaves, args, kwargs: args[0], [], calls, (jax.numpy.ones(2),), {})
+        >>> out.shape, calls[0].key
+        ((2,), 'id')
+    """
+    flat, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    arrays = [(i, v) for i, v in enumerate(flat) if is_array_leaf(v)]
+    static = tuple((i, v) for i, v in enumerate(flat) if not is_array_leaf(v))
+    call = ChildCall(key, run, len(module_leaves), treedef, static, tuple(i for i, _ in arrays))
+    calls.append(call)
+    return bind_child_call(call, module_leaves, [v for _, v in arrays])
+
+
 def is_array_leaf(value: Any) -> bool:
     """True for values that become traced operands (arrays, tracers, array-likes with a dtype).
 
@@ -163,13 +182,7 @@ class ChildProxy:
         object.__setattr__(self, "_pzb_calls", calls)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat, treedef = jax.tree_util.tree_flatten((args, kwargs))
-        arrays = [(i, v) for i, v in enumerate(flat) if is_array_leaf(v)]
-        static = tuple((i, v) for i, v in enumerate(flat) if not is_array_leaf(v))
-        call = ChildCall(self._pzb_key, self._pzb_run, len(self._pzb_leaves), treedef, static,
-                         tuple(i for i, _ in arrays))
-        self._pzb_calls.append(call)
-        return bind_child_call(call, self._pzb_leaves, [v for _, v in arrays])
+        return call_child(self._pzb_key, self._pzb_run, self._pzb_leaves, self._pzb_calls, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pzb_module, name)

@@ -19,9 +19,8 @@ reason; the bridge then keeps the module ``Foreign`` (or raises with
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -30,9 +29,24 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from pzbridge.bridge.tracing.axes import AxisClass, AxisTable
 from pzbridge.bridge.tracing.child_calls import ChildCall
+from pzbridge.bridge.tracing.graph_types import (
+    ChildHandler,
+    ChildSpec,
+    FlatEqn,
+    Graph,
+    InputRole,
+    Lit,
+    Node,
+    ParamAtom,
+    ParamHandler,
+    ParamHint,
+    Untraceable,
+)
+from pzbridge.bridge.tracing.scan import ScanConversion
 from pzbridge.core import named_axes as nx
-from pzbridge.nn.dataflow import CallChild, SideInput
+from pzbridge.nn.dataflow import CallChild, Pick, SideInput
 from pzbridge.nn.linear import Linear, weight_output_name
+from pzbridge.nn.named_mean import MeanAxes
 from pzbridge.nn.named_ops import (
     AddAxes,
     ApplyPrimitive,
@@ -50,117 +64,19 @@ from pzbridge.nn.named_ops import (
 )
 
 
-class Untraceable(Exception):
-    """The traced code uses something the converter cannot express (the message says what)."""
-
-
 _INLINED = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
             "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-            "custom_vjp_call_jaxpr": "fun_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr"}
+            "custom_vjp_call_jaxpr": "fun_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr",
+            "remat2": "jaxpr"}  # the primitive of jax.checkpoint / eqx.filter_checkpoint in current jax
 _REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or"}
-_STRUCTURAL = {"gather", "dot_general", "reshape", "transpose", "broadcast_in_dim", "concatenate", "slice", "split", "squeeze",
+_STRUCTURAL = {"scan", "gather", "dot_general", "reshape", "transpose", "broadcast_in_dim", "concatenate", "slice", "split", "squeeze",
                "expand_dims", "iota", "argmax", "argmin", "pzb_child_call", *_REDUCTIONS}
 _NOT_ELEMENTWISE = {
-    "scan", "while", "cond", "scatter", "scatter-add", "scatter_add", "dynamic_slice",
+    "while", "cond", "scatter", "scatter-add", "scatter_add", "dynamic_slice",
     "dynamic_update_slice", "conv_general_dilated", "sort", "cumsum", "cumprod", "cummax", "cummin", "pad",
     "rev", "top_k", "random_bits", "random_seed", "random_wrap", "random_unwrap", "threefry2x32", "select_and_scatter_add",
     "reduce_window", "reduce_precision", "psum", "all_gather", "axis_index", "fft", "custom_lin", "rng_bit_generator",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Lit:
-    """A constant operand: a literal scalar or a closed-over array."""
-
-    value: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamAtom:
-    """One of the module's arrays (or a transposed view of it) used as an operand."""
-
-    role: int
-    perm: tuple[int, ...]
-
-
-@dataclasses.dataclass
-class FlatEqn:
-    """An equation of the inlined jaxpr: operands are value ids, :class:`Lit` s or :class:`ParamAtom` s."""
-
-    primitive: Any
-    params: dict[str, Any]
-    ins: list[Any]
-    outs: list[int]
-
-
-@dataclasses.dataclass
-class Node:
-    """One layer of the graph: reads the values ``ins`` (a tuple input when several), makes value ``out``."""
-
-    layer: Any
-    ins: tuple[int, ...]
-    out: int
-    kind: str = "op"
-
-
-@dataclasses.dataclass
-class ChildSpec:
-    """What the bridge tells the converter about one lifted child call.
-
-    Attributes:
-      layer: The lifted child.
-      data_count: How many of the call's array arguments are positional inputs.
-      side_names: Names of the remaining array arguments (keyword side inputs).
-      static_side: Non-array keyword arguments.
-      input_names: Per positional input, the names the child gives its
-        trailing axes (None where it has no convention).
-      output_names: Per flat output, names of its trailing axes (None: unknown).
-    """
-
-    layer: Any
-    data_count: int
-    side_names: tuple[str, ...]
-    static_side: tuple[tuple[str, Any], ...]
-    input_names: tuple[tuple[str, ...] | None, ...]
-    output_names: tuple[tuple[str, ...] | None, ...]
-
-
-@dataclasses.dataclass
-class InputRole:
-    """What a jaxpr input is: the main ``data`` input, a ``side`` input, or a ``param`` (the module's array).
-
-    Attributes:
-      kind: ``"data"``, ``"side"`` or ``"param"``.
-      name: The side input's name, or the parameter's key (for labels).
-      names: For ``data``: the names of its axes (fixed).
-      array: For ``param``: the original array (identity defines sharing).
-      path: For ``param``: its key path in the module (for labels).
-      fixed: For ``data``: the names were given (else they are suggestions
-        a child's calling convention may replace).
-    """
-
-    kind: str
-    name: str = ""
-    names: tuple[str, ...] = ()
-    array: Any = None
-    path: tuple[str | int, ...] = ()
-    fixed: bool = True
-
-
-ChildHandler = Callable[[ChildCall, Sequence[jax.ShapeDtypeStruct], Sequence[tuple[str | None, ...]]], ChildSpec]
-ParamHandler = Callable[[InputRole, tuple[str, ...]], Any]
-ParamHint = Callable[[InputRole], "tuple[str, ...] | None"]
-
-
-@dataclasses.dataclass
-class Graph:
-    """The converted module: nodes in order, the input value, the flat output values and their names."""
-
-    nodes: list[Node]
-    input_id: int | None
-    output_ids: list[int]
-    names: dict[int, tuple[str | None, ...]]
-    unused_params: list[int]
 
 
 def _flatten(closed: Any, roles: Sequence[InputRole]) -> tuple[list[FlatEqn], list[Any], dict[int, Any]]:
@@ -177,7 +93,10 @@ def _flatten(closed: Any, roles: Sequence[InputRole]) -> tuple[list[FlatEqn], li
     for var, const in zip(closed.jaxpr.constvars, closed.consts):
         env[var] = Lit(const)
     for index, (var, role) in enumerate(zip(closed.jaxpr.invars, roles)):
-        env[var] = ParamAtom(index, tuple(range(len(var.aval.shape)))) if role.kind == "param" else new_id(var.aval)
+        if role.kind == "param":
+            env[var] = ParamAtom(index, tuple(range(len(var.aval.shape))))
+        else:
+            env[var] = Lit(role.array) if role.kind == "const" else new_id(var.aval)
 
     def read(scope: dict[Any, Any], atom: Any) -> Any:
         if isinstance(atom, Literal):
@@ -228,7 +147,7 @@ def _is_elementwise(eqn: Any) -> bool:
     return True
 
 
-class _Converter:
+class _Converter(ScanConversion):
     def __init__(self, closed: Any, roles: Sequence[InputRole], child_handler: ChildHandler,
                  param_handler: ParamHandler, param_hint: ParamHint | None = None) -> None:
         self.roles = list(roles)
@@ -244,9 +163,11 @@ class _Converter:
         self.split_names: dict[int, list[tuple]] = {}
         self.broadcast_new: set[int] = set()  # ids of the classes broadcast_in_dim made for new axes
         self.input_ids: dict[int, int] = {}
+        self.scan_axes: dict[int, AxisClass] = {}  # per scan (its first output): the class of its stack axis
+        self.child_stacks: dict[int, str] = {}  # per stacked child call (its first output): the stack axis
         ids = iter(sorted(i for i in self.avals))
         for index, role in enumerate(roles):
-            if role.kind != "param":
+            if role.kind not in ("param", "const"):
                 self.input_ids[index] = next(ids)
 
     # ------------------------------------------------------------------ pass 1: axis classes
@@ -290,12 +211,12 @@ class _Converter:
 
     def assign_inputs(self) -> None:
         for index, role in enumerate(self.roles):
-            if role.kind == "param":
+            if role.kind in ("param", "const"):
                 continue
             value = self.input_ids[index]
             shape = self.avals[value].shape
-            if role.kind == "data":
-                dims = [self.table.new(n, fixed=role.fixed) for n in role.names]
+            if role.kind == "data" or role.names:
+                dims = [None if n is None else self.table.new(n, fixed=role.fixed) for n in role.names]
             else:
                 dims = [self.table.new(f"{role.name}_{i}" if len(shape) > 1 else role.name) for i in range(len(shape))]
             self.set_dims(value, [None if s == 1 and not (role.kind == "data") else d for d, s in zip(dims, shape)])
@@ -374,7 +295,10 @@ class _Converter:
             mapped.append(cls)
         structs = [jax.ShapeDtypeStruct(tuple(s), self.dtype(a)) for s, a in zip(shapes, args)]
         arg_names = [tuple(self.table.find(d).name if d is not None else None for d in view) for view in views]
-        spec = self.child_handler(call, structs, arg_names)
+        stack = self._child_stack(eqn.ins[: call.module_leaf_count])
+        if stack is not None:
+            self.child_stacks[eqn.outs[0]] = stack[0]
+        spec = self.child_handler(call, structs, arg_names, stack=stack)
         self.children[eqn.outs[0]] = spec
         for view, names in zip(views[: spec.data_count], spec.input_names):
             if names is None:
@@ -404,6 +328,16 @@ class _Converter:
                 known = names[i - lead] if i >= lead else None
                 tail.append(None if size == 1 and known is None else self.table.new(known or "axis", fixed=known is not None))
             self.set_dims(out, list(mapped) + tail)
+
+    def _child_stack(self, module_operands: Sequence[Any]) -> tuple[str, int] | None:
+        """``(axis, size)`` when a child's arrays are all slices of stacked arrays (a scan over layers)."""
+        stacked = [isinstance(a, ParamAtom) and self.roles[a.role].stacked is not None for a in module_operands]
+        if not any(stacked):
+            return None
+        if not all(stacked):
+            raise Untraceable("a child called inside a scan mixes per-layer (scanned) and shared weights")
+        role = self.roles[module_operands[0].role]
+        return role.stack_axis, int(role.stacked.shape[0])
 
     def _infer_reshape(self, eqn: FlatEqn) -> None:
         x = eqn.ins[0]
@@ -575,6 +509,7 @@ class _Converter:
         self.nodes: list[Node] = []
         self.params: dict[int, Any] = {}
         self.constant_values: dict[int, int] = {}
+        self.sums: dict[int, tuple[int, tuple[str, ...], int]] = {}  # reduce_sum out -> (source, axes, size)
         self.next_id = max(self.avals) + 1 if self.avals else 1
         for index, role in enumerate(self.roles):
             if role.kind == "side":
@@ -594,10 +529,13 @@ class _Converter:
         return {n for value in data for n in self.names.get(value, ()) if n is not None}
 
     def size_source(self, cls: AxisClass | None) -> str:
-        """The axis whose size this axis has at run time (``kv_seq`` has ``seq``'s)."""
+        """The input axis whose size this axis has at run time (``kv_seq`` has ``seq``'s), or "" (a fixed size)."""
         root = self.table.find(cls)
         while root.size_like is not None:
             root = self.table.find(root.size_like)
+        data = [self.input_ids[i] for i, r in enumerate(self.roles) if r.kind == "data"]
+        if not any(d is not None and self.table.find(d) is root for value in data for d in self.dims.get(value, ())):
+            return ""  # an axis of the module's own making that merely shares an input axis's name
         return self.table.name_of(root, self.final) or ""
 
     def resolve(self, value: int) -> int:
@@ -620,7 +558,7 @@ class _Converter:
         per_storage: list[str | None] = [None] * len(base)
         for view_dim, storage_dim in enumerate(atom.perm):
             per_storage[storage_dim] = use_names[view_dim]
-        return ParameterUse(parameter, _stored_names(parameter), tuple(per_storage))
+        return ParameterUse(parameter, self._step_names(atom.role, parameter), tuple(per_storage))
 
     def param(self, role: int, storage_names: tuple[str, ...]) -> Any:
         if role not in self.params:
@@ -737,7 +675,15 @@ class _Converter:
         if None in per_storage:
             return None
         parameter = self.param(atom.role, tuple(per_storage))
-        return parameter if _stored_names(parameter) == tuple(per_storage) else None
+        return parameter if self._step_names(atom.role, parameter) == tuple(per_storage) else None
+
+    def _step_names(self, role: int, parameter: Any) -> tuple[str, ...] | None:
+        """A parameter's stored axis names as one step sees it (a stacked one without its stack axis)."""
+        names = _stored_names(parameter)
+        stack_axis = self.roles[role].stack_axis
+        if names is not None and stack_axis and names[:1] == (stack_axis,):
+            return names[1:]
+        return names
 
     @staticmethod
     def _renames_from_names(own: Sequence[str | None], target: Sequence[str | None]) -> tuple[tuple[str, str], ...]:
@@ -778,15 +724,17 @@ class _Converter:
             actual = self.names[outs[0]][len(self.names[outs[0]]) - len(first_names):]
             out_renames = self._renames_from_names(first_names, actual)
         layer = CallChild(spec.layer, spec.data_count, spec.side_names, spec.static_side,
-                          tuple(in_renames), out_renames, call.key)
-        if len(outs) == 1:
-            self.add(layer, ins, outs[0], kind="child")
-            return
-        from pzbridge.nn.dataflow import Pick
+                          tuple(in_renames), out_renames, call.key, self.child_stacks.get(outs[0], ""))
+        self._add_multi(layer, ins, outs, kind="child")
 
+    def _add_multi(self, layer: Any, ins: Sequence[int], outs: Sequence[int], kind: str = "op") -> None:
+        """Adds ``layer`` making ``outs`` (a tuple picked apart when there are several)."""
+        if len(outs) == 1:
+            self.add(layer, ins, outs[0], kind=kind)
+            return
         whole = self.next_id
         self.next_id += 1
-        self.add(layer, ins, whole, kind="child")
+        self.add(layer, ins, whole, kind=kind)
         for index, out in enumerate(outs):
             self.add(Pick(index), [whole], out)
 
@@ -892,9 +840,28 @@ class _Converter:
             self.alias[eqn.outs[0]] = source
             return
         self.add(ReduceAxes(eqn.primitive.name, names, eqn.params.get("index_dtype")), [source], eqn.outs[0])
+        if eqn.primitive.name == "reduce_sum":
+            size = math.prod(self.shape(eqn.ins[0])[a] for a in eqn.params["axes"])
+            self.sums[eqn.outs[0]] = (source, names, size)
 
     _node_reduce_sum = _node_reduce_max = _node_reduce_min = _node_reduce_prod = _node_reduce
     _node_reduce_and = _node_reduce_or = _node_argmax = _node_argmin = _node_reduce
+
+    def _node_div(self, eqn: FlatEqn) -> None:
+        """``jnp.mean``: a sum divided by the example's size of its axes becomes a mean over them.
+
+        The count then follows each call's sizes (an average pool over
+        ``height, width`` at another image size, a mean over ``seq`` at
+        another length) instead of staying the example's constant.
+        """
+        total, divisor = eqn.ins
+        summed = self.sums.get(self.resolve(total)) if isinstance(total, int) else None
+        if (summed is not None and isinstance(divisor, Lit) and np.ndim(divisor.value) == 0 and summed[2] > 1
+                and jax.numpy.issubdtype(np.asarray(divisor.value).dtype, jax.numpy.floating)
+                and float(divisor.value) == summed[2]):
+            self.add(MeanAxes(summed[1]), [summed[0]], eqn.outs[0])
+            return
+        self._node_elementwise(eqn)
 
     def _node_concatenate(self, eqn: FlatEqn) -> None:
         out = eqn.outs[0]

@@ -33,7 +33,7 @@ from typing import Any
 
 import jax
 
-from pzbridge.bridge.tracing.graph import Graph, Node, Untraceable
+from pzbridge.bridge.tracing.graph_types import Graph, NestedGraph, Node, Untraceable
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.nn.combinators import BranchAndAddTogether, BranchAndMultiplyTogether, Identity, Residual, Sequential
 from pzbridge.nn.dataflow import Branch
@@ -163,6 +163,11 @@ def build_layer(graph: Graph, out_treedef: Any = None) -> Layer:
     Raises:
       Untraceable: If the graph does not read its input.
     """
+    for node in graph.nodes:
+        if isinstance(node.layer, NestedGraph):
+            nested = node.layer
+            treedef = jax.tree_util.tree_structure((0,) * nested.output_count) if nested.output_count > 1 else None
+            node.layer = nested.make(build_layer(nested.graph, treedef))
     builder = _Builder(graph)
     root = graph.input_id
     outputs = [builder.build(o, root) for o in graph.output_ids]  # type: ignore[arg-type]

@@ -1,0 +1,173 @@
+"""Lifting and lowering stacked modules: one block whose arrays have a leading stack axis.
+
+``eqx.filter_vmap(make_block)(keys)`` and ``nnx.vmap``-built layers are one
+module whose arrays all start with the stack axis. Such a module lifts as
+one block (lifted by its own rule, or traced) whose parameters carry that
+axis as a named axis, ``layers``; :class:`~pzbridge.nn.LayerStack` runs it.
+
+Lifting: block 0 is lifted once to get the structure (names, labels,
+layers), then every parameter's stacked value is computed by lifting a
+block under ``jax.vmap`` over the stack axis, so rules that reshape or
+transpose a weight stack correctly. Lowering is the mirror image: the block
+is lowered under ``jax.vmap`` over the stacked values, which gives the
+framework's stacked module exactly as ``filter_vmap`` / ``nnx.vmap`` makes it.
+
+Example:
+    >>> import jax, equinox as eqx
+    >>> import pzbridge as pzb
+    >>> keys = jax.random.split(jax.random.key(0), 3)
+    >>> stacked = eqx.filter_vmap(lambda k: eqx.nn.Linear(4, 4, key=k))(keys)
+    >>> lifted = pzb.lift(stacked)
+    >>> type(lifted.body).__name__, lifted.body.size
+    ('LayerStack', 3)
+    >>> bool((pzb.lower(lifted).weight == stacked.weight).all())
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from pzbridge.bridge.context import LiftContext, LowerContext, _Shared
+from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import LiftError
+from pzbridge.core.variables_kinds import AbstractVariableValue, LabeledVariable, Parameter, ParameterValue
+from pzbridge.nn.layer_stack import STACK_AXIS, LayerStack, stacked_variables, with_slices
+
+
+def stack_size(leaves: Sequence[Any]) -> int | None:
+    """The common leading size of ``leaves`` (all arrays of rank >= 1), or None.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> stack_size([jnp.ones((3, 2)), jnp.ones(3)]), stack_size([jnp.ones((3, 2)), jnp.ones(2)])
+        (3, None)
+    """
+    sizes = {leaf.shape[0] if len(leaf.shape) else None for leaf in leaves}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
+def _unique(leaves: Sequence[Any]) -> tuple[list[Any], list[int]]:
+    unique: list[Any] = []
+    position: dict[int, int] = {}
+    index = []
+    for leaf in leaves:
+        if id(leaf) not in position:
+            position[id(leaf)] = len(unique)
+            unique.append(leaf)
+        index.append(position[id(leaf)])
+    return unique, index
+
+
+def _is_variable(node: Any) -> bool:
+    return isinstance(node, (LabeledVariable, AbstractVariableValue))
+
+
+def _variables(tree: Any) -> list[Any]:
+    """The distinct variables and frozen values (an adapter's) of ``tree``, in tree order."""
+    found: dict[int, Any] = {}
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=_is_variable):
+        if _is_variable(leaf):
+            found.setdefault(id(leaf), leaf)
+    return list(found.values())
+
+
+def _scratch(ctx: LiftContext) -> LiftContext:
+    # Same path, naming and trace cache; its own variables (they are replaced by stacked ones).
+    return dataclasses.replace(ctx, shared=_Shared(extras=ctx.shared.extras))
+
+
+def lift_stacked(module: Any, ctx: LiftContext, leaves: Sequence[Any], rebuild: Callable[[Sequence[Any]], Any],
+                 axis: str = STACK_AXIS) -> Any:
+    """Lifts a stacked module as one block whose parameters carry ``axis``.
+
+    Args:
+      module: The stacked module (for messages).
+      ctx: The context at the module's path (its example, if any, is one
+        block's call).
+      leaves: The module's arrays, each with the stack axis in front.
+      rebuild: ``rebuild(block_leaves) -> module`` builds one block from
+        per-block arrays (same order as ``leaves``).
+      axis: The name of the stack axis.
+
+    Returns:
+      The lifted block; wrap it in :class:`~pzbridge.nn.LayerStack` to run it.
+
+    Raises:
+      LiftError: If a block holds state (batch statistics) or arrays whose
+        axes have no names (a ``Foreign`` block), which cannot be stacked yet.
+    """
+    unique, index = _unique(leaves)
+
+    def block(per_block: Sequence[Any]) -> Any:
+        return rebuild([per_block[i] for i in index])
+
+    scratch = _scratch(ctx)
+    first = [leaf[0] for leaf in unique]
+    lifted = ctx.lift_node(block(first), scratch)
+    variables = _variables(lifted)
+    for variable in variables:
+        if not isinstance(variable, (Parameter, ParameterValue)) or not nx.is_namedarray(variable.value):
+            what = "state" if not isinstance(variable, (Parameter, ParameterValue)) else "an array with unnamed axes"
+            raise LiftError(
+                f"{ctx.where}: the stacked {type(module).__qualname__} holds {what} ({variable.label!r}), which "
+                "a layer stack cannot carry yet. Fix: lift the layers unstacked (a list of blocks), or keep this "
+                "module Foreign (lift without example inputs)."
+            )
+
+    def values(per_block: Sequence[Any]) -> list[Any]:
+        return [v.value for v in _variables(ctx.lift_node(block(per_block), _scratch(ctx)))]
+
+    stacked_values = jax.vmap(values)(unique)
+    source_of = {id(s): unique[i] for i, s in enumerate(first)}
+    sources = {id(v): source_of.get(key) for key, v in scratch.shared.by_identity.items()
+               if isinstance(v, LabeledVariable)}
+    replacements: dict[int, Any] = {}
+    for variable, value in zip(variables, stacked_values):
+        value = value.tag_prefix(axis)
+        if isinstance(variable, ParameterValue):  # a frozen value (an adapter's array): no sharing to keep
+            replacements[id(variable)] = ParameterValue(value, variable.label, dict(variable.metadata))
+            continue
+        source = sources.get(id(variable))
+        replacements[id(variable)] = ctx.variable(
+            Parameter, source if source is not None else object(), lambda value=value: value, variable.label,
+            dict(variable.metadata))
+    return jax.tree_util.tree_map(lambda leaf: replacements.get(id(leaf), leaf), lifted, is_leaf=_is_variable)
+
+
+def lower_stacked(stack: LayerStack, ctx: LowerContext, vmap: Callable[..., Any]) -> Any:
+    """Lowers a plain :class:`~pzbridge.nn.LayerStack` to the framework's stacked module.
+
+    Args:
+      stack: A stack with one carried value and no other inputs or outputs.
+      ctx: The lowering context (its framework's rules lower one block).
+      vmap: The framework's vmap for functions returning modules
+        (``eqx.filter_vmap``; NNX splits and merges around ``jax.vmap``).
+
+    Returns:
+      The stacked module.
+    """
+    variables = stacked_variables(stack.body, stack.axis)
+    values = [v.value.untag_prefix(stack.axis).with_positional_prefix() for v in variables]
+
+    def one(per_block: Sequence[Any]) -> Any:
+        fresh = LowerContext(ctx.framework, ctx.lower_node, ctx.path)
+        return fresh.lower_node(with_slices(stack.body, variables, list(per_block)), fresh)
+
+    return vmap(one)(values)
+
+
+def is_plain_stack(layer: Any) -> bool:
+    """True for a :class:`~pzbridge.nn.LayerStack` of one block (lowerable to a stacked module).
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> is_plain_stack(LayerStack(pzb.nn.Identity())), is_plain_stack(LayerStack(pzb.nn.Identity(), xs_count=1))
+        (True, False)
+    """
+    return (isinstance(layer, LayerStack) and layer.carry_count == 1 and not layer.const_count
+            and not layer.xs_count and not layer.ys_count and not layer.reverse)
