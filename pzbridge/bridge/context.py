@@ -99,6 +99,30 @@ class LiftContext:
         """
         return dataclasses.replace(self, example=example)
 
+    def undo_point(self) -> Callable[[], None]:
+        """An ``undo()`` that forgets every variable and label registered from now on (for a discarded lift).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> ctx = LiftContext(framework="toy", lift_node=lambda m, c: m)
+            >>> undo = ctx.undo_point()
+            >>> _ = ctx.parameter(jnp.ones(2), ("features",), "w")
+            >>> undo()
+            >>> list(ctx.shared.labels)
+            []
+        """
+        shared = self.shared
+        sizes = (len(shared.by_identity), len(shared.labels), len(shared.keep_alive))
+
+        def undo() -> None:
+            # Dicts keep insertion order: what was added since is what follows the recorded sizes.
+            for table, size in ((shared.by_identity, sizes[0]), (shared.labels, sizes[1])):
+                for key in list(table)[size:]:
+                    del table[key]
+            del shared.keep_alive[sizes[2]:]
+
+        return undo
+
     def lift(self, module: Any, *keys: str | int) -> Any:
         """Lifts a child module found at ``keys`` below this context."""
         return self.lift_node(module, self.child(*keys))

@@ -33,7 +33,13 @@ import jax
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError
 from pzbridge.core.struct import pytree_dataclass, static_field
-from pzbridge.core.variables_kinds import AbstractVariableValue, LabeledVariable, ParameterValue, StateVariable
+from pzbridge.core.variables_kinds import (
+    AbstractVariableValue,
+    LabeledVariable,
+    Parameter,
+    ParameterValue,
+    StateVariable,
+)
 from pzbridge.nn.layer import Layer
 from pzbridge.nn.named_ops import AXIS_SIZES
 
@@ -69,14 +75,18 @@ def stacked_variables(tree: Any, axis: str) -> list[Any]:
 
 
 def with_slices(tree: Any, variables: list[Any], slices: list[Any]) -> Any:
-    """``tree`` with each of ``variables`` replaced by a read-only value holding its slice.
+    """``tree`` with each of ``variables`` replaced by a new ``Parameter`` (same label) holding its slice.
+
+    What lowering a stack lowers under ``jax.vmap``: one block, whose
+    parameters are ordinary variables, so every bridge lowers them as usual.
 
     Example:
         >>> w = pzb.Parameter(pzb.nx.zeros({"layers": 2}), "w")
-        >>> with_slices([w], [w], [1.0])[0].value
-        1.0
+        >>> block = with_slices([w], [w], [1.0])
+        >>> block[0].value, block[0].label, block[0] is w
+        (1.0, 'w', False)
     """
-    by_id = {id(v): ParameterValue(s, v.label, dict(v.metadata)) for v, s in zip(variables, slices)}
+    by_id = {id(v): Parameter(s, v.label, dict(v.metadata)) for v, s in zip(variables, slices)}
     return jax.tree_util.tree_map(lambda leaf: by_id.get(id(leaf), leaf), tree, is_leaf=_is_variable)
 
 

@@ -64,9 +64,11 @@ def _lift_if_stacked(module: Any, ctx: LiftContext) -> LayerStack | None:
     leaves, _ = split_stacked(module)
     if not leaves or stack_size(leaves) is None:
         return None
+    undo = ctx.undo_point()
     try:
         block = lift_stacked_block(module, ctx.with_example(None))
     except (PzbridgeError, ValueError, TypeError):
+        undo()
         return None
     return LayerStack(block, STACK_AXIS)
 

@@ -20,6 +20,6 @@ from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.bridge.nnx import linear, containers, attention, dropout, embed, norm  # noqa: F401
 from pzbridge.bridge.nnx import conv, group_norm, prelu, recurrent  # noqa: F401
 from pzbridge.bridge.nnx import lora, lora_general  # noqa: F401
-from pzbridge.bridge.nnx import tracing  # noqa: F401  (traced lifting of custom modules)
+from pzbridge.bridge.nnx import stack, tracing  # noqa: F401  (layer stacks, traced lifting of custom modules)
 
 __all__ = ["NNX", "NnxAdapter", "nnx_rule"]

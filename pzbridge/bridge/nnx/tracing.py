@@ -5,10 +5,11 @@ is traced instead of kept ``Foreign``. The user's module is never touched: a
 *new* module of the same class is built from its statics
 (:func:`~pzbridge.bridge.nnx.statics.build_module`) in which
 
-- every child module is a :class:`~pzbridge.bridge.tracing.child_calls.ChildProxy`
-  (calling it is one equation of the jaxpr; reading an attribute reads the
-  child rebuilt by ``nnx.merge`` on fresh Variables holding traced arrays, so
-  ``self.embed.attend(x)`` traces the table as an operand of the glue);
+- every child module is the child rebuilt by ``nnx.merge`` on fresh
+  Variables holding traced arrays, as an instance of a subclass whose
+  ``__call__`` is one equation of the jaxpr (reading an attribute reads the
+  child, so ``self.embed.attend(x)`` traces the table as an operand of the
+  glue; ``nnx.scan`` over a stack of blocks calls it once per step);
 - every own Variable is a new Variable of the same type holding a tracer
   (``self.w[...]``, ``self.w.value`` and ``x @ self.w`` all work);
 - every plain array attribute is a tracer;
@@ -70,6 +71,7 @@ from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.bridge.nnx.containers import LayerDict, LayerList
+from pzbridge.bridge.nnx.stack import lift_stacked_block
 from pzbridge.bridge.nnx.statics import NnxStatics, build_module, data_attributes
 from pzbridge.bridge.nnx.traversal import (
     NNX,
@@ -82,7 +84,7 @@ from pzbridge.bridge.nnx.traversal import (
     nnx_rule,
     with_names,
 )
-from pzbridge.bridge.nnx.variables import is_array, lift_variable
+from pzbridge.bridge.nnx.variables import fresh_variable, is_array, lift_variable, raw_value
 from pzbridge.bridge.tracing.assemble import (
     call_names,
     child_spec,
@@ -93,7 +95,7 @@ from pzbridge.bridge.tracing.assemble import (
     trace_call,
     traced_convention,
 )
-from pzbridge.bridge.tracing.child_calls import ChildCall, ChildProxy
+from pzbridge.bridge.tracing.child_calls import ChildCall, call_child
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.bridge.tracing.graph import ChildSpec, InputRole, Untraceable, convert
 from pzbridge.bridge.tracing.structure import build_layer
@@ -124,13 +126,13 @@ class _Node:
     def of(cls, key: str, keys: tuple[str | int, ...], value: Any) -> _Node:
         graphdef, state = nnx.split(value)
         flat = [(tuple(path), var) for path, var in nnx.to_flat_state(state)]
-        return cls(key, keys, value, graphdef, [(p, v) for p, v in flat if is_array(_raw(v))],
-                   [(p, v) for p, v in flat if not is_array(_raw(v))])
+        return cls(key, keys, value, graphdef, [(p, v) for p, v in flat if is_array(raw_value(v))],
+                   [(p, v) for p, v in flat if not is_array(raw_value(v))])
 
     def rebuild(self, leaves: Any) -> tuple[Any, list[tuple[str, nnx.Variable, Any]]]:
         """The node on new Variables holding ``leaves``, and ``(key, new Variable, value)`` (to detect writes)."""
-        values = [*leaves, *(_raw(var) for _, var in self.constants)]
-        fresh = [(path, _fresh_variable(var, value))
+        values = [*leaves, *(raw_value(var) for _, var in self.constants)]
+        fresh = [(path, fresh_variable(var, value))
                  for (path, var), value in zip([*self.variables, *self.constants], values)]
         state = nnx.from_flat_state(fresh)
         pairs = [(".".join(str(k) for k in (*self.keys, *_path_keys(path))), var, value)
@@ -143,11 +145,28 @@ class _Node:
         return module(*args, **kwargs)
 
 
-def _fresh_variable(variable: Any, value: Any) -> Any:
-    # A graph node's state may hold plain arrays too (an NnxAdapter's constants): those are just replaced.
-    if not isinstance(variable, nnx.Variable):
-        return value
-    return type(variable).from_metadata(value, variable.get_metadata())
+def _proxy(node: _Node, rebuilt: Any, calls: list[ChildCall]) -> Any:
+    """``rebuilt`` as an instance of a subclass of its class whose ``__call__`` binds one child call.
+
+    Being a real module, it goes through ``nnx.split`` / ``nnx.merge``, so
+    ``nnx.scan`` over a stack of blocks calls it once on one block's arrays;
+    every attribute reads as on the child. Whatever arrays its Variables hold
+    when called are the call's operands.
+    """
+    cls = type(rebuilt)
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        leaves = [raw_value(v) for _, v in nnx.to_flat_state(nnx.state(self)) if is_array(raw_value(v))]
+        return call_child(node.key, node.run, leaves, calls, args, kwargs)
+
+    # One class per child: nnx.merge inside nnx.scan rebuilds the class, not the instance's attributes.
+    proxy_class = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                              "__qualname__": cls.__qualname__})
+    instance = object.__new__(proxy_class)
+    vars(instance).update(vars(rebuilt))
+    return instance
+
+
 
 
 _Where = tuple  # (attribute index, leaf index, item key inside an nnx.List / nnx.Dict or None)
@@ -212,7 +231,7 @@ class _Parts:
     def add(self, where: _Where, key: str, keys: tuple[str | int, ...], value: Any) -> None:
         if isinstance(value, nnx.Pytree):
             self.nodes.append((where, _Node.of(key, keys, value)))
-        elif isinstance(value, nnx.Variable) and not is_array(_raw(value)):
+        elif isinstance(value, nnx.Variable) and not is_array(raw_value(value)):
             self.fixed.append((where, key, value))
         elif isinstance(value, nnx.Variable) or is_array(value):
             self.own.append((where, key, keys, value))
@@ -234,8 +253,6 @@ class _Parts:
         return {name: jax.tree_util.tree_unflatten(treedef, leaves) for name, treedef, leaves in data}
 
 
-def _raw(value: Any) -> Any:
-    return value.get_raw_value() if isinstance(value, nnx.Variable) else value
 
 
 def _struct(array: Any) -> jax.ShapeDtypeStruct:
@@ -254,12 +271,12 @@ def _trace(parts: _Parts, example: Example, naming: Any) -> tuple[Any, list[Chil
     roles: list[InputRole] = []
     sources: list[Any] = []
     for _, key, keys, value in parts.own:
-        roles.append(InputRole("param", name=key, array=_raw(value), path=keys))
+        roles.append(InputRole("param", name=key, array=raw_value(value), path=keys))
         sources.append(value)
     for _, node in parts.nodes:
         for path, var in node.variables:
             path_keys = (*node.keys, *_path_keys(path))
-            roles.append(InputRole("param", name=".".join(str(k) for k in path_keys), array=_raw(var),
+            roles.append(InputRole("param", name=".".join(str(k) for k in path_keys), array=raw_value(var),
                                    path=path_keys))
             sources.append(var)
     given = example.input_names[0] if example.input_names else None
@@ -278,7 +295,7 @@ def _trace(parts: _Parts, example: Example, naming: Any) -> tuple[Any, list[Chil
         own_values = []
         for (_, key, _, value), leaf in zip(parts.own, own):
             if isinstance(value, nnx.Variable):
-                variable = _fresh_variable(value, leaf)
+                variable = fresh_variable(value, leaf)
                 fresh.append((key, variable, leaf))
                 own_values.append(variable)
             else:
@@ -287,12 +304,11 @@ def _trace(parts: _Parts, example: Example, naming: Any) -> tuple[Any, list[Chil
         for (_, node), leaves in zip(parts.nodes, node_leaves):
             rebuilt, pairs = node.rebuild(leaves)
             fresh.extend(pairs)
-            node_values.append(ChildProxy(node.key, rebuilt, leaves, node.run, calls)
-                               if isinstance(node.value, nnx.Module) else rebuilt)
+            node_values.append(_proxy(node, rebuilt, calls) if isinstance(node.value, nnx.Module) else rebuilt)
         fixed_values = []
         for _, key, value in parts.fixed:
-            variable = _fresh_variable(value, _raw(value))
-            fresh.append((key, variable, _raw(value)))
+            variable = fresh_variable(value, raw_value(value))
+            fresh.append((key, variable, raw_value(value)))
             fixed_values.append(variable)
         attrs = parts.build(own_values, node_values, fixed_values)
         traced_module = build_module(type(module), statics, attrs)
@@ -313,8 +329,8 @@ def _trace(parts: _Parts, example: Example, naming: Any) -> tuple[Any, list[Chil
                               "need a Foreign module)")
         return out
 
-    own_structs = [_struct(_raw(value)) for *_, value in parts.own]
-    node_structs = [[_struct(_raw(var)) for _, var in node.variables] for _, node in parts.nodes]
+    own_structs = [_struct(raw_value(value)) for *_, value in parts.own]
+    node_structs = [[_struct(raw_value(var)) for _, var in node.variables] for _, node in parts.nodes]
     dynamic_structs = [flat_args[i] for i in dynamic]
     closed, out_shape = trace_call(traced_call, own_structs, node_structs, dynamic_structs)
     return closed, calls, roles, sources, side_names, jax.tree_util.tree_structure(out_shape)
@@ -334,7 +350,7 @@ def _foreign_names(call: ChildCall, node: _Node, structs: Any, arg_names: Any) -
     names = tuple(arg_names[0]) if arg_names else ()
     if None in names:
         raise Untraceable(f"the child {call.key!r} (no rule, not traceable) gets a size-one axis without a name")
-    leaves = [_raw(var) for _, var in node.variables]
+    leaves = [raw_value(var) for _, var in node.variables]
     out = jax.eval_shape(lambda arrays: node.run(leaves, *call.rebuild_args(arrays)), list(structs))
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise Untraceable(f"the child {call.key!r} (no rule, not traceable) does not return one array")
@@ -376,19 +392,19 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     plain = ctx.child()
 
     def child_handler(call: ChildCall, structs: Any, arg_names: Any, stack: tuple[str, int] | None = None) -> ChildSpec:
-        if stack is not None:
-            raise Untraceable(f"{call.key} is a stack of NNX layers run by a scan, which is not traced yet")
         node = nodes[call.key]
         child = node.value
         args, kwargs = call.rebuild_args(structs)
         traced_child = False
         if call.key not in lifted:
-            if NNX.lift_rule_for(type(child)) is not None:
-                lifted[call.key] = plain.lift(child, *node.keys)
-            else:
+            child_ctx = plain.child(*node.keys)
+            if NNX.lift_rule_for(type(child)) is None:
                 names = tuple(tuple(n if n is not None else f"axis{i}" for i, n in enumerate(arg))
                               for arg in arg_names)
-                child_ctx = plain.child(*node.keys).with_example(Example(tuple(args), dict(kwargs), names))
+                child_ctx = child_ctx.with_example(Example(tuple(args), dict(kwargs), names))
+            if stack is not None:  # one block of a stack run by nnx.scan / lax.scan
+                lifted[call.key] = lift_stacked_block(child, child_ctx, stack[0])
+            else:
                 lifted[call.key] = ctx.lift_node(child, child_ctx)
         layer = lifted[call.key]
         convention = None

@@ -53,6 +53,30 @@ def is_array(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
 
 
+def raw_value(value: Any) -> Any:
+    """A Variable's raw value (anything else as it is).
+
+    Example:
+        >>> float(raw_value(nnx.Param(jax.numpy.float32(2.0)))), raw_value(3)
+        (2.0, 3)
+    """
+    return value.get_raw_value() if isinstance(value, nnx.Variable) else value
+
+
+def fresh_variable(variable: Any, value: Any) -> Any:
+    """A new Variable of ``variable``'s type and metadata holding ``value`` (a plain value is just replaced).
+
+    Example:
+        >>> v = fresh_variable(nnx.Param(jax.numpy.zeros(2)), jax.numpy.ones(2))
+        >>> type(v).__name__, v[...].tolist()
+        ('Param', [1.0, 1.0])
+    """
+    # A graph node's state may hold plain arrays too (an NnxAdapter's constants): those are just replaced.
+    if not isinstance(variable, nnx.Variable):
+        return value
+    return type(variable).from_metadata(value, variable.get_metadata())
+
+
 def variable_metadata(variable: nnx.Variable) -> dict[str, Any]:
     """The pzbridge metadata recording an NNX Variable's class and NNX metadata.
 
