@@ -107,7 +107,12 @@ def lift_stacked(module: Any, ctx: LiftContext, leaves: Sequence[Any], rebuild: 
         return rebuild([per_block[i] for i in index])
 
     scratch = _scratch(ctx)
-    first = [leaf[0] for leaf in unique]
+    abstract = any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in unique)
+    if abstract:  # a model built with eqx.filter_eval_shape / nnx.eval_shape: shapes only
+        unique = [jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype) for leaf in unique]
+        first = [jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype) for leaf in unique]
+    else:
+        first = [leaf[0] for leaf in unique]
     lifted = ctx.lift_node(block(first), scratch)
     variables = _variables(lifted)
     for variable in variables:
@@ -122,7 +127,7 @@ def lift_stacked(module: Any, ctx: LiftContext, leaves: Sequence[Any], rebuild: 
     def values(per_block: Sequence[Any]) -> list[Any]:
         return [v.value for v in _variables(ctx.lift_node(block(per_block), _scratch(ctx)))]
 
-    stacked_values = jax.vmap(values)(unique)
+    stacked_values = jax.eval_shape(jax.vmap(values), unique) if abstract else jax.vmap(values)(unique)
     source_of = {id(s): unique[i] for i, s in enumerate(first)}
     sources = {id(v): source_of.get(key) for key, v in scratch.shared.by_identity.items()
                if isinstance(v, LabeledVariable)}
@@ -139,7 +144,8 @@ def lift_stacked(module: Any, ctx: LiftContext, leaves: Sequence[Any], rebuild: 
     return jax.tree_util.tree_map(lambda leaf: replacements.get(id(leaf), leaf), lifted, is_leaf=_is_variable)
 
 
-def lower_stacked(stack: LayerStack, ctx: LowerContext, vmap: Callable[..., Any]) -> Any:
+def lower_stacked(stack: LayerStack, ctx: LowerContext, vmap: Callable[..., Any],
+                  eval_shape: Callable[..., Any] | None = None) -> Any:
     """Lowers a plain :class:`~pzbridge.nn.LayerStack` to the framework's stacked module.
 
     Args:
@@ -147,6 +153,8 @@ def lower_stacked(stack: LayerStack, ctx: LowerContext, vmap: Callable[..., Any]
       ctx: The lowering context (its framework's rules lower one block).
       vmap: The framework's vmap for functions returning modules
         (``eqx.filter_vmap``; NNX splits and merges around ``jax.vmap``).
+      eval_shape: The framework's ``eval_shape`` for such functions, used
+        when the weights are abstract (``jax.ShapeDtypeStruct``).
 
     Returns:
       The stacked module.
@@ -158,6 +166,9 @@ def lower_stacked(stack: LayerStack, ctx: LowerContext, vmap: Callable[..., Any]
         fresh = LowerContext(ctx.framework, ctx.lower_node, ctx.path)
         return fresh.lower_node(with_slices(stack.body, variables, list(per_block)), fresh)
 
+    abstract = any(isinstance(v.data_array, jax.ShapeDtypeStruct) for v in values)
+    if abstract and eval_shape is not None:
+        return eval_shape(vmap(one), values)
     return vmap(one)(values)
 
 

@@ -82,5 +82,5 @@ class LayerStackRule:
 
     def lower(self, layer: LayerStack, ctx: LowerContext) -> Any:
         if is_plain_stack(layer):
-            return lower_stacked(layer, ctx, eqx.filter_vmap)
+            return lower_stacked(layer, ctx, eqx.filter_vmap, eqx.filter_eval_shape)
         return EquinoxAdapter.wrap(layer, ctx, None)

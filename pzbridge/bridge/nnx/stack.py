@@ -109,5 +109,5 @@ class LayerStackRule:
 
     def lower(self, layer: LayerStack, ctx: LowerContext) -> Any:
         if is_plain_stack(layer):
-            return lower_stacked(layer, ctx, _stacked_modules)
+            return lower_stacked(layer, ctx, _stacked_modules, nnx.eval_shape)
         return NnxAdapter.wrap(layer, ctx, None)

@@ -310,3 +310,13 @@ def test_a_scan_over_time_runs_the_body_per_step_and_stacks_its_outputs_along_th
         xs = jax.random.normal(jax.random.key(length), (length, 4))
         assert_outputs_match(lifted.positional(xs), model(xs), same_computation=False)
     assert eqx.tree_equal(pzb.lower(lifted), model)
+
+
+def test_a_stacked_model_of_abstract_arrays_lifts_and_lowers_to_the_same_shapes():
+    model = eqx.filter_eval_shape(Transformer, jax.random.key(0))
+    lifted = pzb.lift(model, jax.ShapeDtypeStruct((5,), jnp.int32), strict=True)
+    assert pzb.select(lifted).at_instances_of(LayerStack).get_sequence()[0].size == LAYERS
+    lowered = pzb.lower(lifted)
+    assert jax.tree_util.tree_structure(lowered) == jax.tree_util.tree_structure(model)
+    shapes = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(lowered)]
+    assert shapes == [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(model)]
