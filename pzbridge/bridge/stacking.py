@@ -34,7 +34,7 @@ import jax
 
 from pzbridge.bridge.context import LiftContext, LowerContext, _Shared
 from pzbridge.core import named_axes as nx
-from pzbridge.core.errors import LiftError
+from pzbridge.core.errors import LiftError, PzbridgeError
 from pzbridge.core.variables_kinds import AbstractVariableValue, LabeledVariable, Parameter, ParameterValue
 from pzbridge.nn.layer_stack import STACK_AXIS, LayerStack, stacked_variables, with_slices
 
@@ -81,17 +81,19 @@ def _scratch(ctx: LiftContext) -> LiftContext:
     return dataclasses.replace(ctx, shared=_Shared(extras=ctx.shared.extras))
 
 
-def lift_stacked(module: Any, ctx: LiftContext, leaves: Sequence[Any], rebuild: Callable[[Sequence[Any]], Any],
-                 axis: str = STACK_AXIS) -> Any:
+Split = Callable[[Any], "tuple[list[Any], Callable[[Sequence[Any]], Any]]"]
+"""A framework's ``split(module) -> (arrays, rebuild)``: ``rebuild(per_block_arrays)`` makes one block."""
+
+
+def lift_stacked(module: Any, ctx: LiftContext, split: Split, axis: str = STACK_AXIS) -> Any:
     """Lifts a stacked module as one block whose parameters carry ``axis``.
 
     Args:
       module: The stacked module (for messages).
       ctx: The context at the module's path (its example, if any, is one
         block's call).
-      leaves: The module's arrays, each with the stack axis in front.
-      rebuild: ``rebuild(block_leaves) -> module`` builds one block from
-        per-block arrays (same order as ``leaves``).
+      split: The framework's :data:`Split` (the module's arrays, each with
+        the stack axis in front, and how to build one block from slices).
       axis: The name of the stack axis.
 
     Returns:
@@ -101,6 +103,7 @@ def lift_stacked(module: Any, ctx: LiftContext, leaves: Sequence[Any], rebuild: 
       LiftError: If a block holds state (batch statistics) or arrays whose
         axes have no names (a ``Foreign`` block), which cannot be stacked yet.
     """
+    leaves, rebuild = split(module)
     unique, index = _unique(leaves)
 
     def block(per_block: Sequence[Any]) -> Any:
@@ -142,6 +145,24 @@ def lift_stacked(module: Any, ctx: LiftContext, leaves: Sequence[Any], rebuild: 
             Parameter, source if source is not None else object(), lambda value=value: value, variable.label,
             dict(variable.metadata))
     return jax.tree_util.tree_map(lambda leaf: replacements.get(id(leaf), leaf), lifted, is_leaf=_is_variable)
+
+
+def stack_or_none(module: Any, ctx: LiftContext, split: Split) -> LayerStack | None:
+    """``module`` lifted as a :class:`~pzbridge.nn.LayerStack` when its arrays share a leading axis, else None.
+
+    What a rule table's stacked handler does for a module its rule could not
+    lift; a failed attempt leaves ``ctx`` as it was.
+    """
+    leaves, _ = split(module)
+    if not leaves or stack_size(leaves) is None:
+        return None
+    undo = ctx.undo_point()
+    try:
+        block = lift_stacked(module, ctx.with_example(None), split)
+    except (PzbridgeError, ValueError, TypeError):
+        undo()
+        return None
+    return LayerStack(block, STACK_AXIS)
 
 
 def lower_stacked(stack: LayerStack, ctx: LowerContext, vmap: Callable[..., Any],

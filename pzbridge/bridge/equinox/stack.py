@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +30,7 @@ import jax
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox.adapter import EquinoxAdapter
 from pzbridge.bridge.equinox.traversal import EQUINOX, is_array
-from pzbridge.bridge.stacking import STACK_AXIS, is_plain_stack, lift_stacked, lower_stacked, stack_size
-from pzbridge.core.errors import PzbridgeError
+from pzbridge.bridge.stacking import STACK_AXIS, is_plain_stack, lift_stacked, lower_stacked, stack_or_none
 from pzbridge.nn.layer_stack import LayerStack
 
 
@@ -56,24 +56,10 @@ def lift_stacked_block(module: Any, ctx: LiftContext, axis: str = STACK_AXIS) ->
 
     ``ctx.example``, when set, is one block's call (the block is traced if it has no rule).
     """
-    leaves, rebuild = split_stacked(module)
-    return lift_stacked(module, ctx, leaves, rebuild, axis)
+    return lift_stacked(module, ctx, split_stacked, axis)
 
 
-def _lift_if_stacked(module: Any, ctx: LiftContext) -> LayerStack | None:
-    leaves, _ = split_stacked(module)
-    if not leaves or stack_size(leaves) is None:
-        return None
-    undo = ctx.undo_point()
-    try:
-        block = lift_stacked_block(module, ctx.with_example(None))
-    except (PzbridgeError, ValueError, TypeError):
-        undo()
-        return None
-    return LayerStack(block, STACK_AXIS)
-
-
-EQUINOX.set_stacked_handler(_lift_if_stacked)
+EQUINOX.set_stacked_handler(functools.partial(stack_or_none, split=split_stacked))
 
 
 @EQUINOX.rule(lifted=(LayerStack,))

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,8 +37,7 @@ from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.bridge.nnx.traversal import NNX
 from pzbridge.bridge.nnx.variables import fresh_variable, is_array, raw_value
-from pzbridge.bridge.stacking import STACK_AXIS, is_plain_stack, lift_stacked, lower_stacked, stack_size
-from pzbridge.core.errors import PzbridgeError
+from pzbridge.bridge.stacking import STACK_AXIS, is_plain_stack, lift_stacked, lower_stacked, stack_or_none
 from pzbridge.nn.layer_stack import LayerStack
 
 
@@ -67,21 +67,7 @@ def lift_stacked_block(module: Any, ctx: LiftContext, axis: str = STACK_AXIS) ->
 
     ``ctx.example``, when set, is one block's call (the block is traced if it has no rule).
     """
-    leaves, rebuild = split_stacked(module)
-    return lift_stacked(module, ctx, leaves, rebuild, axis)
-
-
-def _lift_if_stacked(module: Any, ctx: LiftContext) -> LayerStack | None:
-    leaves, _ = split_stacked(module)
-    if not leaves or stack_size(leaves) is None:
-        return None
-    undo = ctx.undo_point()
-    try:
-        block = lift_stacked_block(module, ctx.with_example(None))
-    except (PzbridgeError, ValueError, TypeError):
-        undo()
-        return None
-    return LayerStack(block, STACK_AXIS)
+    return lift_stacked(module, ctx, split_stacked, axis)
 
 
 def _stacked_modules(make_one: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -100,7 +86,7 @@ def _stacked_modules(make_one: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return run
 
 
-NNX.set_stacked_handler(_lift_if_stacked)
+NNX.set_stacked_handler(functools.partial(stack_or_none, split=split_stacked))
 
 
 @NNX.rule(lifted=(LayerStack,))

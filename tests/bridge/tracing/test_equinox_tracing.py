@@ -198,6 +198,40 @@ def test_patching_the_stream_at_one_block_reproduces_the_clean_run_downstream():
     assert_outputs_match(got.unwrap(*names), expected.unwrap(*names), same_computation=False)
 
 
+def lora_trainable(tree):
+    """The ``eqx.partition`` filter selecting only LoRA factors (in LoRALinears and adapters)."""
+    def mark(node):
+        if isinstance(node, pzb.bridge.equinox.EquinoxAdapter):
+            falses = jax.tree_util.tree_map(lambda _: False, node)
+            flags = tuple(jax.tree_util.tree_map(lambda _, v=v: is_lora_parameter(v), v) for v in node.values)
+            return eqx.tree_at(lambda n: n.values, falses, flags)
+        if isinstance(node, pzb.bridge.equinox.LoRALinear):
+            return pzb.bridge.equinox.lora_filter(node)
+        return False
+
+    return jax.tree_util.tree_map(mark, tree, is_leaf=lambda n: isinstance(
+        n, (pzb.bridge.equinox.EquinoxAdapter, pzb.bridge.equinox.LoRALinear)))
+
+
+def train_lora(model, x, target, steps=20):
+    """Trains only the LoRA factors of ``model`` with optax (MSE to ``target``); returns ``(trained, losses)``."""
+    params, static = eqx.partition(model, lora_trainable(model))
+    opt = optax.adam(1e-2)
+    state = opt.init(params)
+
+    @eqx.filter_jit
+    def step(params, state):
+        loss, grads = eqx.filter_value_and_grad(lambda p: jnp.mean((eqx.combine(p, static)(x) - target) ** 2))(params)
+        updates, state = opt.update(grads, state)
+        return eqx.apply_updates(params, updates), state, loss
+
+    losses = []
+    for _ in range(steps):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    return eqx.combine(params, static), losses
+
+
 def test_lora_on_every_weight_contraction_trains_and_merges_back_to_the_original_classes():
     block = make_block(jax.random.key(9))
     lifted = pzb.lift(block, jnp.ones((5, 8)))
@@ -209,35 +243,8 @@ def test_lora_on_every_weight_contraction_trains_and_merges_back_to_the_original
     assert_outputs_match(model(x), block(x), same_computation=False)
     target = jax.random.normal(jax.random.key(12), (5, 8))
 
-    def trainable(tree):
-        def mark(node):
-            if isinstance(node, pzb.bridge.equinox.EquinoxAdapter):
-                falses = jax.tree_util.tree_map(lambda _: False, node)
-                flags = tuple(jax.tree_util.tree_map(lambda _, v=v: is_lora_parameter(v), v) for v in node.values)
-                return eqx.tree_at(lambda n: n.values, falses, flags)
-            if isinstance(node, pzb.bridge.equinox.LoRALinear):
-                return pzb.bridge.equinox.lora_filter(node)
-            return False
-
-        return jax.tree_util.tree_map(mark, tree, is_leaf=lambda n: isinstance(
-            n, (pzb.bridge.equinox.EquinoxAdapter, pzb.bridge.equinox.LoRALinear)))
-
-    params, static = eqx.partition(model, trainable(model))
-    opt = optax.adam(1e-2)
-    state = opt.init(params)
-
-    @eqx.filter_jit
-    def step(params, state):
-        loss, grads = eqx.filter_value_and_grad(lambda p: jnp.mean((eqx.combine(p, static)(x) - target) ** 2))(params)
-        updates, state = opt.update(grads, state)
-        return eqx.apply_updates(params, updates), state, loss
-
-    losses = []
-    for _ in range(20):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
+    trained, losses = train_lora(model, x, target)
     assert losses[-1] < losses[0]
-    trained = eqx.combine(params, static)
     merged = pzb.lower(merge_lora(pzb.lift(trained, x)))
     assert type(merged) is Block and type(merged.attn) is Attention and type(merged.mlp) is eqx.nn.MLP
     assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(block)

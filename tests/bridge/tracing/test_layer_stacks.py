@@ -13,10 +13,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_equinox_tracing import train_lora
 
 import pzbridge as pzb
 from pzbridge.nn.layer_stack import LayerStack
@@ -188,20 +188,6 @@ def test_patching_the_stream_at_one_block_reproduces_the_clean_run_downstream(li
     assert_outputs_match(patched(corrupt).unwrap(*names), expected.unwrap(*names), same_computation=False)
 
 
-def _trainable(tree):
-    def mark(node):
-        if isinstance(node, pzb.bridge.equinox.EquinoxAdapter):
-            falses = jax.tree_util.tree_map(lambda _: False, node)
-            flags = tuple(jax.tree_util.tree_map(lambda _, v=v: is_lora_parameter(v), v) for v in node.values)
-            return eqx.tree_at(lambda n: n.values, falses, flags)
-        if isinstance(node, pzb.bridge.equinox.LoRALinear):
-            return pzb.bridge.equinox.lora_filter(node)
-        return False
-
-    return jax.tree_util.tree_map(mark, tree, is_leaf=lambda n: isinstance(
-        n, (pzb.bridge.equinox.EquinoxAdapter, pzb.bridge.equinox.LoRALinear)))
-
-
 def test_lora_on_every_weight_contraction_of_the_stack_is_per_layer_trains_and_merges(model, lifted):
     linears = pzb.select(lifted).at_instances_of(pzb.nn.Linear)
     assert linears.count() == 7  # W_Q, W_K, W_V, W_O (einsum), the MLP's two layers, the unembedding
@@ -212,23 +198,8 @@ def test_lora_on_every_weight_contraction_of_the_stack_is_per_layer_trains_and_m
     lowered = pzb.lower(edited)
     ids, target = _ids(5, 4), jax.random.normal(jax.random.key(5), (5, VOCAB))
     assert_outputs_match(lowered(ids), model(ids), same_computation=False)
-    params, static = eqx.partition(lowered, _trainable(lowered))
-    opt = optax.adam(1e-2)
-    state = opt.init(params)
-
-    @eqx.filter_jit
-    def step(params, state):
-        loss, grads = eqx.filter_value_and_grad(
-            lambda p: jnp.mean((eqx.combine(p, static)(ids) - target) ** 2))(params)
-        updates, state = opt.update(grads, state)
-        return eqx.apply_updates(params, updates), state, loss
-
-    losses = []
-    for _ in range(20):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
+    trained, losses = train_lora(lowered, ids, target)
     assert losses[-1] < losses[0]
-    trained = eqx.combine(params, static)
     # Each layer's adapter trained on its own: the stacked B factors differ per layer.
     b = np.asarray(trained.layers.mlp.up.lora_b)
     assert b.shape[0] == LAYERS and not np.allclose(b[0], b[1])

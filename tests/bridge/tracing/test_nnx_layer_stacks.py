@@ -9,12 +9,10 @@ loop over its blocks.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
-from test_nnx_tracing import RMSNorm, DecoderBlock, _assert_untouched, _snapshot
+from test_nnx_tracing import DecoderBlock, RMSNorm, _assert_untouched, _snapshot, train_lora
 
 import pzbridge as pzb
 from pzbridge.bridge.nnx.stack import split_stacked
@@ -119,16 +117,7 @@ def test_per_layer_lora_trains_with_nnx_optimizer_and_merges_back(model, lifted)
     lora = jax.tree_util.tree_leaves(nnx.state(trainable, nnx.LoRAParam))
     assert len(lora) == 14 and all(a.shape[0] == LAYERS for a in lora)
     base_before = [np.asarray(a) for a in jax.tree_util.tree_leaves(nnx.state(trainable, nnx.Not(nnx.LoRAParam)))]
-    optimizer = nnx.Optimizer(trainable, optax.adam(1e-2), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(m, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(tokens) - target) ** 2),
-                                         argnums=nnx.DiffState(0, nnx.LoRAParam))(m)
-        optimizer.update(m, grads)
-        return loss
-
-    losses = [float(step(trainable, optimizer)) for _ in range(20)]
+    losses = train_lora(trainable, tokens, target)
     assert losses[-1] < losses[0]
     base_after = [np.asarray(a) for a in jax.tree_util.tree_leaves(nnx.state(trainable, nnx.Not(nnx.LoRAParam)))]
     assert all(np.array_equal(a, b) for a, b in zip(base_before, base_after))

@@ -214,6 +214,20 @@ def test_heads_and_kv_heads_are_named_axes_of_the_projections():
     assert names["attn.wo"] == ("heads", "projection", "features")
 
 
+def train_lora(model, x, target, steps=20):
+    """Trains only the ``nnx.LoRAParam`` s of ``model`` in place (MSE to ``target``); returns the losses."""
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2),
+                                         argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    return [float(step(model, optimizer)) for _ in range(steps)]
+
+
 def test_lora_on_every_linear_trains_with_wrt_lora_param_and_merges_back():
     block = DecoderBlock(rngs=nnx.Rngs(7))
     x = jax.random.normal(jax.random.key(8), (2, 5, 8))
@@ -230,16 +244,7 @@ def test_lora_on_every_linear_trains_with_wrt_lora_param_and_merges_back():
 
     target = jax.random.normal(jax.random.key(10), (2, 5, 8))
     base_before = [np.asarray(a) for a in jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.LoRAParam)))]
-    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2),
-                                         argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = [float(step(model, optimizer)) for _ in range(20)]
+    losses = train_lora(model, x, target)
     assert losses[-1] < losses[0]
     base_after = [np.asarray(a) for a in jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.LoRAParam)))]
     assert all(np.array_equal(a, b) for a, b in zip(base_before, base_after))
