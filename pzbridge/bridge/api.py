@@ -26,6 +26,7 @@ from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.core.errors import LiftError, LowerError
 from pzbridge.nn.dataflow import Traced
+from pzbridge.nn.layer_stack import LayerStack
 
 
 def _framework_of(module: Any) -> str:
@@ -103,7 +104,8 @@ def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | No
     if example_args or example_kwargs:
         ctx = ctx.with_example(Example.of(example_args, example_kwargs, input_names))
     body = ctx.lift_node(module, ctx)
-    convention = body.convention if isinstance(body, Traced) else traversal.RULES.convention_of(module, naming)
+    convention = body.convention if isinstance(body, (Traced, LayerStack)) else None
+    convention = convention or traversal.RULES.convention_of(module, naming)
     return LiftedModel(body, framework, convention or CallingConvention())
 
 

@@ -85,6 +85,12 @@ Split = Callable[[Any], "tuple[list[Any], Callable[[Sequence[Any]], Any]]"]
 """A framework's ``split(module) -> (arrays, rebuild)``: ``rebuild(per_block_arrays)`` makes one block."""
 
 
+def _first(leaf: Any) -> Any:
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype)
+    return leaf[0]
+
+
 def lift_stacked(module: Any, ctx: LiftContext, split: Split, axis: str = STACK_AXIS) -> Any:
     """Lifts a stacked module as one block whose parameters carry ``axis``.
 
@@ -113,9 +119,7 @@ def lift_stacked(module: Any, ctx: LiftContext, split: Split, axis: str = STACK_
     abstract = any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in unique)
     if abstract:  # a model built with eqx.filter_eval_shape / nnx.eval_shape: shapes only
         unique = [jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype) for leaf in unique]
-        first = [jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype) for leaf in unique]
-    else:
-        first = [leaf[0] for leaf in unique]
+    first = [_first(leaf) for leaf in unique]
     lifted = ctx.lift_node(block(first), scratch)
     variables = _variables(lifted)
     for variable in variables:
@@ -147,13 +151,15 @@ def lift_stacked(module: Any, ctx: LiftContext, split: Split, axis: str = STACK_
     return jax.tree_util.tree_map(lambda leaf: replacements.get(id(leaf), leaf), lifted, is_leaf=_is_variable)
 
 
-def stack_or_none(module: Any, ctx: LiftContext, split: Split) -> LayerStack | None:
+def stack_or_none(module: Any, ctx: LiftContext, split: Split,
+                  convention_of: Callable[[Any], Any] = lambda block: None) -> LayerStack | None:
     """``module`` lifted as a :class:`~pzbridge.nn.LayerStack` when its arrays share a leading axis, else None.
 
     What a rule table's stacked handler does for a module its rule could not
-    lift; a failed attempt leaves ``ctx`` as it was.
+    lift; a failed attempt leaves ``ctx`` as it was. ``convention_of(block)``
+    gives the calling convention of one block (the stack's own).
     """
-    leaves, _ = split(module)
+    leaves, rebuild = split(module)
     if not leaves or stack_size(leaves) is None:
         return None
     undo = ctx.undo_point()
@@ -162,7 +168,8 @@ def stack_or_none(module: Any, ctx: LiftContext, split: Split) -> LayerStack | N
     except (PzbridgeError, ValueError, TypeError):
         undo()
         return None
-    return LayerStack(block, STACK_AXIS)
+    convention = getattr(block, "convention", None) or convention_of(rebuild([_first(leaf) for leaf in leaves]))
+    return LayerStack(block, STACK_AXIS, convention=convention)
 
 
 def lower_stacked(stack: LayerStack, ctx: LowerContext, vmap: Callable[..., Any],

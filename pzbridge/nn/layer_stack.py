@@ -170,6 +170,8 @@ class LayerStack(Layer):
         the first, then the constants, then the per-step inputs (static).
       reverse: Run the stack from the last entry to the first (static).
       unroll: Passed to ``jax.lax.scan`` (static).
+      convention: How a stacked module lifted on its own is called
+        positionally (its block's calling convention), or None (static).
 
     The input is the first carried value alone, or the tuple
     ``(*carry, *constants, *per_step_inputs)``; the output is the final
@@ -191,6 +193,7 @@ class LayerStack(Layer):
     side_names: tuple[str, ...] = static_field(default=())
     reverse: bool = static_field(default=False)
     unroll: int = static_field(default=1)
+    convention: Any = static_field(default=None)
 
     @property
     def size(self) -> int:

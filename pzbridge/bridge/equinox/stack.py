@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +58,8 @@ def lift_stacked_block(module: Any, ctx: LiftContext, axis: str = STACK_AXIS) ->
     return lift_stacked(module, ctx, split_stacked, axis)
 
 
-EQUINOX.set_stacked_handler(functools.partial(stack_or_none, split=split_stacked))
+EQUINOX.set_stacked_handler(lambda module, ctx: stack_or_none(
+    module, ctx, split_stacked, lambda block: EQUINOX.convention_of(block, ctx.naming)))
 
 
 @EQUINOX.rule(lifted=(LayerStack,))

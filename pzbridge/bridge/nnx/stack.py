@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,7 +85,8 @@ def _stacked_modules(make_one: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return run
 
 
-NNX.set_stacked_handler(functools.partial(stack_or_none, split=split_stacked))
+NNX.set_stacked_handler(lambda module, ctx: stack_or_none(
+    module, ctx, split_stacked, lambda block: NNX.convention_of(block, ctx.naming)))
 
 
 @NNX.rule(lifted=(LayerStack,))
