@@ -29,6 +29,7 @@ from pzbridge.nn.conv_transpose import ConvTranspose
 from pzbridge.nn.foreign import Foreign, ForeignTemplate
 from pzbridge.nn.kv_cache import KVCachingAttention
 from pzbridge.nn.layer_stack import LayerStack
+from pzbridge.nn.switch import Switch
 from pzbridge.nn.masks import ApplyCausalMask, ApplyExplicitMask, ApplySlidingWindowMask
 from pzbridge.nn.pooling import (
     AdaptiveAvgPool,

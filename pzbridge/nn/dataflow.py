@@ -9,7 +9,9 @@ outputs as a tuple for a layer that takes several operands; :class:`Pick`
 takes one element of a tuple; :class:`SideInput` reads an argument the
 module received besides its main input (a mask, positions, a key);
 :class:`CallChild` calls a child layer with exactly the arguments the
-original code passed it. :class:`Traced` is the root of one traced module.
+original code passed it; :class:`BindSideInputs` computes values once and
+passes them on as side inputs (a value used at several places that does not
+depend on the main input). :class:`Traced` is the root of one traced module.
 
 Example:
     >>> import jax.numpy as jnp
@@ -84,6 +86,50 @@ class SideInput(Layer):
                 f"{sorted(k for k in side_inputs if k != AXIS_SIZES)}. Fix: pass {self.name}=... when calling."
             )
         return side_inputs[self.name]
+
+
+@pytree_dataclass
+class BindSideInputs(Layer):
+    """Computes ``values`` once, then calls ``body`` with them as extra side inputs named ``names``.
+
+    Each value layer runs on the same input and side inputs as the whole
+    layer (in a traced module they read only side inputs, constants and
+    axis sizes), in order: a later value may read an earlier one by its
+    name. ``body`` then gets every side input the call got plus
+    ``{name: value}`` and reads the values through :class:`SideInput`
+    layers. Traced lifting uses it for a value that does not depend on the
+    main input but is used at several places (a UNet's time embedding fed
+    to every block): it is computed exactly once, as in the original code,
+    instead of once per use.
+
+    Attributes:
+      values: The layers computing the bound values, in order.
+      names: The side-input name of each value (static; traced lifting
+        uses the reserved prefix ``__pzb_shared_``).
+      body: The layer that reads them.
+
+    Example:
+        >>> emb = pzb.nn.Sequential([SideInput("t"), pzb.nn.Elementwise(jnp.exp)])
+        >>> layer = BindSideInputs((emb,), ("emb",), Branch([SideInput("emb"), SideInput("emb")]))
+        >>> first, second = layer(None, t=pzb.nx.wrap(jnp.zeros(2), "features"))
+        >>> first is second, first.unwrap("features").tolist()
+        (True, [1.0, 1.0])
+    """
+
+    values: tuple[Layer, ...]
+    names: tuple[str, ...] = static_field()
+    body: Layer
+
+    def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
+        if len(self.values) != len(self.names):
+            raise NamedAxisError(
+                f"BindSideInputs: {len(self.values)} value layers but {len(self.names)} names {self.names}. "
+                "Fix: give exactly one name per value."
+            )
+        side = dict(side_inputs)
+        for name, value in zip(self.names, self.values):
+            side[name] = value(x, **side)
+        return self.body(x, **side)
 
 
 def _rename_all(value: Any, renames: Mapping[str, str]) -> Any:

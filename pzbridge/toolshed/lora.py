@@ -49,7 +49,7 @@ from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import SelectionError, VariableError, format_path
 from pzbridge.core.selectors import Selection, select
 from pzbridge.core.struct import pytree_dataclass, static_field
-from pzbridge.core.variables import LabeledVariable, Parameter, ParameterSlot
+from pzbridge.core.variables import Parameter, ParameterSlot, ParameterValue
 from pzbridge.nn.basic import NamedEinsum
 from pzbridge.nn.combinators import Sequential
 from pzbridge.nn.contraction import contract
@@ -392,13 +392,16 @@ def is_lora_parameter(variable: Any) -> bool:
     """True for a variable created by :func:`loraify_linears_in_selection` (label ends in ``.lora_a``/``.lora_b``).
 
     Useful as a predicate for training only the adapters
-    (``pzb.unbind_variables(model, is_lora_parameter)``).
+    (``pzb.unbind_variables(model, is_lora_parameter)``). A frozen value of
+    such a parameter (what an Equinox adapter module holds) counts too.
 
     Example:
         >>> is_lora_parameter(Parameter(1.0, "q.lora_a")), is_lora_parameter(Parameter(1.0, "q.kernel"))
         (True, False)
+        >>> is_lora_parameter(Parameter(1.0, "q.lora_b").freeze())
+        True
     """
     label = getattr(variable, "label", "")
-    return isinstance(variable, (LabeledVariable,)) and isinstance(variable, Parameter) and (
+    return isinstance(variable, (Parameter, ParameterValue)) and (
         label.endswith(".lora_a") or label.endswith(".lora_b") or label in ("lora_a", "lora_b")
     )

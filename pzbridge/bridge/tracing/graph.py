@@ -42,6 +42,7 @@ from pzbridge.bridge.tracing.graph_types import (
     ParamHint,
     Untraceable,
 )
+from pzbridge.bridge.tracing.cond import CondConversion
 from pzbridge.bridge.tracing.scan import ScanConversion
 from pzbridge.core import named_axes as nx
 from pzbridge.nn.dataflow import CallChild, Pick, SideInput
@@ -69,10 +70,10 @@ _INLINED = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_
             "custom_vjp_call_jaxpr": "fun_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr",
             "remat2": "jaxpr"}  # the primitive of jax.checkpoint / eqx.filter_checkpoint in current jax
 _REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or"}
-_STRUCTURAL = {"scan", "gather", "dot_general", "reshape", "transpose", "broadcast_in_dim", "concatenate", "slice", "split", "squeeze",
+_STRUCTURAL = {"scan", "cond", "gather", "dot_general", "reshape", "transpose", "broadcast_in_dim", "concatenate", "slice", "split", "squeeze",
                "expand_dims", "iota", "argmax", "argmin", "pzb_child_call", *_REDUCTIONS}
 _NOT_ELEMENTWISE = {
-    "while", "cond", "scatter", "scatter-add", "scatter_add", "dynamic_slice",
+    "while", "scatter", "scatter-add", "scatter_add", "dynamic_slice",
     "dynamic_update_slice", "conv_general_dilated", "sort", "cumsum", "cumprod", "cummax", "cummin", "pad",
     "rev", "top_k", "random_bits", "random_seed", "random_wrap", "random_unwrap", "threefry2x32", "select_and_scatter_add",
     "reduce_window", "reduce_precision", "psum", "all_gather", "axis_index", "fft", "custom_lin", "rng_bit_generator",
@@ -147,7 +148,7 @@ def _is_elementwise(eqn: Any) -> bool:
     return True
 
 
-class _Converter(ScanConversion):
+class _Converter(ScanConversion, CondConversion):
     def __init__(self, closed: Any, roles: Sequence[InputRole], child_handler: ChildHandler,
                  param_handler: ParamHandler, param_hint: ParamHint | None = None) -> None:
         self.roles = list(roles)

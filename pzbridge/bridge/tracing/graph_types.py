@@ -126,12 +126,12 @@ class Graph:
 
 @dataclasses.dataclass
 class NestedGraph:
-    """A node's layer still to be made from a converted sub-graph (a scan body).
+    """A node's layer still to be made from converted sub-graphs (a scan body, the branches of a cond).
 
-    The structure builder turns ``graph`` into a layer ``body`` (one output
-    per ``output_count``, a tuple when several) and uses ``make(body)``.
+    The structure builder turns each of ``graphs`` into a layer (one output
+    per ``output_count``, a tuple when several) and uses ``make(layers)``.
     """
 
-    graph: Graph
+    graphs: list[Graph]
     output_count: int
-    make: Callable[[Any], Any]
+    make: Callable[[list[Any]], Any]

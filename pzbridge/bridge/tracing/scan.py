@@ -186,10 +186,10 @@ class ScanConversion:
                 self.params.setdefault(outer_role[inner_index], parameter)
         carry_count, ys_count = len(ops.carry), len(eqn.outs) - len(ops.carry)
         const_values = [a for a in ops.consts if _is_value(a)]
-        make = lambda body: LayerStack(  # noqa: E731
-            body, axis, carry_count, len(const_values), len(activations), ys_count, tuple(side_names),
+        make = lambda bodies: LayerStack(  # noqa: E731
+            bodies[0], axis, carry_count, len(const_values), len(activations), ys_count, tuple(side_names),
             bool(eqn.params.get("reverse", False)), int(eqn.params.get("unroll", 1)) if not isinstance(
                 eqn.params.get("unroll", 1), bool) else 1)
-        layer = NestedGraph(graph, len(graph.output_ids), make)
+        layer = NestedGraph([graph], len(graph.output_ids), make)
         ins = [self.materialize(a) for a in (*ops.carry, *const_values, *activations)]
         self._add_multi(layer, ins, eqn.outs)

@@ -10,9 +10,20 @@ people look for: ``d + f(d)`` is a ``Residual`` (the residual stream of a
 transformer is then the input and output of each ``Residual``), and
 ``f(d) + g(d)`` / ``f(d) * g(d)`` are ``BranchAndAddTogether`` /
 ``BranchAndMultiplyTogether`` (SwiGLU); adding a value that does not depend
-on the input (a positional embedding table) is not a residual. Values that
-do not depend on the input (constants, iotas, side inputs) are recomputed
-where used.
+on the input (a positional embedding table) is not a residual.
+
+Values that do not depend on the input are not on any path from it. Sources
+(constants, iotas, side inputs) are recomputed where used. A value computed
+from them and used more than once (a UNet's time embedding ``self.time(t)``
+added at every resolution) is computed exactly once, as in the original code:
+the whole layer becomes a :class:`~pzbridge.nn.dataflow.BindSideInputs` that
+computes it first and passes it on as a side input with a reserved name
+(``__pzb_shared_0``, ...), and each use reads it with a
+:class:`~pzbridge.nn.dataflow.SideInput`. A child is then called once, LoRA
+sees one copy of its ``Linear`` and a stateful child (dropout, a capture
+saver) runs once. A graph without such a value is built as before. (A
+value that depends on the input is still built once per path where two
+paths that read it are not series-parallel, e.g. ``(a + b) - a * b``.)
 
 Example:
     >>> import jax
@@ -36,7 +47,7 @@ import jax
 from pzbridge.bridge.tracing.graph_types import Graph, NestedGraph, Node, Untraceable
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.nn.combinators import BranchAndAddTogether, BranchAndMultiplyTogether, Identity, Residual, Sequential
-from pzbridge.nn.dataflow import Branch
+from pzbridge.nn.dataflow import BindSideInputs, Branch, SideInput
 from pzbridge.nn.layer import Layer
 from pzbridge.nn.named_ops import ApplyPrimitive
 
@@ -80,6 +91,62 @@ def _is_plain(node: Node, primitive_name: str) -> bool:
             and layer.operand_order == (("input", 0), ("input", 1)) and not any(layer.renames))
 
 
+_SHARED_PREFIX = "__pzb_shared_"  # the side-input names of the values build_layer computes once
+
+def shared_values(graph: Graph, live: set[int]) -> list[int]:
+    """The values of ``graph`` to compute once: not depending on the input, not sources, used more than once.
+
+    A use is one operand slot of a node the outputs need, or one output slot
+    (a node reading a value twice uses it twice). A value that is read once
+    by a value computed once is computed once too, so only values used
+    several times need binding. In graph order (a value's operands first).
+
+    Args:
+      graph: A converted graph.
+      live: The values that depend on the graph's input.
+
+    Example:
+        >>> from pzbridge.nn.named_ops import Constant
+        >>> f = pzb.nn.Elementwise(jax.numpy.tanh)
+        >>> mul = ApplyPrimitive(jax.lax.mul_p, (), (("input", 0), ("input", 1)))
+        >>> nodes = [Node(Constant(1.0), (), 1), Node(f, (1,), 2), Node(mul, (0, 2), 3), Node(mul, (3, 2), 4)]
+        >>> shared_values(Graph(nodes, 0, [4], {}, []), {0, 3, 4})
+        [2]
+    """
+    producer = {node.out: node for node in graph.nodes}
+    needed: set[int] = set()
+    stack = list(graph.output_ids)
+    while stack:
+        value = stack.pop()
+        if value in needed:
+            continue
+        needed.add(value)
+        if value in producer:
+            stack.extend(producer[value].ins)
+    uses: dict[int, int] = {}
+    for value in graph.output_ids:
+        uses[value] = uses.get(value, 0) + 1
+    for node in graph.nodes:
+        if node.out in needed:
+            for value in node.ins:
+                uses[value] = uses.get(value, 0) + 1
+    return [node.out for node in graph.nodes
+            if node.ins and node.out in needed and node.out not in live and uses.get(node.out, 0) > 1]
+
+
+def _shared_names(graph: Graph, count: int) -> list[str]:
+    """``count`` names with the reserved prefix, none of them a side input the graph reads."""
+    taken = {node.layer.name for node in graph.nodes if isinstance(node.layer, SideInput)}
+    names: list[str] = []
+    index = 0
+    while len(names) < count:
+        name = f"{_SHARED_PREFIX}{index}"
+        if name not in taken:
+            names.append(name)
+        index += 1
+    return names
+
+
 class _Builder:
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
@@ -99,6 +166,14 @@ class _Builder:
             self.live.add(node.out)
             dom = self.common_dominator(preds)
             self.parent[node.out], self.depth[node.out] = dom, self.depth[dom] + 1
+        shared = shared_values(graph, self.live)
+        self.shared: dict[int, str] = dict(zip(shared, _shared_names(graph, len(shared))))
+
+    def bound_values(self) -> tuple[tuple[Layer, ...], tuple[str, ...]]:
+        """The layers computing the shared values (each reads earlier ones by name) and their names."""
+        root = self.graph.input_id
+        layers = tuple(self.compute(value, root) for value in self.shared)  # type: ignore[arg-type]
+        return layers, tuple(self.shared.values())
 
     def common_dominator(self, values: Sequence[int]) -> int:
         current = values[0]
@@ -113,6 +188,11 @@ class _Builder:
         return current
 
     def build(self, target: int, scope: int) -> Layer:
+        if target in self.shared:
+            return SideInput(self.shared[target])
+        return self.compute(target, scope)
+
+    def compute(self, target: int, scope: int) -> Layer:
         if target == scope:
             return Identity()
         node = self.producer.get(target)
@@ -167,10 +247,15 @@ def build_layer(graph: Graph, out_treedef: Any = None) -> Layer:
         if isinstance(node.layer, NestedGraph):
             nested = node.layer
             treedef = jax.tree_util.tree_structure((0,) * nested.output_count) if nested.output_count > 1 else None
-            node.layer = nested.make(build_layer(nested.graph, treedef))
+            node.layer = nested.make([build_layer(graph, treedef) for graph in nested.graphs])
     builder = _Builder(graph)
     root = graph.input_id
     outputs = [builder.build(o, root) for o in graph.output_ids]  # type: ignore[arg-type]
     if out_treedef is None or out_treedef.num_leaves == 1 and jax.tree_util.treedef_is_leaf(out_treedef):
-        return outputs[0]
-    return sequence(Branch(outputs), Unflatten(out_treedef))
+        layer = outputs[0]
+    else:
+        layer = sequence(Branch(outputs), Unflatten(out_treedef))
+    if not builder.shared:
+        return layer
+    values, names = builder.bound_values()
+    return BindSideInputs(values, names, layer)

@@ -42,7 +42,7 @@ from flax import nnx
 
 import pzbridge as pzb
 from pzbridge.bridge.equinox import EquinoxAdapter, LoRALinear, lora_filter
-from pzbridge.nn.dataflow import CallChild, Traced
+from pzbridge.nn.dataflow import BindSideInputs, CallChild, SideInput, Traced
 from pzbridge.nn.named_mean import MeanAxes
 from pzbridge.nn.named_ops import Concatenate, Constant
 from pzbridge.testing.numerics import assert_outputs_match, assert_same_outputs
@@ -397,16 +397,38 @@ def test_unet_embedding_used_at_two_levels_matches_the_original():
                              same_computation=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "structure.py rebuilds a value that does not depend on the main input (the time embedding, a function of "
-    "the side input t only) at each of its uses, so the traced graph has two CallChild 'time' (the child runs "
-    "twice and LoRA sees two copies of its Linear: 2 Linear layers instead of 1); a stateful child (nnx.Dropout) "
-    "used that way even computes a different value than the original"))
 def test_unet_embedding_used_at_two_levels_is_computed_once():
+    # emb = self.time(t) depends on the side input t only and is used twice: it is computed once, before the
+    # blocks, and both uses read it as a side input (not a CallChild 'time' per use).
     _, lifted = _lift_two_level()
     calls = [c.name for c in pzb.select(lifted).at_instances_of(CallChild).get_sequence()]
     assert calls.count("time") == 1
     assert pzb.select(lifted).at_instances_of(pzb.nn.Linear).count() == 1
+    body = lifted.body.body
+    assert type(body) is BindSideInputs and len(body.values) == 1
+    assert [c.name for c in pzb.select(body.values).at_instances_of(CallChild).get_sequence()] == ["time"]
+    reads = pzb.select(body.body).at_instances_of(SideInput).get_sequence()
+    assert [r.name for r in reads] == [body.names[0]] * 2
+
+
+def test_unet_embedding_used_at_two_levels_runs_the_child_once_and_lowers_back():
+    model, lifted = _lift_two_level()
+    x, t = _normal(17, (4, 8, 8)), jnp.float32(2.5)
+    # A capture saver after the time child runs once, and saves the embedding the original computes.
+    time = pzb.select(lifted).at_instances_of(CallChild).where(lambda c: c.name == "time")
+    named_x = pzb.nx.wrap(x, *lifted.convention.inputs[0])
+    out, captured = capture_intermediates(lifted, time, named_x, t=pzb.nx.wrap(t))
+    (emb,) = captured.values()
+    assert_outputs_match(emb.unwrap(*emb.named_shape), model.time(t), same_computation=False)
+    assert_outputs_match(out.unwrap(*lifted.convention.output), model(x, t), same_computation=False)
+    # The glue is the traced one: lowering gives the original classes and arrays back.
+    lowered = pzb.lower(lifted)
+    assert type(lowered) is TwoLevelConditioning and _same_leaves(lowered, model)
+    assert_same_outputs(lowered, model, x, t, bitwise=True)
+    # LoRA adapts the one Linear, and the edited child still lowers into the original classes.
+    adapted = pzb.lower(loraify_linears_in_selection(pzb.select(lifted).at_instances_of(pzb.nn.Linear), 2, _key(18)))
+    assert type(adapted) is TwoLevelConditioning and type(adapted.time.linear) is LoRALinear
+    assert_outputs_match(adapted(x, t), model(x, t), same_computation=False)
 
 
 # ====================================================================================================

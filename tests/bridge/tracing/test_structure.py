@@ -2,7 +2,10 @@
 
 The property builds random DAGs of elementwise nodes over one input and
 compares the built layer with a tiny evaluator that runs the graph node by
-node from the ops' own specification (not from the node layers).
+node from the ops' own specification (not from the node layers). A second
+property adds a side input and child calls that count how often they run:
+a child computed only from side inputs and constants runs exactly once per
+call and appears once in the built layer, however often its value is used.
 """
 
 from __future__ import annotations
@@ -11,15 +14,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pzbridge.bridge.tracing.graph import Graph, Node, Untraceable
-from pzbridge.bridge.tracing.structure import Unflatten, build_layer, sequence
+from pzbridge.bridge.tracing.structure import Unflatten, build_layer, sequence, shared_values
 from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import NamedAxisError
+from pzbridge.core.selectors import select
+from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.nn.basic import Elementwise
 from pzbridge.nn.combinators import BranchAndAddTogether, BranchAndMultiplyTogether, Identity, Residual, Sequential
-from pzbridge.nn.dataflow import Branch
+from pzbridge.nn.dataflow import BindSideInputs, Branch, CallChild, SideInput
+from pzbridge.nn.layer import Layer
 from pzbridge.nn.named_ops import ApplyPrimitive, Constant
 
 TWO_INPUTS = (("input", 0), ("input", 1))
@@ -253,3 +260,210 @@ def test_built_layer_computes_what_the_graph_computes(dag):
         assert data.shape == expected.shape
         # The same float32 ops in the same operand order: only rounding of the kernels may differ.
         np.testing.assert_allclose(data, expected, rtol=1e-6, atol=1e-6)
+
+
+# Values that do not depend on the input, used several times ------------------------------------
+
+T = np.array([[0.1, 0.4, -0.6], [0.8, -0.3, 0.2]], dtype=np.float32)  # the side input "t"
+CALLS: list[int] = []  # tags of the counting children, in call order
+
+
+@pytree_dataclass
+class _Counted(Layer):
+    """sin, recording its ``tag`` in ``CALLS`` at each call (a stand-in for a stateful child)."""
+
+    tag: int = static_field()
+
+    def __call__(self, x, /, **side_inputs):
+        CALLS.append(self.tag)
+        return Elementwise(jnp.sin)(x)
+
+
+def _child(tag):
+    return CallChild(_Counted(tag), name=f"child{tag}")
+
+
+def _t():
+    return nx.wrap(jnp.asarray(T), "seq", "features")
+
+
+def _calls(layer):
+    return [c.name for c in select(layer).at_instances_of(CallChild).get_sequence()]
+
+
+def _run_counting(layer, **side):
+    CALLS.clear()
+    out = layer(_x(), t=_t(), **side)
+    return out, list(CALLS)
+
+
+def test_a_side_input_child_used_twice_is_computed_once_and_read_as_a_side_input():
+    # emb = child(t); out = f(x + emb) * emb: two uses of emb, a function of t alone.
+    f = _f()
+    nodes = [Node(SideInput("t"), (), 1, "source"), Node(_child(0), (1,), 2, "child"),
+             Node(_binary(jax.lax.add_p), (0, 2), 3), Node(f, (3,), 4), Node(_binary(jax.lax.mul_p), (4, 2), 5)]
+    layer = build_layer(_graph(nodes, [5]))
+    assert type(layer) is BindSideInputs and layer.names == ("__pzb_shared_0",)
+    (value,) = layer.values
+    assert type(value) is Sequential and type(value.sublayers[0]) is SideInput and value.sublayers[1].name == "child0"
+    assert _calls(layer) == ["child0"]
+    reads = select(layer.body).at_instances_of(SideInput).get_sequence()
+    assert [r.name for r in reads] == ["__pzb_shared_0"] * 2
+    out, calls = _run_counting(layer)
+    assert calls == [0]
+    emb = np.sin(T)
+    np.testing.assert_allclose(out.unwrap("seq", "features"), np.tanh(X + emb) * emb, rtol=1e-6, atol=1e-6)
+    # Adding a value independent of the input is still no residual.
+    assert not select(layer).at_instances_of(Residual).count()
+
+
+def test_a_value_used_once_is_built_in_place_as_before():
+    nodes = [Node(SideInput("t"), (), 1, "source"), Node(_child(0), (1,), 2, "child"),
+             Node(_binary(jax.lax.add_p), (0, 2), 3)]
+    layer = build_layer(_graph(nodes, [3]))
+    assert type(layer) is Sequential and type(layer.sublayers[0]) is Branch
+    identity, emb = layer.sublayers[0].branches
+    assert isinstance(identity, Identity) and [type(s) for s in emb.sublayers] == [SideInput, CallChild]
+    # Sources (constants, side inputs) used several times are read where used, not bound.
+    nodes = [Node(SideInput("t"), (), 1, "source"), Node(_binary(jax.lax.add_p), (0, 1), 2),
+             Node(_binary(jax.lax.mul_p), (2, 1), 3)]
+    assert type(build_layer(_graph(nodes, [3]))) is Sequential
+
+
+def test_shared_values_are_bound_in_graph_order_and_later_ones_read_earlier_ones():
+    # a = child0(t) is used by b = child1(a) and by the output; b is used twice.
+    nodes = [Node(SideInput("t"), (), 1, "source"), Node(_child(0), (1,), 2, "child"),
+             Node(_child(1), (2,), 3, "child"), Node(_binary(jax.lax.add_p), (0, 3), 4),
+             Node(_binary(jax.lax.mul_p), (4, 3), 5), Node(_binary(jax.lax.sub_p), (5, 2), 6)]
+    layer = build_layer(_graph(nodes, [6]))
+    assert type(layer) is BindSideInputs and layer.names == ("__pzb_shared_0", "__pzb_shared_1")
+    first, second = layer.values
+    assert _calls(first) == ["child0"] and _calls(second) == ["child1"]
+    assert [type(s) for s in second.sublayers] == [SideInput, CallChild]
+    assert second.sublayers[0].name == "__pzb_shared_0"
+    assert _calls(layer.body) == []
+    out, calls = _run_counting(layer)
+    assert calls == [0, 1]
+    a = np.sin(T)
+    b = np.sin(a)
+    np.testing.assert_allclose(out.unwrap("seq", "features"), (X + b) * b - a, rtol=1e-6, atol=1e-6)
+
+
+def test_a_node_reading_a_value_twice_and_an_output_count_as_uses():
+    # out = (child(t) * child(t), child(t)): one node reads emb twice, and emb is an output too.
+    nodes = [Node(SideInput("t"), (), 1, "source"), Node(_child(0), (1,), 2, "child"),
+             Node(_binary(jax.lax.mul_p), (2, 2), 3), Node(_binary(jax.lax.add_p), (0, 3), 4)]
+    treedef = jax.tree_util.tree_structure((0, 0))
+    layer = build_layer(_graph(nodes, [4, 2]), treedef)
+    assert type(layer) is BindSideInputs and _calls(layer) == ["child0"]
+    (out, emb), calls = _run_counting(layer)
+    assert calls == [0]
+    np.testing.assert_allclose(emb.unwrap("seq", "features"), np.sin(T), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.unwrap("seq", "features"), X + np.sin(T) ** 2, rtol=1e-6, atol=1e-6)
+
+
+def test_uses_by_nodes_no_output_needs_do_not_count():
+    nodes = [Node(SideInput("t"), (), 1, "source"), Node(_child(0), (1,), 2, "child"),
+             Node(_f(), (2,), 3), Node(_binary(jax.lax.add_p), (0, 2), 4)]  # node 3 is dead
+    graph = _graph(nodes, [4])
+    assert shared_values(graph, {0, 4}) == []
+    assert type(build_layer(graph)) is Sequential
+
+
+def test_the_shared_names_avoid_the_side_inputs_the_graph_reads():
+    nodes = [Node(SideInput("__pzb_shared_0"), (), 1, "source"), Node(_child(0), (1,), 2, "child"),
+             Node(_binary(jax.lax.add_p), (0, 2), 3), Node(_binary(jax.lax.mul_p), (3, 2), 4)]
+    layer = build_layer(_graph(nodes, [4]))
+    assert layer.names == ("__pzb_shared_1",)
+    CALLS.clear()
+    out = layer(_x(), __pzb_shared_0=_t())
+    assert CALLS == [0]
+    np.testing.assert_allclose(out.unwrap("seq", "features"), (X + np.sin(T)) * np.sin(T), rtol=1e-6, atol=1e-6)
+
+
+def test_bind_side_inputs_passes_the_caller_side_inputs_on_and_checks_its_names():
+    body = Branch([SideInput("t"), SideInput("v")])
+    layer = BindSideInputs((Sequential([SideInput("t"), Elementwise(jnp.negative)]),), ("v",), body)
+    t, v = layer(_x(), t=_t())
+    np.testing.assert_array_equal(t.unwrap("seq", "features"), T)
+    np.testing.assert_array_equal(v.unwrap("seq", "features"), -T)
+    with pytest.raises(NamedAxisError, match="one name per value"):
+        BindSideInputs((Identity(),), (), body)(_x(), t=_t())
+
+
+# name -> (arity, node factory(tag), reference); "child" nodes are counting child calls.
+SIDE_OPS = {
+    **{name: (arity, lambda tag, make=make: (make(), "op"), ref) for name, (arity, make, ref) in OPS.items()
+       if name != "const"},
+    "const": (0, lambda tag: (OPS["const"][1](), "source"), OPS["const"][2]),
+    "side": (0, lambda tag: (SideInput("t"), "source"), lambda: jnp.asarray(T)),
+    "child": (1, lambda tag: (_child(tag), "child"), jnp.sin),
+}
+
+
+@st.composite
+def random_dags_with_side_inputs(draw):
+    # Value 1 is the side input; operands are values independent of the input half of the time, and the
+    # last value is an output, so most graphs have a child of side inputs only, often used several times.
+    specs, values, independent = [("side", (), 1)], [0, 1], [1]
+    for out in range(2, draw(st.integers(2, 9)) + 1):
+        op = draw(st.sampled_from([*sorted(SIDE_OPS), "child", "child"]))
+        pick = st.one_of(st.sampled_from(independent), st.sampled_from(values))
+        ins = tuple(draw(pick) for _ in range(SIDE_OPS[op][0]))
+        specs.append((op, ins, out))
+        values.append(out)
+        if all(i in independent for i in ins):
+            independent.append(out)
+    outputs = [values[-1], *draw(st.lists(st.sampled_from(values), max_size=2))]
+    data = draw(st.lists(st.floats(-1, 1, width=32), min_size=6, max_size=6))
+    return specs, outputs, np.asarray(data, np.float32).reshape(2, 3)
+
+
+def _needed_and_live(specs, outputs):
+    ins = {out: i for _, i, out in specs}
+    live = {0}
+    for _, i, out in specs:
+        if any(v in live for v in i):
+            live.add(out)
+    needed, stack = set(), list(outputs)
+    while stack:
+        v = stack.pop()
+        if v not in needed:
+            needed.add(v)
+            stack.extend(ins.get(v, ()))
+    return needed, live
+
+
+@settings(max_examples=60)  # about one graph in ten binds a child of side inputs used several times
+@given(random_dags_with_side_inputs())
+def test_children_of_side_inputs_only_run_once_and_the_outputs_are_unchanged(dag):
+    specs, outputs, x = dag
+    nodes = []
+    for op, ins, out in specs:
+        layer, kind = SIDE_OPS[op][1](out)
+        nodes.append(Node(layer, ins, out, kind))
+    graph = _graph(nodes, outputs)
+    treedef = jax.tree_util.tree_structure(tuple(outputs)) if len(outputs) > 1 else None
+    layer = build_layer(graph, treedef)
+    CALLS.clear()
+    got = layer(nx.wrap(jnp.asarray(x), "seq", "features"), t=_t())
+    calls = list(CALLS)
+    got = got if len(outputs) > 1 else (got,)
+    env = {0: jnp.asarray(x)}
+    for op, ins, out in specs:
+        env[out] = SIDE_OPS[op][2](*(env[i] for i in ins))
+    for value, o in zip(got, outputs):
+        expected = np.asarray(env[o])
+        names = [n for n in ("seq", "features") if n in value.named_shape]
+        data = np.asarray(value.unwrap(*names))
+        assert data.shape == expected.shape
+        np.testing.assert_allclose(data, expected, rtol=1e-6, atol=1e-6)
+    needed, live = _needed_and_live(specs, outputs)
+    in_tree = _calls(layer)
+    for op, _, out in specs:
+        if op == "child" and out in needed and out not in live:
+            # Computed from side inputs and constants only: once in the layer, once per call.
+            assert in_tree.count(f"child{out}") == 1
+            assert calls.count(out) == 1
+    if not shared_values(graph, live):
+        assert not select(layer).at_instances_of(BindSideInputs).count()
