@@ -29,7 +29,6 @@ computes the same values and gradients without rematerialising, and the
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -39,16 +38,17 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from lora_helpers import lora_trainable, train_adapters
 
 import pzbridge as pzb
-from pzbridge.bridge.equinox import EquinoxAdapter, LoRALinear, lora_filter
+from pzbridge.bridge.equinox import EquinoxAdapter, LoRALinear
 from pzbridge.nn.dataflow import BindSideInputs, CallChild, SideInput, Traced
 from pzbridge.nn.named_mean import MeanAxes
 from pzbridge.nn.named_ops import Concatenate, Constant
 from pzbridge.testing.numerics import assert_outputs_match, assert_same_outputs
 from pzbridge.toolshed.intermediates import capture_intermediates
 from pzbridge.toolshed.interventions import patch_activations
-from pzbridge.toolshed.lora import is_lora_parameter, loraify_linears_in_selection, merge_lora
+from pzbridge.toolshed.lora import loraify_linears_in_selection, merge_lora
 
 IMAGE = ("channels", "height", "width")
 NNX_IMAGE = ("batch", "height", "width", "channels")
@@ -83,41 +83,6 @@ def _same_leaves(a: Any, b: Any) -> bool:
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     return (jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and len(la) == len(lb)
             and all(x is y for x, y in zip(la, lb)))
-
-
-def _eqx_trainable(tree: Any) -> Any:
-    """The filter of a lowered, LoRA-edited Equinox model: True exactly at the LoRA adapters."""
-
-    def mark(node: Any) -> Any:
-        if isinstance(node, EquinoxAdapter):
-            falses = jax.tree_util.tree_map(lambda _: False, node)
-            flags = tuple(jax.tree_util.tree_map(lambda _, v=v: is_lora_parameter(v), v) for v in node.values)
-            return eqx.tree_at(lambda n: n.values, falses, flags)
-        if isinstance(node, LoRALinear):
-            return lora_filter(node)
-        return jax.tree_util.tree_map(lambda _: False, node)
-
-    return jax.tree_util.tree_map(mark, tree, is_leaf=lambda n: isinstance(n, (EquinoxAdapter, LoRALinear)))
-
-
-def _train_eqx(model: Any, loss_fn: Callable[[Any], jax.Array], steps: int = 20) -> tuple[Any, list[float]]:
-    """``steps`` of Adam on the LoRA adapters of ``model`` (eqx.partition + filter_value_and_grad + optax)."""
-    params, static = eqx.partition(model, _eqx_trainable(model))
-    assert jax.tree_util.tree_leaves(params), "no LoRA adapter to train"
-    opt = optax.adam(1e-2)
-    state = opt.init(params)
-
-    @eqx.filter_jit
-    def step(params: Any, state: Any) -> tuple[Any, Any, jax.Array]:
-        loss, grads = eqx.filter_value_and_grad(lambda p: loss_fn(eqx.combine(p, static)))(params)
-        updates, state = opt.update(grads, state)
-        return eqx.apply_updates(params, updates), state, loss
-
-    losses = []
-    for _ in range(steps):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    return eqx.combine(params, static), losses
 
 
 # ====================================================================================================
@@ -313,11 +278,11 @@ def test_unet_lora_on_the_time_linear_trains_and_merges_back_to_the_original_cla
     ts = jnp.array([0.5, 2.0, 4.0, 8.0])
     assert_outputs_match(jax.vmap(adapted)(xs, ts), jax.vmap(model)(xs, ts), same_computation=False)
     target = _normal(12, (4, 3, 8, 8))
-    trained, losses = _train_eqx(adapted, lambda m: jnp.mean((jax.vmap(m)(xs, ts) - target) ** 2))
+    trained, losses = train_adapters(adapted, lambda m: jnp.mean((jax.vmap(m)(xs, ts) - target) ** 2))
     assert losses[-1] < losses[0]
     # Only the adapters trained: every other array is the original one, bit for bit.
     assert np.array_equal(np.asarray(trained.time.linear.linear.weight), np.asarray(model.time.linear.weight))
-    base = eqx.filter(trained, jax.tree_util.tree_map(lambda f: not f, _eqx_trainable(trained)))
+    base = eqx.filter(trained, jax.tree_util.tree_map(lambda f: not f, lora_trainable(trained)))
     unlora = eqx.tree_at(lambda m: m.time.linear, base, base.time.linear.linear)
     assert jax.tree_util.tree_structure(unlora) == jax.tree_util.tree_structure(model)
     assert all(np.array_equal(np.asarray(a), np.asarray(b))
@@ -791,7 +756,7 @@ def test_checkpointed_lora_on_every_weight_contraction_trains_and_merges_back():
     assert "remat" in backward or "checkpoint" in backward
 
     target = _normal(8, (5, 8))
-    trained, losses = _train_eqx(adapted, lambda m: jnp.mean((m(x) - target) ** 2))
+    trained, losses = train_adapters(adapted, lambda m: jnp.mean((m(x) - target) ** 2))
     assert losses[-1] < losses[0]
     # Only the adapters trained: the base weights are the original arrays, bit for bit.
     for i in (0, 2):

@@ -10,8 +10,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+
+from lora_helpers import train_adapters
 
 import pzbridge as pzb
 from pzbridge.core.errors import LiftError
@@ -19,7 +20,7 @@ from pzbridge.nn.dataflow import CallChild, Traced
 from pzbridge.nn.named_ops import Constant
 from pzbridge.testing.numerics import assert_outputs_match
 from pzbridge.toolshed.intermediates import capture_intermediates
-from pzbridge.toolshed.lora import is_lora_parameter, loraify_linears_in_selection, merge_lora
+from pzbridge.toolshed.lora import loraify_linears_in_selection, merge_lora
 
 
 class HookPoint(eqx.Module):
@@ -198,38 +199,9 @@ def test_patching_the_stream_at_one_block_reproduces_the_clean_run_downstream():
     assert_outputs_match(got.unwrap(*names), expected.unwrap(*names), same_computation=False)
 
 
-def lora_trainable(tree):
-    """The ``eqx.partition`` filter selecting only LoRA factors (in LoRALinears and adapters)."""
-    def mark(node):
-        if isinstance(node, pzb.bridge.equinox.EquinoxAdapter):
-            falses = jax.tree_util.tree_map(lambda _: False, node)
-            flags = tuple(jax.tree_util.tree_map(lambda _, v=v: is_lora_parameter(v), v) for v in node.values)
-            return eqx.tree_at(lambda n: n.values, falses, flags)
-        if isinstance(node, pzb.bridge.equinox.LoRALinear):
-            return pzb.bridge.equinox.lora_filter(node)
-        return False
-
-    return jax.tree_util.tree_map(mark, tree, is_leaf=lambda n: isinstance(
-        n, (pzb.bridge.equinox.EquinoxAdapter, pzb.bridge.equinox.LoRALinear)))
-
-
 def train_lora(model, x, target, steps=20):
-    """Trains only the LoRA factors of ``model`` with optax (MSE to ``target``); returns ``(trained, losses)``."""
-    params, static = eqx.partition(model, lora_trainable(model))
-    opt = optax.adam(1e-2)
-    state = opt.init(params)
-
-    @eqx.filter_jit
-    def step(params, state):
-        loss, grads = eqx.filter_value_and_grad(lambda p: jnp.mean((eqx.combine(p, static)(x) - target) ** 2))(params)
-        updates, state = opt.update(grads, state)
-        return eqx.apply_updates(params, updates), state, loss
-
-    losses = []
-    for _ in range(steps):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    return eqx.combine(params, static), losses
+    """Trains only the LoRA factors of ``model`` (MSE to ``target``); returns ``(trained, losses)``."""
+    return train_adapters(model, lambda m: jnp.mean((m(x) - target) ** 2), steps)
 
 
 def test_lora_on_every_weight_contraction_trains_and_merges_back_to_the_original_classes():
