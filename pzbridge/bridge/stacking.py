@@ -33,6 +33,7 @@ from typing import Any
 import jax
 
 from pzbridge.bridge.context import LiftContext, LowerContext, _Shared
+from pzbridge.bridge.tracing.graph_types import Untraceable
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LiftError, PzbridgeError
 from pzbridge.core.variables_kinds import AbstractVariableValue, LabeledVariable, Parameter, ParameterValue
@@ -107,7 +108,9 @@ def lift_stacked(module: Any, ctx: LiftContext, split: Split, axis: str = STACK_
 
     Raises:
       LiftError: If a block holds state (batch statistics) or arrays whose
-        axes have no names (a ``Foreign`` block), which cannot be stacked yet.
+        axes have no names (a ``Foreign`` block), which cannot be stacked yet
+        (``Untraceable`` instead while tracing a parent without ``strict``,
+        so that the parent stays ``Foreign``).
     """
     leaves, rebuild = split(module)
     unique, index = _unique(leaves)
@@ -125,7 +128,8 @@ def lift_stacked(module: Any, ctx: LiftContext, split: Split, axis: str = STACK_
     for variable in variables:
         if not isinstance(variable, (Parameter, ParameterValue)) or not nx.is_namedarray(variable.value):
             what = "state" if not isinstance(variable, (Parameter, ParameterValue)) else "an array with unnamed axes"
-            raise LiftError(
+            error = Untraceable if ctx.example is not None and not ctx.strict else LiftError  # traced: parent Foreign
+            raise error(
                 f"{ctx.where}: the stacked {type(module).__qualname__} holds {what} ({variable.label!r}), which "
                 "a layer stack cannot carry yet. Fix: lift the layers unstacked (a list of blocks), or keep this "
                 "module Foreign (lift without example inputs)."

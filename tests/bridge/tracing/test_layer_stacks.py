@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from test_equinox_tracing import train_lora
 
 import pzbridge as pzb
+from pzbridge.core.errors import LiftError
 from pzbridge.nn.layer_stack import LayerStack
 from pzbridge.testing.numerics import assert_outputs_match
 from pzbridge.toolshed.interventions import Patch
@@ -291,3 +292,30 @@ def test_a_stacked_model_of_abstract_arrays_lifts_and_lowers_to_the_same_shapes(
     assert jax.tree_util.tree_structure(lowered) == jax.tree_util.tree_structure(model)
     shapes = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(lowered)]
     assert shapes == [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(model)]
+
+
+class Branchy(eqx.Module):
+    linear: eqx.nn.Linear
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.sort(self.linear(x))  # sort: not expressible by traced lifting yet
+
+
+class ScansBranchy(eqx.Module):
+    layers: Branchy
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        arrays, static = eqx.partition(self.layers, eqx.is_array)
+        return jax.lax.scan(lambda h, p: (eqx.combine(p, static)(h), None), x, arrays)[0]
+
+
+def test_a_scan_over_untraceable_blocks_keeps_the_parent_foreign_and_strict_names_the_reason():
+    model = ScansBranchy(eqx.filter_vmap(lambda k: Branchy(eqx.nn.Linear(4, 4, key=k)))(
+        jax.random.split(jax.random.key(30), 2)))
+    lifted = pzb.lift(model, jnp.ones(4))
+    assert isinstance(lifted.body, pzb.nn.Foreign)
+    x = jnp.ones(4)
+    assert_outputs_match(lifted.positional(x), model(x), same_computation=True)
+    assert eqx.tree_equal(pzb.lower(lifted), model)
+    with pytest.raises(LiftError, match="layers"):
+        pzb.lift(model, jnp.ones(4), strict=True)
