@@ -68,6 +68,7 @@ class RuleRegistry:
         self._lower: dict[type, Any] = {}
         self._unknown: Callable[[Any, Any], Any] | None = None
         self._stacked: Callable[[Any, Any], Any] | None = None
+        self._stack_shaped: Callable[[Any], bool] = lambda module: False
 
     def rule(self, source: type | None = None, lifted: Sequence[type] = ()) -> Callable[[type[_R]], type[_R]]:
         """Class decorator registering a rule (an instance is created once).
@@ -159,8 +160,12 @@ class RuleRegistry:
             raise LookupError(f"the {self.framework} rule table has no handler for modules without a rule")
         return self._unknown(module, ctx)
 
-    def set_stacked_handler(self, handler: Callable[[Any, Any], Any]) -> None:
+    def set_stacked_handler(self, handler: Callable[[Any, Any], Any],
+                            stack_shaped: Callable[[Any], bool] = lambda module: True) -> None:
         """Sets how a module whose rule failed is tried as a stack of blocks (None: it is not one).
+
+        ``stack_shaped(module)`` is a cheap test (its arrays share a leading
+        size) deciding whether a module its rule declined is worth trying.
 
         Example:
             >>> registry = RuleRegistry("toy")
@@ -169,10 +174,43 @@ class RuleRegistry:
             True
         """
         self._stacked = handler
+        self._stack_shaped = stack_shaped
 
     def lift_if_stacked(self, module: Any, ctx: Any) -> Any | None:
         """The module lifted as a layer stack when its arrays have a common stack axis, else None."""
         return None if self._stacked is None else self._stacked(module, ctx)
+
+    def lift_with_rule(self, rule: Any, module: Any, ctx: Any, declined: Callable[[Any], bool]) -> Any:
+        """``rule.lift(module, ctx)``, or the module as a layer stack when the rule fails or declines.
+
+        A module whose arrays carry an extra leading stack axis (layers made by
+        ``eqx.filter_vmap`` / ``nnx.vmap``) makes its rule raise or decline
+        (``declined(lifted)``, e.g. a ``Foreign``); it is then tried as a
+        stack (:meth:`lift_if_stacked`) with the failed attempt's variables
+        forgotten. Otherwise the rule's error or result stands.
+
+        Example:
+            >>> from pzbridge.bridge.context import LiftContext
+            >>> registry = RuleRegistry("toy")
+            >>> class Rule:
+            ...     def lift(self, module, ctx): return str(module)
+            >>> registry.lift_with_rule(Rule(), 3, LiftContext("toy", lambda m, c: m), lambda lifted: False)
+            '3'
+        """
+        undo = ctx.undo_point()
+        try:
+            lifted = rule.lift(module, ctx)
+        except (ValueError, TypeError):  # LiftError is a TypeError
+            undo()
+            stacked = self.lift_if_stacked(module, ctx)
+            if stacked is None:
+                raise
+            return stacked
+        if not declined(lifted) or not self._stack_shaped(module):
+            return lifted
+        undo()
+        stacked = self.lift_if_stacked(module, ctx)
+        return stacked if stacked is not None else rule.lift(module, ctx)
 
     def convention_of(self, module: Any, naming: Any) -> Any | None:
         """The calling convention the lift rule of ``module``'s class records, or None.

@@ -37,7 +37,7 @@ from pzbridge.bridge.tracing.graph_types import Untraceable
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LiftError, PzbridgeError
 from pzbridge.core.variables_kinds import AbstractVariableValue, LabeledVariable, Parameter, ParameterValue
-from pzbridge.nn.layer_stack import STACK_AXIS, LayerStack, stacked_variables, with_slices
+from pzbridge.nn.layer_stack import STACK_AXIS, LayerStack, distinct_variables, stacked_variables, with_slices
 
 
 def stack_size(leaves: Sequence[Any]) -> int | None:
@@ -68,13 +68,18 @@ def _is_variable(node: Any) -> bool:
     return isinstance(node, (LabeledVariable, AbstractVariableValue))
 
 
-def _variables(tree: Any) -> list[Any]:
-    """The distinct variables and frozen values (an adapter's) of ``tree``, in tree order."""
-    found: dict[int, Any] = {}
-    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=_is_variable):
-        if _is_variable(leaf):
-            found.setdefault(id(leaf), leaf)
-    return list(found.values())
+def _same_buffer_stacked(value: Any, slices: dict[int, Any], axis: str) -> Any | None:
+    """The stacked value of a parameter whose value is one block's slice as it is (no rule reshaped it), or None.
+
+    Most rules wrap a module's array without touching it, so the stacked
+    value is the stacked array itself, named: the very buffer of the user's
+    module, with no ``jax.vmap`` run.
+    """
+    stacked = slices.get(id(getattr(value, "data_array", None)))
+    if (stacked is None or type(value) is not nx.NamedArray or value.positional_shape
+            or tuple(value.named_shape.values()) != tuple(value.data_array.shape)):
+        return None
+    return nx.NamedArray(stacked, {axis: int(stacked.shape[0]), **value.named_shape})
 
 
 def _scratch(ctx: LiftContext) -> LiftContext:
@@ -124,7 +129,7 @@ def lift_stacked(module: Any, ctx: LiftContext, split: Split, axis: str = STACK_
         unique = [jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype) for leaf in unique]
     first = [_first(leaf) for leaf in unique]
     lifted = ctx.lift_node(block(first), scratch)
-    variables = _variables(lifted)
+    variables = distinct_variables(lifted)
     for variable in variables:
         if not isinstance(variable, (Parameter, ParameterValue)) or not nx.is_namedarray(variable.value):
             what = "state" if not isinstance(variable, (Parameter, ParameterValue)) else "an array with unnamed axes"
@@ -135,16 +140,20 @@ def lift_stacked(module: Any, ctx: LiftContext, split: Split, axis: str = STACK_
                 "module Foreign (lift without example inputs)."
             )
 
-    def values(per_block: Sequence[Any]) -> list[Any]:
-        return [v.value for v in _variables(ctx.lift_node(block(per_block), _scratch(ctx)))]
+    slices = {id(s): unique[i] for i, s in enumerate(first)}
+    stacked_values = [_same_buffer_stacked(v.value, slices, axis) for v in variables]
+    if any(value is None for value in stacked_values):
+        # Some rule reshaped or transposed a weight: lift a block under vmap to stack its values exactly.
+        def values(per_block: Sequence[Any]) -> list[Any]:
+            return [v.value for v in distinct_variables(ctx.lift_node(block(per_block), _scratch(ctx)))]
 
-    stacked_values = jax.eval_shape(jax.vmap(values), unique) if abstract else jax.vmap(values)(unique)
-    source_of = {id(s): unique[i] for i, s in enumerate(first)}
-    sources = {id(v): source_of.get(key) for key, v in scratch.shared.by_identity.items()
+        mapped = jax.eval_shape(jax.vmap(values), unique) if abstract else jax.vmap(values)(unique)
+        stacked_values = [value if value is not None else again.tag_prefix(axis)
+                          for value, again in zip(stacked_values, mapped)]
+    sources = {id(v): slices.get(key) for key, v in scratch.shared.by_identity.items()
                if isinstance(v, LabeledVariable)}
     replacements: dict[int, Any] = {}
     for variable, value in zip(variables, stacked_values):
-        value = value.tag_prefix(axis)
         if isinstance(variable, ParameterValue):  # a frozen value (an adapter's array): no sharing to keep
             replacements[id(variable)] = ParameterValue(value, variable.label, dict(variable.metadata))
             continue

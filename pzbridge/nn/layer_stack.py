@@ -59,6 +59,21 @@ def _carries(value: Any, axis: str) -> bool:
     return nx.is_namedarray(value) and axis in value.named_shape
 
 
+def distinct_variables(tree: Any) -> list[Any]:
+    """The distinct variables and frozen values (an adapter's) of ``tree``, in tree order.
+
+    Example:
+        >>> w = pzb.Parameter(1.0, "w")
+        >>> [v.label for v in distinct_variables([w, w, pzb.Parameter(2.0, "b").freeze()])]
+        ['w', 'b']
+    """
+    found: dict[int, Any] = {}
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=_is_variable):
+        if _is_variable(leaf):
+            found.setdefault(id(leaf), leaf)
+    return list(found.values())
+
+
 def stacked_variables(tree: Any, axis: str) -> list[Any]:
     """The distinct variables (or frozen values) in ``tree`` whose value carries ``axis``, in tree order.
 
@@ -67,11 +82,7 @@ def stacked_variables(tree: Any, axis: str) -> list[Any]:
         >>> [v.label for v in stacked_variables([w, w, pzb.Parameter(pzb.nx.zeros({"features": 3}), "b")], "layers")]
         ['w']
     """
-    found: dict[int, Any] = {}
-    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=_is_variable):
-        if _is_variable(leaf) and id(leaf) not in found and _carries(leaf.value, axis):
-            found[id(leaf)] = leaf
-    return list(found.values())
+    return [v for v in distinct_variables(tree) if _carries(v.value, axis)]
 
 
 def with_slices(tree: Any, variables: list[Any], slices: list[Any]) -> Any:

@@ -29,7 +29,14 @@ import jax
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox.adapter import EquinoxAdapter
 from pzbridge.bridge.equinox.traversal import EQUINOX, is_array
-from pzbridge.bridge.stacking import STACK_AXIS, is_plain_stack, lift_stacked, lower_stacked, stack_or_none
+from pzbridge.bridge.stacking import (
+    STACK_AXIS,
+    is_plain_stack,
+    lift_stacked,
+    lower_stacked,
+    stack_or_none,
+    stack_size,
+)
 from pzbridge.nn.layer_stack import LayerStack
 
 
@@ -58,8 +65,9 @@ def lift_stacked_block(module: Any, ctx: LiftContext, axis: str = STACK_AXIS) ->
     return lift_stacked(module, ctx, split_stacked, axis)
 
 
-EQUINOX.set_stacked_handler(lambda module, ctx: stack_or_none(
-    module, ctx, split_stacked, lambda block: EQUINOX.convention_of(block, ctx.naming)))
+EQUINOX.set_stacked_handler(
+    lambda module, ctx: stack_or_none(module, ctx, split_stacked, lambda block: EQUINOX.convention_of(block, ctx.naming)),
+    lambda module: stack_size(split_stacked(module)[0]) is not None)
 
 
 @EQUINOX.rule(lifted=(LayerStack,))

@@ -110,14 +110,7 @@ def lift_node(module: Any, ctx: LiftContext) -> Any:
     """
     rule = EQUINOX.lift_rule_for(type(module))
     if rule is not None:
-        try:
-            return rule.lift(module, ctx)
-        except (LiftError, ValueError, TypeError):
-            # Arrays with an extra leading axis (eqx.filter_vmap-made layers) fail the rule: try a stack.
-            stacked = EQUINOX.lift_if_stacked(module, ctx)
-            if stacked is None:
-                raise
-            return stacked
+        return EQUINOX.lift_with_rule(rule, module, ctx, lambda lifted: isinstance(lifted, Foreign))
     if not isinstance(module, eqx.Module):
         raise LiftError(
             f"{ctx.where}: expected an eqx.Module, found {type(module).__name__}. "

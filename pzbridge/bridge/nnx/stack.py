@@ -36,7 +36,14 @@ from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.bridge.nnx.traversal import NNX
 from pzbridge.bridge.nnx.variables import fresh_variable, is_array, raw_value
-from pzbridge.bridge.stacking import STACK_AXIS, is_plain_stack, lift_stacked, lower_stacked, stack_or_none
+from pzbridge.bridge.stacking import (
+    STACK_AXIS,
+    is_plain_stack,
+    lift_stacked,
+    lower_stacked,
+    stack_or_none,
+    stack_size,
+)
 from pzbridge.nn.layer_stack import LayerStack
 
 
@@ -85,8 +92,9 @@ def _stacked_modules(make_one: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return run
 
 
-NNX.set_stacked_handler(lambda module, ctx: stack_or_none(
-    module, ctx, split_stacked, lambda block: NNX.convention_of(block, ctx.naming)))
+NNX.set_stacked_handler(
+    lambda module, ctx: stack_or_none(module, ctx, split_stacked, lambda block: NNX.convention_of(block, ctx.naming)),
+    lambda module: stack_size(split_stacked(module)[0]) is not None)
 
 
 @NNX.rule(lifted=(LayerStack,))

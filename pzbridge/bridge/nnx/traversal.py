@@ -142,20 +142,7 @@ def lift_node(module: Any, ctx: LiftContext) -> Any:
         return done
     rule = NNX.lift_rule_for(type(module))
     if rule is not None:
-        undo = ctx.undo_point()
-        try:
-            lifted = rule.lift(module, ctx)
-        except (LiftError, ValueError, TypeError):
-            # Variables with an extra leading axis (nnx.vmap-made layers) fail the rule, or it declines
-            # (keeps the module Foreign): try a stack of blocks.
-            undo()
-            lifted = NNX.lift_if_stacked(module, ctx)
-            if lifted is None:
-                raise
-        if isinstance(lifted, Foreign):
-            undo()
-            stacked = NNX.lift_if_stacked(module, ctx)
-            lifted = stacked if stacked is not None else rule.lift(module, ctx)
+        lifted = NNX.lift_with_rule(rule, module, ctx, lambda lifted: isinstance(lifted, Foreign))
     elif not isinstance(module, nnx.Pytree):
         raise LiftError(
             f"{ctx.where}: expected an nnx.Module, found {type(module).__module__}.{type(module).__qualname__}. "

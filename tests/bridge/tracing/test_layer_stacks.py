@@ -153,6 +153,7 @@ def test_a_stack_made_by_filter_vmap_lifts_without_an_example_and_lowers_back():
     stacked = eqx.filter_vmap(lambda k: eqx.nn.Linear(4, 4, key=k))(keys)
     lifted = pzb.lift(stacked)
     assert isinstance(lifted.body, LayerStack) and lifted.body.size == 2
+    assert lifted.body.body.sublayers[0].weights.value.data_array is stacked.weight  # the buffer, not a copy
     x = jax.random.normal(jax.random.key(4), (4,))
     first, second = (eqx.combine(jax.tree_util.tree_map(lambda a: a[i], eqx.filter(stacked, eqx.is_array)),
                                  eqx.filter(stacked, eqx.is_array, inverse=True)) for i in range(2))
