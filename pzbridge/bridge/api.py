@@ -21,9 +21,12 @@ import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pzbridge.bridge.context import recursion_headroom
 from pzbridge.bridge.lifted import CallingConvention, LiftedModel
-from pzbridge.bridge.naming import AxisNaming
+from pzbridge.bridge.naming import AxisNaming, checked_naming
+from pzbridge.bridge.registry import memo_block
 from pzbridge.bridge.tracing.example import Example
+from pzbridge.bridge.tracing.overrides import OVERRIDES_KEY, AxisOverrides
 from pzbridge.core.errors import LiftError, LowerError
 from pzbridge.nn.dataflow import Traced
 from pzbridge.nn.layer_stack import LayerStack
@@ -55,9 +58,12 @@ def _traversal(framework: str) -> types.ModuleType:
     return traversal
 
 
+@recursion_headroom()
+@memo_block()
 def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | None = None,
          input_names: Sequence[Sequence[str] | None] | None = None, naming: AxisNaming | None = None,
-         strict: bool = False, state: Any = None) -> LiftedModel:
+         strict: bool = False, state: Any = None,
+         axis_names: Mapping[str, Mapping[str, str]] | None = None) -> LiftedModel:
     """Lifts an Equinox or Flax NNX module into an editable pzbridge model.
 
     Never mutates ``module`` and copies no array: lifted parameters hold the
@@ -79,13 +85,19 @@ def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | No
         modules that cannot be traced, naming the reason).
       state: Equinox only: the ``eqx.nn.State`` of a stateful model; its
         entries become ``StateVariable``s.
+      axis_names: Renames of traced axes by module path, ``{"blocks.*.attn":
+        {"projection": "head_dim"}}`` (dotted paths, ``*`` wildcards, ``""``
+        the root; see :mod:`~pzbridge.bridge.tracing.overrides`). Needs
+        example inputs.
 
     Returns:
       A :class:`~pzbridge.bridge.lifted.LiftedModel` (call it on named
       arrays, or use ``.positional(...)`` exactly like the original).
 
     Raises:
-      LiftError: Unknown input type, or a module without a rule with ``strict``.
+      LiftError: Unknown input type, a module without a rule with ``strict``,
+        an ``axis_names`` entry that renames nothing, a bad ``naming`` or
+        ``state`` (or an ``eqx.nn.BatchNorm`` lifted without ``state=``).
 
     Example:
         >>> import jax, equinox as eqx
@@ -94,21 +106,33 @@ def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | No
         (3,)
     """
     framework = _framework_of(module)
-    naming = naming or AxisNaming()
+    naming = checked_naming(naming)
     if state is not None and framework != "equinox":
-        raise LiftError("<root>: state= is for Equinox models; NNX modules hold their own state.")
+        raise LiftError("<root>: state= is for Equinox models, found an nnx.Module (NNX modules hold their own "
+                        "state). Fix: drop state=.")
     traversal = _traversal(framework)
     ctx = traversal.new_lift_context(naming, strict)
     if state is not None:
-        ctx.shared.extras["state"] = state
+        from pzbridge.bridge.equinox.state import checked_state  # Loaded with the Equinox traversal anyway.
+
+        ctx.shared.extras["state"] = checked_state(state, module)
     if example_args or example_kwargs:
         ctx = ctx.with_example(Example.of(example_args, example_kwargs, input_names))
+    elif axis_names:
+        raise LiftError("<root>: axis_names renames traced axes, but no example input was given, so nothing is "
+                        "traced. Fix: pass example inputs, pzb.lift(model, x, axis_names=...).")
+    overrides = AxisOverrides.of(axis_names) if axis_names else None
+    if overrides is not None:
+        ctx.shared.extras[OVERRIDES_KEY] = overrides
     body = ctx.lift_node(module, ctx)
+    if overrides is not None:
+        overrides.check_used()
     convention = body.convention if isinstance(body, (Traced, LayerStack)) else None
     convention = convention or traversal.RULES.convention_of(module, naming)
     return LiftedModel(body, framework, convention or CallingConvention())
 
 
+@recursion_headroom()
 def lower(lifted: Any, *, framework: str | None = None) -> Any:
     """Lowers a lifted (possibly edited) model back to a genuine framework module.
 

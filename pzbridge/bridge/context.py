@@ -19,8 +19,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -292,6 +295,57 @@ class LowerContext:
             self.shared.by_identity[key] = make()
             self.shared.keep_alive.append(source)
         return self.shared.by_identity[key]
+
+
+TRAVERSAL_RECURSION_LIMIT = 16_000
+"""Python's recursion limit inside :func:`recursion_headroom` (at least; a higher one is kept).
+
+Lifting, lowering and calling recurse about 8 Python frames per level of
+module nesting, so the default limit of 1,000 stops at 120-260 nested
+wrappers; 16,000 covers about 1,800 levels. Python 3.11+ runs Python-to-Python
+calls without growing the C stack (1,000 levels use under 1 MiB of it), and
+16,000 frames stay inside an 8 MiB thread stack even where every frame
+recurses through C (about 30,000 do). On Python 3.12+ the limit counts Python
+frames only; recursion through C has a fixed limit of its own.
+"""
+
+_HEADROOM_LOCK = threading.Lock()
+_headroom = {"users": 0, "saved": 0, "raised_to": 0}
+
+
+@contextlib.contextmanager
+def recursion_headroom(limit: int = TRAVERSAL_RECURSION_LIMIT) -> Iterator[None]:
+    """Raises Python's recursion limit to at least ``limit`` inside the block, and restores it after.
+
+    The limit is process-wide, so concurrent and nested blocks are counted:
+    the first raises it, the last one out restores the saved value (unless
+    something else changed it meanwhile). Wraps ``lift``, ``lower`` and calls
+    of a ``LiftedModel``, whose traversals recurse once per nesting level.
+
+    Example:
+        >>> import sys
+        >>> before = sys.getrecursionlimit()
+        >>> with recursion_headroom(before + 500):
+        ...     sys.getrecursionlimit() == before + 500
+        True
+        >>> sys.getrecursionlimit() == before
+        True
+    """
+    with _HEADROOM_LOCK:
+        state = _headroom
+        if state["users"] == 0:
+            state["saved"] = state["raised_to"] = sys.getrecursionlimit()
+        if sys.getrecursionlimit() < limit:
+            sys.setrecursionlimit(limit)
+            state["raised_to"] = limit
+        state["users"] += 1
+    try:
+        yield
+    finally:
+        with _HEADROOM_LOCK:
+            state["users"] -= 1
+            if state["users"] == 0 and sys.getrecursionlimit() == state["raised_to"]:
+                sys.setrecursionlimit(state["saved"])
 
 
 def _wrap(array: Any, axis_names: Sequence[str]) -> nx.NamedArray:

@@ -22,8 +22,10 @@ from typing import Any
 
 import jax
 
+from pzbridge.bridge.call_errors import explain_call_failure
+from pzbridge.bridge.context import recursion_headroom
 from pzbridge.core import named_axes as nx
-from pzbridge.core.errors import NamedAxisError
+from pzbridge.core.errors import NamedAxisError, PzbridgeError
 from pzbridge.core.struct import Struct, pytree_dataclass, static_field
 from pzbridge.nn.layer import Layer
 
@@ -160,9 +162,17 @@ class LiftedModel(Layer):
     framework: str = static_field()
     convention: CallingConvention = static_field(default=CallingConvention())
 
+    @recursion_headroom()  # A call recurses once per level of nesting (see recursion_headroom).
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
-        return self.body(x, **side_inputs)
+        try:
+            return self.body(x, **side_inputs)
+        except PzbridgeError:
+            raise
+        except Exception as exc:  # Explained when recognised, else re-raised as it is.
+            _raise_explained(self, (x,), exc, positional=False)
+            raise
 
+    @recursion_headroom()
     def positional(self, *args: Any, **kwargs: Any) -> Any:
         """Calls the model exactly as the original module was called.
 
@@ -176,4 +186,18 @@ class LiftedModel(Layer):
             [0, 1, 2]
         """
         x, side = self.convention.split_call(args, kwargs)
-        return self.convention.unname_output(self.body(x, **side))
+        try:
+            out = self.body(x, **side)
+        except PzbridgeError:
+            raise
+        except Exception as exc:  # Explained when recognised, else re-raised as it is.
+            _raise_explained(self, args, exc, positional=True)
+            raise
+        return self.convention.unname_output(out)
+
+
+def _raise_explained(model: LiftedModel, inputs: Sequence[Any], exc: Exception, *, positional: bool) -> None:
+    """Raises the pzbridge error for a recognised calling mistake (see :mod:`pzbridge.bridge.call_errors`)."""
+    error = explain_call_failure(model, inputs, exc, positional=positional)
+    if error is not None:
+        raise error from exc

@@ -25,10 +25,67 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 _R = TypeVar("_R")
+
+# One table per memo block: (tag, id(obj), *ids of extra keys) -> (obj, extras, result). Keeping obj and
+# extras in the value keeps them alive, so an id cannot be reused by another object inside the block.
+# A ContextVar keeps concurrent lifts in different threads apart.
+_MEMO: contextvars.ContextVar[dict[tuple[Any, ...], tuple[Any, Any, Any]] | None] = contextvars.ContextVar(
+    "pzbridge_memo", default=None)
+
+
+@contextlib.contextmanager
+def memo_block() -> Iterator[None]:
+    """Within this block :func:`memoised` computes each value once per object (one lift runs in one block).
+
+    Nested blocks share the outermost block's table; it is dropped when that block ends.
+
+    Example:
+        >>> calls = []
+        >>> with memo_block():
+        ...     for _ in range(3):
+        ...         _ = memoised("demo", calls, lambda: calls.append(1))
+        >>> len(calls)
+        1
+    """
+    if _MEMO.get() is not None:
+        yield
+        return
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def memoised(tag: str, obj: Any, compute: Callable[[], _R], *extra: Any) -> _R:
+    """``compute()``, computed once per ``(tag, obj, *extra)`` identity within the current :func:`memo_block`.
+
+    Outside any block one is opened for the duration of the call, so a
+    recursive computation (a convention of nested containers) is memoised
+    across its own recursion. Only for values that depend on nothing but the
+    objects' identities (modules are not mutated during a lift).
+
+    Example:
+        >>> memoised("demo", [1, 2], lambda: "computed")
+        'computed'
+    """
+    memo = _MEMO.get()
+    if memo is None:
+        with memo_block():
+            return memoised(tag, obj, compute, *extra)
+    key = (tag, id(obj), *map(id, extra))
+    hit = memo.get(key)
+    if hit is not None:
+        return hit[2]
+    result = compute()
+    memo[key] = (obj, extra, result)
+    return result
 
 
 class Rule(Protocol):
@@ -216,7 +273,10 @@ class RuleRegistry:
         """The calling convention the lift rule of ``module``'s class records, or None.
 
         Rules may define ``convention(module, naming)`` to say what the
-        module's positional inputs and output are called.
+        module's positional inputs and output are called. The result is
+        memoised per module and naming object (see :func:`memoised`): a
+        container's convention reads its children's, so nested containers
+        would otherwise recompute them exponentially often.
 
         Example:
             >>> registry = RuleRegistry("toy")
@@ -227,7 +287,9 @@ class RuleRegistry:
             (('features',), None)
         """
         rule = self.lift_rule_for(type(module))
-        return rule.convention(module, naming) if rule is not None and hasattr(rule, "convention") else None
+        if rule is None or not hasattr(rule, "convention"):
+            return None
+        return memoised(f"{self.framework}-convention", module, lambda: rule.convention(module, naming), naming)
 
     def known_sources(self) -> list[str]:
         """Names of the framework classes with lift rules (for error messages).

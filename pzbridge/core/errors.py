@@ -93,6 +93,18 @@ class LowerError(PzbridgeError, TypeError):
     """
 
 
+class CheckpointError(PzbridgeError, ValueError):
+    """A checkpoint cannot be saved, read, or does not match the model it is restored into.
+
+    The message names the checkpoint directory, what was expected and found,
+    and the fix.
+
+    Example:
+        >>> isinstance(CheckpointError("'ckpt': no committed version"), ValueError)
+        True
+    """
+
+
 def format_path(keypath: tuple) -> str:
     """Renders a JAX keypath as the model path users see in errors.
 

@@ -114,6 +114,20 @@ def _check_names(names: tuple[Any, ...], what: str) -> None:
         raise NamedAxisError(f"{what}: duplicate axis names {duplicates} in {list(names)}. Fix: pass each name once.")
 
 
+def _axis_map(value: Any, what: str, field: str) -> AxisMap:
+    """``value`` as an :class:`AxisMap`; a clear error for what is not a name -> int mapping (``None``, a list)."""
+    try:
+        return AxisMap(value)
+    except NamedAxisError:
+        raise
+    except (TypeError, ValueError):
+        raise NamedAxisError(
+            f"{what}: {field} must map axis names to sizes, found {type(value).__name__} {value!r:.60}. "
+            "Fix: pass a dict such as {'seq': 4} ({} for no named axes), or build the array with "
+            "pzb.nx.wrap(array, *names)."
+        ) from None
+
+
 def _shape_of(data: Any) -> tuple[int, ...] | None:
     shape = getattr(data, "shape", None)
     return None if shape is None else tuple(shape)
@@ -567,7 +581,7 @@ class NamedArray(NamedArrayBase, Struct):
 
     def __post_init__(self) -> None:
         if not isinstance(self.named_axes, AxisMap):
-            object.__setattr__(self, "named_axes", AxisMap(self.named_axes))
+            object.__setattr__(self, "named_axes", _axis_map(self.named_axes, "NamedArray", "named_axes"))
         self.check_valid()
 
     def check_valid(self) -> None:

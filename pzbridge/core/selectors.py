@@ -85,6 +85,20 @@ def _check_bool(result: Any, what: str) -> bool:
     )
 
 
+def _check_keypaths_found(wanted: set[KeyPath], found: set[KeyPath], within: fl.Flat) -> None:
+    """Raises for keypaths that are neither selected nor inside a selected keypath."""
+    missing = [p for p in wanted if not any(p[:i] in found for i in range(len(p), -1, -1))]
+    if not missing:
+        return
+    shown = sorted(format_path(p) for p in missing)
+    raise SelectionError(
+        f"at_keypaths: no node at {shown[:5]}{' ...' if len(shown) > 5 else ''} in {_describe(within)}; "
+        "expected keypaths of existing nodes, relative to each selected subtree, found none there. Fix: build "
+        "them from the tree itself (pzb.select(tree).at_pytree_leaves().get_keypaths(), or "
+        "jax.tree_util.tree_flatten_with_path), or pass allow_missing=True to skip them."
+    )
+
+
 @pytree_dataclass
 class Selection(Struct):
     """A set of non-overlapping selected subtrees of a tree, plus the rest.
@@ -285,14 +299,33 @@ class Selection(Struct):
             return Selection._from_flat(flat.with_values(new))
         return flat.rebuild(new)
 
-    def set(self, value: Any) -> Any:
+    def set(self, value: Any, *, allow_empty: bool = False) -> Any:
         """Replaces every selected entry by ``value``.
+
+        Setting on an empty selection is almost always a selector that
+        missed (a wrong class or path), so it raises unless ``allow_empty``.
+
+        Args:
+          value: The replacement.
+          allow_empty: Return the tree unchanged when nothing is selected.
+
+        Raises:
+          SelectionError: If nothing is selected and not ``allow_empty``.
 
         Example:
             >>> select([1, 2]).at(lambda t: t[1]).set(None)
             [1, None]
+            >>> select([1, 2]).at_instances_of(str).set(0, allow_empty=True)
+            [1, 2]
         """
         flat = self._flat()
+        if not flat.values and not allow_empty:
+            raise SelectionError(
+                f".set(): the selection is empty, expected at least one selected node to replace, found "
+                f"{_describe(flat)} (the tree's root is {type(flat.rebuild()).__name__}). Fix: check the "
+                "selector (e.g. print pzb.select(tree).at_instances_of(object).get_keypaths()), or pass "
+                "allow_empty=True to accept an unchanged tree."
+            )
         return flat.rebuild([value] * len(flat.values))
 
     def set_sequence(self, values: Iterable[Any]) -> Any:
@@ -370,7 +403,8 @@ class Selection(Struct):
                 raise SelectionError(
                     f"The accessor passed to .at() raised {type(exc).__name__}: {exc}. It runs on a "
                     "structural copy whose leaves are wrapped, so it may only index into the "
-                    "tree (e.g. lambda t: t.layers[2]); use .at_subtrees_where(pred) to select by value."
+                    "tree. Fix: index only (e.g. lambda t: t.layers[2]), or use .at_subtrees_where(pred) to "
+                    "select by value."
                 ) from exc
             needles = tuple(found) if multiple else (found,)
             ids = {id(n) for n in needles}
@@ -389,16 +423,39 @@ class Selection(Struct):
 
         return self._refine(sub)
 
-    def at_keypaths(self, keypaths: Collection[KeyPath]) -> Selection:
+    def at_keypaths(self, keypaths: Collection[KeyPath], *, allow_missing: bool = False) -> Selection:
         """Selects the nodes at ``keypaths``, relative to each selected subtree.
+
+        A keypath inside another selected keypath is covered by it (the
+        outermost is selected); one that names no node in any selected
+        subtree is an error unless ``allow_missing``.
+
+        Args:
+          keypaths: Tuples of JAX key entries (as ``get_keypaths()`` returns).
+          allow_missing: Skip keypaths that name no node instead of raising.
+
+        Raises:
+          SelectionError: If a keypath names no node and not ``allow_missing``.
 
         Example:
             >>> from jax.tree_util import SequenceKey
             >>> select([1, 2]).at_keypaths([(SequenceKey(1),)]).get()
             2
+            >>> select([1, 2]).at_keypaths([(SequenceKey(5),)], allow_missing=True).count()
+            0
         """
         pathset = set(tuple(p) for p in keypaths)
-        return self._refine(lambda value: fl.flat_at_paths(value, pathset))
+        found: set[KeyPath] = set()
+
+        def sub(value: Any) -> fl.Flat:
+            flat = fl.flat_at_paths(value, pathset)
+            found.update(tuple(p) for p in flat.occurrence_paths())
+            return flat
+
+        refined = self._refine(sub)
+        if not allow_missing:
+            _check_keypaths_found(pathset, found, self._flat())
+        return refined
 
     def at_instances_of(self, cls: type | tuple[type, ...], innermost: bool = False) -> Selection:
         """Selects the outermost (or innermost) instances of ``cls``.
@@ -830,7 +887,8 @@ def combine(*parts: Any) -> Any:
         [1, 2]
     """
     if not parts:
-        raise SelectionError("combine() needs at least one tree. Fix: pass the parts from .partition().")
+        raise SelectionError("combine() needs at least one tree, found no arguments. Fix: pass the parts from "
+                             ".partition(), e.g. combine(*sel.partition()).")
 
     def merge(path: KeyPath, nodes: list) -> Any:
         present = [n for n in nodes if not isinstance(n, NotInThisPartition)]

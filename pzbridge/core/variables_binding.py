@@ -148,8 +148,25 @@ def _raise_conflict(tree: Any, leaves: list[Any], first: LabeledVariable, second
     )
 
 
-def unbind_params(tree: Any, freeze: bool = False) -> tuple[Any, tuple[AnyVariable, ...]]:
+def _reject_positional(name: str, extra: tuple[Any, ...]) -> None:
+    """``unbind_params(tree, predicate)`` used to take the predicate as ``freeze``: say so instead."""
+    if extra:
+        raise VariableError(
+            f"{name}: takes one positional argument (the tree), found {len(extra)} more "
+            f"({type(extra[0]).__name__} {extra[0]!r:.40}); expected freeze= as a keyword. Fix: call "
+            f"{name}(tree, freeze=True), or pzb.unbind_variables(tree, predicate) to choose variables yourself."
+        )
+
+
+def unbind_params(tree: Any, *extra: Any, freeze: bool = False) -> tuple[Any, tuple[AnyVariable, ...]]:
     """Unbinds only the :class:`Parameter` variables (see :func:`unbind_variables`).
+
+    ``freeze`` is keyword-only: a second positional argument (e.g. a
+    predicate meant for :func:`unbind_variables`) raises instead of being
+    taken as ``freeze``.
+
+    Raises:
+      VariableError: If more than one positional argument is given.
 
     Example:
         >>> from pzbridge.core.variables_kinds import Parameter, StateVariable
@@ -157,11 +174,17 @@ def unbind_params(tree: Any, freeze: bool = False) -> tuple[Any, tuple[AnyVariab
         >>> [p.label for p in params], type(slots[1]).__name__
         (['w'], 'StateVariable')
     """
+    _reject_positional("unbind_params", extra)
     return unbind_variables(tree, lambda v: isinstance(v, Parameter), freeze=freeze)
 
 
-def unbind_state_vars(tree: Any, freeze: bool = False) -> tuple[Any, tuple[AnyVariable, ...]]:
+def unbind_state_vars(tree: Any, *extra: Any, freeze: bool = False) -> tuple[Any, tuple[AnyVariable, ...]]:
     """Unbinds only the :class:`StateVariable` variables (see :func:`unbind_variables`).
+
+    ``freeze`` is keyword-only, as for :func:`unbind_params`.
+
+    Raises:
+      VariableError: If more than one positional argument is given.
 
     Example:
         >>> from pzbridge.core.variables_kinds import Parameter, StateVariable
@@ -169,6 +192,7 @@ def unbind_state_vars(tree: Any, freeze: bool = False) -> tuple[Any, tuple[AnyVa
         >>> [s.label for s in state], slots[1]
         (['n'], StateVariableSlot(label='n'))
     """
+    _reject_positional("unbind_state_vars", extra)
     return unbind_variables(tree, lambda v: isinstance(v, StateVariable), freeze=freeze)
 
 

@@ -231,6 +231,12 @@ class Traced(Layer):
         for leaf in jax.tree_util.tree_leaves(x, is_leaf=nx.is_namedarray):
             if nx.is_namedarray(leaf):
                 sizes.update(leaf.named_shape)
+        # A side input's axes count too (a cache's length), where the main input has no axis of that name.
+        others = {k: v for k, v in side_inputs.items() if k != AXIS_SIZES}
+        for leaf in jax.tree_util.tree_leaves(others, is_leaf=nx.is_namedarray):
+            if nx.is_namedarray(leaf):
+                for name, size in leaf.named_shape.items():
+                    sizes.setdefault(name, size)
         return self.body(x, **{**side_inputs, AXIS_SIZES: tuple(sizes.items())})
 
     def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:

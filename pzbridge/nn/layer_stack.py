@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError
@@ -183,6 +184,9 @@ class LayerStack(Layer):
       unroll: Passed to ``jax.lax.scan`` (static).
       convention: How a stacked module lifted on its own is called
         positionally (its block's calling convention), or None (static).
+      length: The number of steps of a stack that slices nothing (the same
+        block repeated, as ``lax.scan(..., length=n)`` / ``fori_loop``), or
+        None: the length of ``axis`` in the sliced arrays (static).
 
     The input is the first carried value alone, or the tuple
     ``(*carry, *constants, *per_step_inputs)``; the output is the final
@@ -205,6 +209,7 @@ class LayerStack(Layer):
     reverse: bool = static_field(default=False)
     unroll: int = static_field(default=1)
     convention: Any = static_field(default=None)
+    length: int | None = static_field(default=None)
 
     @property
     def size(self) -> int:
@@ -215,6 +220,8 @@ class LayerStack(Layer):
             >>> LayerStack(pzb.nn.AddBias(w)).size
             4
         """
+        if self.length is not None:
+            return self.length
         variables = stacked_variables(self.body, self.axis)
         if not variables:
             raise NamedAxisError(
@@ -249,8 +256,15 @@ class LayerStack(Layer):
             return tuple(outs[: self.carry_count]), (tuple(outs[self.carry_count:]), written)
 
         values, states = plan.scanned()
-        final, (ys, written) = nx.scan(step, self.axis, carry, (values, states, xs), reverse=self.reverse,
-                                       unroll=self.unroll)
+        scanned: Any = (values, states, xs)
+        run = step
+        if self.length is not None:  # nothing is sliced: step over an index axis of that length
+            scanned = (scanned, nx.wrap(jnp.arange(self.length), self.axis))
+
+            def run(carried: tuple[Any, ...], both: tuple[Any, Any]) -> tuple[Any, Any]:
+                return step(carried, both[0])
+
+        final, (ys, written) = nx.scan(run, self.axis, carry, scanned, reverse=self.reverse, unroll=self.unroll)
         plan.write_back(written)
         outs = (*final, *ys)
         return outs if len(outs) > 1 else outs[0]

@@ -103,6 +103,29 @@ class ParameterUse(Struct):
         return nx.NamedArray(data, {self.use[i]: data.shape[k] for k, i in enumerate(keep)})
 
 
+@pytree_dataclass
+class AxisSize(Struct):
+    """A scalar constant that is the size of an input axis at call time (code that uses ``x.shape[0]`` as a number).
+
+    Attributes:
+      name: The input axis, read from :data:`AXIS_SIZES` (static).
+      example: Its size in the traced example (used without ``AXIS_SIZES``) (static).
+      dtype: The constant's dtype (static).
+
+    Example:
+        >>> AxisSize("seq", 5, "int32").value({AXIS_SIZES: (("seq", 9),)})
+        Array(9, dtype=int32)
+    """
+
+    name: str = static_field()
+    example: int = static_field()
+    dtype: str = static_field()
+
+    def value(self, side_inputs: Mapping[str, Any]) -> jax.Array:
+        """The size at call time, as a scalar of ``dtype``."""
+        return jnp.asarray(_size((self.name, self.example), side_inputs), dtype=self.dtype)
+
+
 def constant_value(value: Any) -> Any:
     """The value a glue constant contributes (a :class:`ParameterUse` named for its use, else itself).
 
@@ -123,7 +146,7 @@ class ApplyPrimitive(Layer):
       operand_order: Where each operand comes from: ``("input", i)`` is the
         ``i``-th element of the (tuple) input, ``("constant", j)`` is
         ``constants[j]`` (static).
-      constants: Scalars, arrays, named arrays or ``Parameter`` s; parameters
+      constants: Scalars, :class:`AxisSize` s, arrays, named arrays or ``Parameter`` s; parameters
         stay selectable (``at_instances_of(pzb.Parameter)``).
       renames: Per operand, ``((old, new), ...)`` renames that align the
         operands' axis names before the primitive (static).
@@ -145,7 +168,8 @@ class ApplyPrimitive(Layer):
         inputs = _operands(x)
         operands = []
         for position, (source, index) in enumerate(self.operand_order):
-            value = inputs[index] if source == "input" else constant_value(self.constants[index])
+            value = inputs[index] if source == "input" else self.constants[index]
+            value = value.value(side_inputs) if isinstance(value, AxisSize) else constant_value(value)
             renames = dict(self.renames[position]) if position < len(self.renames) else {}
             operands.append(_renamed(value, renames))
         params = dict(self.params)

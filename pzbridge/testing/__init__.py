@@ -6,7 +6,8 @@ structs (:mod:`pzbridge.testing.trees`), numerical comparisons that are bitwise
 only where two programs are the same and within a few ulps otherwise
 (:mod:`pzbridge.testing.numerics`), and random Equinox / NNX models
 (:mod:`pzbridge.testing.equinox_strategies`, :mod:`pzbridge.testing.nnx_strategies`,
-imported on first use because they load the frameworks).
+imported on first use because they load the frameworks), and deeply nested
+models for depth tests (:mod:`pzbridge.testing.deep_models`).
 
 Example:
     >>> from hypothesis import given

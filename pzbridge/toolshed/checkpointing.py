@@ -9,21 +9,31 @@ into a freshly lifted (or freshly built) model of the same architecture, or
 rebuilds free-standing variables (:func:`load_variables`) for a model built
 with slots (``from_config(..., init_base_rng=None)``).
 
-Two guarantees:
+Three guarantees:
 
 - **All or nothing.** Before anything is loaded, the target is compared with
   the checkpoint; every difference (missing or extra labels, kinds, shapes,
   dtypes, axis names, structure) is collected into ONE
   :class:`CheckpointError`, and the target is left unchanged. Values are only
-  assigned once every array has been read.
-- **Atomic saves.** ``directory`` holds numbered versions (``directory/3``).
-  Each save writes a new version with orbax, which writes into a temporary
-  directory and renames it when complete; only then are older versions
-  removed. A save killed midway leaves an unfinished temporary directory
-  that restore ignores, and the previous version intact.
+  assigned once every array has been read and checked.
+- **Only committed versions count.** ``directory`` holds numbered versions
+  (``directory/3``). A save writes its version into a hidden staging
+  directory, writes a commit marker (every file's size and sha256) last, and
+  only then renames it to the next number; older versions beyond ``keep``
+  are renamed to a hidden trash name before they are deleted. A save killed
+  at any moment leaves the previous versions intact and nothing unfinished
+  listed; its hidden leftovers are deleted by the next save. Numbered
+  directories without a valid marker (an empty ``2/``) are ignored. See
+  :mod:`pzbridge.toolshed.checkpoint_store` for the steps.
+- **Damage is reported, never loaded.** A restore checks the version's files
+  against its marker (sizes, and with ``verify=True`` the sha256 of every
+  byte) before orbax reads them, and checks each array read against the
+  description.
 
-Both follow the rule every pzbridge operation keeps: a failed operation
-leaves the user's model, parameters and files exactly as they were.
+Every failure is a :class:`CheckpointError` naming the directory, what was
+expected and what was found, and the fix; a failed restore touches no file,
+and a failed save leaves no version and no temporary directory behind. One
+process saves into a directory at a time.
 
 Example:
     >>> import tempfile, jax, jax.numpy as jnp, pzbridge as pzb
@@ -40,7 +50,6 @@ Example:
 from __future__ import annotations
 
 import pathlib
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pzbridge.core import named_axes as nx
-from pzbridge.core.errors import PzbridgeError
+from pzbridge.core.abstract import abstract_error
+from pzbridge.core.errors import CheckpointError, PzbridgeError
 from pzbridge.core.struct import Struct
 from pzbridge.core.variables import (
     AbstractVariableSlot,
@@ -59,18 +69,11 @@ from pzbridge.core.variables import (
     bind_variables,
     unbind_variables,
 )
+from pzbridge.toolshed import checkpoint_io as cio
+from pzbridge.toolshed import checkpoint_store as store
+from pzbridge.toolshed.checkpoint_io import FORMAT
 
-FORMAT = "pzbridge-checkpoint/1"
 _KINDS: dict[str, type[LabeledVariable]] = {"Parameter": Parameter, "StateVariable": StateVariable}
-
-
-class CheckpointError(PzbridgeError, ValueError):
-    """A checkpoint cannot be saved or does not match the model it is restored into.
-
-    Example:
-        >>> isinstance(CheckpointError("missing 'w'"), ValueError)
-        True
-    """
 
 
 # ---------------------------------------------------------------------------
@@ -95,8 +98,8 @@ def _leaf_spec(leaf: Any) -> dict[str, Any]:
     dtype = getattr(array, "dtype", None)
     if dtype is None:
         raise CheckpointError(
-            f"cannot checkpoint a variable leaf of type {type(leaf).__name__} ({leaf!r}): only arrays, named "
-            "arrays and Python numbers are supported. Fix: keep variable values as arrays."
+            f"cannot checkpoint a variable leaf {leaf!r}: expected arrays, named arrays or Python numbers, found "
+            f"{type(leaf).__name__}. Fix: keep variable values as arrays."
         )
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         spec["prng_impl"] = str(jax.random.key_impl(array))
@@ -188,45 +191,50 @@ def _kind_of(variable: LabeledVariable) -> str:
 
 
 def versions(directory: str | pathlib.Path) -> list[int]:
-    """The finished checkpoint versions under ``directory``, oldest first.
+    """The committed checkpoint versions under ``directory``, oldest first.
 
-    Unfinished saves (orbax temporary directories) are not listed.
+    Only versions whose save finished count: unfinished saves, versions being
+    deleted and numbered directories without a commit marker are not listed.
 
     Example:
-        >>> import tempfile
-        >>> versions(tempfile.mkdtemp())
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp()); (root / "2").mkdir()  # no commit marker: not a version
+        >>> versions(root)
         []
     """
     root = pathlib.Path(directory)
     if not root.is_dir():
         return []
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def _checkpointer() -> Any:
-    import orbax.checkpoint as ocp
-
-    return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        return store.committed_versions(root)
+    except OSError as error:
+        raise cio.error("versions of", root, f"expected a readable directory, found {cio.summary(error)}",
+                        "check the directory's permissions") from error
 
 
 def save(directory: str | pathlib.Path, model: Any, *, keep: int = 1) -> pathlib.Path:
-    """Saves ``model``'s variables (values, axis names, structure) as a new version.
+    """Saves ``model``'s variables (values, axis names, structure) as a new committed version.
 
-    The new version is written completely (orbax writes to a temporary
-    directory and renames it) before older versions beyond ``keep`` are
-    deleted, so an interrupted save never destroys the previous checkpoint.
+    The new version is written and committed completely (staging directory,
+    commit marker last, rename to its number) before older versions beyond
+    ``keep`` are removed (renamed to a hidden trash name, then deleted), so an
+    interrupted save never destroys the previous checkpoint and never leaves
+    an unfinished version listed.
 
     Args:
       directory: The checkpoint root (created if needed).
-      model: A lifted model with bound variables.
-      keep: How many versions to keep (``>= 1``).
+      model: A lifted model with bound, concrete variables.
+      keep: How many committed versions to keep (``>= 1``).
 
     Returns:
       The path of the version written.
 
     Raises:
-      CheckpointError: If a variable holds something other than arrays, or
-        ``keep < 1``.
+      CheckpointError: If ``keep < 1``, ``directory`` is a file, the model is
+        not lifted (no pzbridge variables), is abstract, or holds something
+        other than arrays, or writing fails. Nothing is left behind: no
+        version, no temporary directory (and a directory the save created is
+        removed again).
 
     Example:
         >>> import tempfile, jax.numpy as jnp
@@ -234,10 +242,37 @@ def save(directory: str | pathlib.Path, model: Any, *, keep: int = 1) -> pathlib
         >>> save(root, [Parameter(jnp.ones(2), "w")]).name
         '1'
     """
-    if keep < 1:
-        raise CheckpointError(f"save: keep must be >= 1, found {keep}. Fix: pass keep=1 or more.")
-    description = describe(model)
-    _, variables = unbind_variables(model)
+    root = pathlib.Path(directory)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise cio.error("save to", root, f"expected keep to be an integer >= 1, found keep={keep!r}",
+                        "pass keep=1 or more")
+    description, arrays = _contents(model, root)  # Every check that needs no disk comes first.
+    created = cio.prepare_root(root)
+    try:
+        target = cio.write_version(root, arrays, description)
+    except BaseException:
+        cio.remove_created(created)  # A root this save made goes again: a failed save leaves nothing.
+        raise
+    cio.prune(root, target, keep)
+    return target
+
+
+def _contents(model: Any, root: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The description and ``key -> array`` mapping a save writes; raises before anything touches the disk."""
+    abstract = abstract_error(model, "saving", CheckpointError)
+    if abstract is not None:
+        raise CheckpointError(f"save to {str(root)!r}: {abstract}")
+    try:
+        description = describe(model)
+        _, variables = unbind_variables(model)
+    except PzbridgeError as error:
+        raise CheckpointError(f"save to {str(root)!r}: {error}") from error
+    if not variables:
+        raise cio.error(
+            "save to", root, f"expected a lifted model holding pzbridge variables, found {_unlifted(model)}",
+            "lift the module and save that (pzb.checkpoint.save(path, pzb.lift(module))); a model without "
+            "variables has nothing to checkpoint",
+        )
     arrays: dict[str, Any] = {}
     for index, variable in enumerate(variables):
         leaves, _ = _canonical_leaves(variable.value)
@@ -245,36 +280,26 @@ def save(directory: str | pathlib.Path, model: Any, *, keep: int = 1) -> pathlib
             key = f"v{index}_{j}"
             arrays[key] = _raw_array(leaf)
             description["variables"][index]["leaves"][j]["key"] = key
-    root = pathlib.Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    existing = versions(root)
-    target = root / str((existing[-1] if existing else 0) + 1)
-    ocp, checkpointer = _checkpointer()
-    checkpointer.save(
-        target.absolute(),
-        args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), description=ocp.args.JsonSave(description)),
-    )
-    for old in versions(root)[:-keep]:
-        shutil.rmtree(root / str(old), ignore_errors=True)
-    return target
+    return description, arrays
 
 
-def _latest(directory: str | pathlib.Path, version: int | None) -> pathlib.Path:
-    found = versions(directory)
-    if not found:
-        raise CheckpointError(
-            f"restore: no finished checkpoint in {str(directory)!r} (nothing numbered there). "
-            "Fix: check the path, or save one with pzb.checkpoint.save(path, model)."
-        )
-    if version is None:
-        return pathlib.Path(directory) / str(found[-1])
-    if version not in found:
-        raise CheckpointError(f"restore: version {version} not in {str(directory)!r}; available: {found}.")
-    return pathlib.Path(directory) / str(version)
+def _unlifted(model: Any) -> str:
+    cls = type(model)
+    count = sum(1 for leaf in jax.tree_util.tree_leaves(model) if hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
+    arrays = f"{count} array{'s' if count != 1 else ''}"
+    framework = {"flax": "Flax NNX", "equinox": "Equinox"}.get(cls.__module__.split(".")[0])
+    if framework:
+        return (f"an un-lifted {framework} module {cls.__module__}.{cls.__qualname__} with no pzbridge variables "
+                f"(its {arrays} would not be saved)")
+    return f"a {cls.__qualname__} with no pzbridge variables ({arrays}, none inside a Parameter or StateVariable)"
 
 
 def read_description(directory: str | pathlib.Path, version: int | None = None) -> dict[str, Any]:
     """Reads a checkpoint's description (labels, kinds, axes, shapes, structure) without its arrays.
+
+    Raises:
+      CheckpointError: If there is no committed version (or not ``version``),
+        or its description files are damaged or not a pzbridge description.
 
     Example:
         >>> import tempfile, jax.numpy as jnp
@@ -282,28 +307,8 @@ def read_description(directory: str | pathlib.Path, version: int | None = None) 
         >>> [v["label"] for v in read_description(root)["variables"]]
         ['w']
     """
-    ocp, checkpointer = _checkpointer()
-    path = _latest(directory, version)
-    restored = checkpointer.restore(path.absolute(), args=ocp.args.Composite(description=ocp.args.JsonRestore()))
-    description = restored["description"]
-    if description.get("format") != FORMAT:
-        raise CheckpointError(
-            f"restore: {str(path)!r} is not a pzbridge checkpoint (format {description.get('format')!r}, "
-            f"expected {FORMAT!r}). Fix: restore it with the tool that wrote it."
-        )
-    return description
-
-
-def _read_arrays(directory: str | pathlib.Path, version: int | None, description: Mapping[str, Any]) -> dict[str, Any]:
-    ocp, checkpointer = _checkpointer()
-    abstract = {
-        leaf["key"]: jax.ShapeDtypeStruct(tuple(leaf["shape"]), np.dtype(leaf["dtype"]))
-        for entry in description["variables"]
-        for leaf in entry["leaves"]
-    }
-    path = _latest(directory, version)
-    restored = checkpointer.restore(path.absolute(), args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))
-    return dict(restored["arrays"])
+    path, marker = cio.find_version(directory, version, "read_description from")
+    return cio.read_description_at(path, marker, "read_description from")
 
 
 def _rebuild_leaf(spec: Mapping[str, Any], array: Any, like: Any = None) -> Any:
@@ -398,7 +403,12 @@ def _slot_labels(tree: Any) -> set[str]:
 
 
 def restore(
-    directory: str | pathlib.Path, target: Any, *, version: int | None = None, check_structure: bool = True
+    directory: str | pathlib.Path,
+    target: Any,
+    *,
+    version: int | None = None,
+    check_structure: bool = True,
+    verify: bool = True,
 ) -> Any:
     """Loads a checkpoint's values into ``target``'s variables, matched by label.
 
@@ -411,8 +421,11 @@ def restore(
     Args:
       directory: The checkpoint root given to :func:`save`.
       target: A model of the same architecture (freshly lifted or built).
-      version: Which version to load (default: the latest finished one).
+      version: Which committed version to load (default: the latest).
       check_structure: Also require the same class at every layer path.
+      verify: Compare the sha256 of every file with what the save recorded
+        before reading (file sizes are always compared). ``False`` skips
+        reading the files twice for very large checkpoints.
 
     Returns:
       The target with the checkpoint's values.
@@ -420,7 +433,9 @@ def restore(
     Raises:
       CheckpointError: Listing EVERY difference between the checkpoint and the
         target (missing / extra labels, kinds, shapes, dtypes, axis names,
-        structure); nothing is loaded and the target is unchanged.
+        structure), or naming what is wrong on disk (no committed version,
+        damaged or unreadable files); nothing is loaded, the target is
+        unchanged and no file is touched.
 
     Example:
         >>> import tempfile, jax.numpy as jnp
@@ -431,17 +446,19 @@ def restore(
         ...     print(str(e).splitlines()[1:-1])
         ["  - missing from checkpoint: Parameter 'b'", "  - 'w': shape (2,) in checkpoint, (3,) in model"]
     """
-    description = read_description(directory, version)
+    action = "restore from"
+    path, marker = cio.find_version(directory, version, action)
+    description = cio.read_description_at(path, marker, action)
     problems = _differences(description, target, check_structure)
     if problems:
         raise CheckpointError(
-            f"restore: the checkpoint in {str(directory)!r} does not match the target model "
+            f"restore: the checkpoint in {str(path)!r} does not match the target model "
             f"({len(problems)} difference{'s' if len(problems) > 1 else ''}); nothing was loaded:\n"
             + "\n".join(f"  - {p}" for p in problems)
             + "\nFix: restore into a model of the same architecture (lift the same model class with the same "
             "configuration), or edit the target (e.g. add the same LoRA adapters) before restoring."
         )
-    arrays = _read_arrays(directory, version, description)
+    arrays = cio.read_arrays_at(path, marker, description, action, verify)
     slots, variables = unbind_variables(target)
     saved = {entry["label"]: entry for entry in description["variables"]}
     new_values = []
@@ -450,7 +467,7 @@ def restore(
         leaves, treedef = _canonical_leaves(variable.value)
         rebuilt = [_rebuild_leaf(spec, arrays[spec["key"]], leaf) for leaf, spec in zip(leaves, entry["leaves"])]
         new_values.append(jax.tree_util.tree_unflatten(treedef, rebuilt))
-    # Every array is read: only now touch the target.
+    # Every array is read and checked: only now touch the target.
     for variable, value in zip(variables, new_values):
         variable.value = value
     slot_labels = _slot_labels(target)
@@ -474,11 +491,14 @@ def _unflatten_from_text(entry: Mapping[str, Any], leaves: list[Any]) -> Any:
     )
 
 
-def load_variables(directory: str | pathlib.Path, *, version: int | None = None) -> tuple[LabeledVariable, ...]:
+def load_variables(
+    directory: str | pathlib.Path, *, version: int | None = None, verify: bool = True
+) -> tuple[LabeledVariable, ...]:
     """Rebuilds the checkpoint's variables (labels, kinds, named axes) as new objects.
 
     Bind them into a model built with slots (``from_config(..., None)``) with
-    ``pzb.bind_variables(model, variables)``.
+    ``pzb.bind_variables(model, variables)``. ``version`` and ``verify`` are
+    as in :func:`restore`, and so are the errors.
 
     Example:
         >>> import tempfile, jax.numpy as jnp
@@ -487,8 +507,10 @@ def load_variables(directory: str | pathlib.Path, *, version: int | None = None)
         >>> w.label, dict(w.value.named_shape)
         ('w', {'features': 2})
     """
-    description = read_description(directory, version)
-    arrays = _read_arrays(directory, version, description)
+    action = "load_variables from"
+    path, marker = cio.find_version(directory, version, action)
+    description = cio.read_description_at(path, marker, action)
+    arrays = cio.read_arrays_at(path, marker, description, action, verify)
     return tuple(_new_variable(entry, arrays) for entry in description["variables"])
 
 

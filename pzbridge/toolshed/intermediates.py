@@ -100,7 +100,7 @@ def resolve_selection(model: Any, selection: LayerSelector, *, what: str = "the 
     """
     if isinstance(selection, Selection):
         paths = selection.get_keypaths()
-        resolved = select(model).at_keypaths(paths)
+        resolved = select(model).at_keypaths(paths, allow_missing=True)  # Reported below, naming `what`.
         if resolved.count() != len(paths):
             found = {tuple(p) for p in resolved.get_keypaths()}
             lost = [format_path(p) for p in paths if tuple(p) not in found]
@@ -123,7 +123,8 @@ def resolve_selection(model: Any, selection: LayerSelector, *, what: str = "the 
         )
     if resolved.is_empty():
         raise SelectionError(
-            f"{what} selects nothing in the model (given {_describe_selector(selection)}). "
+            f"{what} selects nothing in the model, expected at least one layer, found none (given "
+            f"{_describe_selector(selection)}). "
             "Fix: check the class or predicate against the model's structure, e.g. print "
             "pzb.select(model).at_instances_of(pzb.nn.Layer).get_keypaths()."
         )

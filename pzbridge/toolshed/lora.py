@@ -16,7 +16,9 @@ transpose. ``B`` starts at zero, so an adapted model computes exactly what the
 original computed until it is trained.
 
 Sharing: one base weight ``Parameter`` gets one adapter pair, wherever it is
-used, and merging a shared base gives one shared merged ``Parameter``.
+used, and merging a shared base gives one shared merged ``Parameter``; a base
+weight also read outside the adapters (a tie) is split only when asked
+(``merge_lora(model, untie=True)``).
 
 This module imports only ``core`` and ``nn``; framework lowering rules live in
 :mod:`pzbridge.bridge.equinox.lora` and :mod:`pzbridge.bridge.nnx.lora`. See
@@ -39,6 +41,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -213,6 +217,59 @@ def _adapter_label(weight_label: str, part: str) -> str:
     return f"{weight_label}.{part}"
 
 
+def _check_fits(
+    weight: Any, value: nx.NamedArrayBase, rank: int, a_shape: dict[str, int], b_shape: dict[str, int],
+    rank_axis: str, stacked: dict[str, int], where: str,
+) -> None:
+    """A float weight, and a rank no larger than both of the layer's sides.
+
+    A rank between the smaller and the larger side is accepted: the update
+    is then over-parameterised (``A @ B`` has rank at most the smaller side)
+    but exact, which happens when one rank is applied to every layer of a
+    model with a narrow head. A rank above both sides can only be a mistake.
+    """
+    if not jnp.issubdtype(value.dtype, jnp.inexact):
+        raise SelectionError(
+            f"{where}: LoRA trains a low-rank update of the weight {weight.label!r}, expected a floating-point "
+            f"dtype, found {value.dtype}. Fix: exclude this layer from the selection, or store the weight as "
+            "float (e.g. a Parameter holding value.astype(jnp.float32))."
+        )
+    n_in = math.prod(s for n, s in a_shape.items() if n != rank_axis and n not in stacked)
+    n_out = math.prod(s for n, s in b_shape.items() if n != rank_axis and n not in stacked)
+    if rank > max(n_in, n_out):
+        raise SelectionError(
+            f"{where}: LoRA rank {rank} is larger than the layer's dimensions (input {n_in}, output {n_out}) of "
+            f"{weight.label!r}: expected rank <= {max(n_in, n_out)}, found {rank}. Fix: pass a rank well below "
+            f"the layer's sizes (at most {min(n_in, n_out)} adds rank), or narrow the selection to larger layers."
+        )
+
+
+def _check_arguments(rank: Any, init_base_rng: Any) -> int:
+    """The rank as an int; raises for a rank that is not a positive int or a key that is not a key."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise SelectionError(
+            f"loraify_linears_in_selection: rank must be a positive int, expected an int >= 1, found "
+            f"{type(rank).__name__} {rank!r}. Fix: pass e.g. rank=8 (an int no larger than the layers' sizes)."
+        )
+    if init_base_rng is None or _is_key(init_base_rng):
+        return int(rank)
+    raise SelectionError(
+        f"loraify_linears_in_selection: init_base_rng expected a JAX PRNG key or None, found "
+        f"{type(init_base_rng).__name__} {init_base_rng!r:.40}. Fix: pass jax.random.key(seed) "
+        "(or None for unbound ParameterSlots)."
+    )
+
+
+def _is_key(value: Any) -> bool:
+    """A typed key (``jax.random.key``) or a raw ``uint32[2]`` one (``jax.random.PRNGKey``)."""
+    dtype = getattr(value, "dtype", None)
+    if not isinstance(value, jax.Array) or dtype is None:
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return dtype == jnp.uint32 and tuple(value.shape) == (2,)
+
+
 def _make_adapter_params(
     base: Linear | NamedEinsum, rank: int, init_base_rng: jax.Array | None, rank_axis: str, where: str,
     stack_axes: Sequence[str] = (),
@@ -236,6 +293,7 @@ def _make_adapter_params(
     stacked = {n: s for n, s in shape.items() if n in stack_axes and n not in inputs}
     a_shape = {**stacked, **{n: s for n, s in shape.items() if n in inputs}, rank_axis: rank}
     b_shape = {rank_axis: rank, **{n: s for n, s in shape.items() if n not in inputs}}
+    _check_fits(weight, value, rank, a_shape, b_shape, rank_axis, stacked, where)
     a_label, b_label = _adapter_label(weight.label, "lora_a"), _adapter_label(weight.label, "lora_b")
     dtype = value.dtype
     if init_base_rng is None:
@@ -268,7 +326,9 @@ def loraify_linears_in_selection(
     Args:
       selection: A selection (``pzb.select(model).at_instances_of(pzb.nn.Linear)``)
         whose selected nodes are ``Linear`` or single-weight ``NamedEinsum`` layers.
-      rank: The size of the low-rank axis (``>= 1``).
+      rank: The size of the low-rank axis: an int from 1 to the larger of each
+        selected layer's input and output sizes (above the smaller one the
+        update gains parameters but no rank).
       init_base_rng: Base key for ``A``; ``None`` gives ``ParameterSlot`` placeholders.
       alpha: Scaling numerator; the update is scaled by ``alpha / rank``.
         Defaults to ``rank`` (scale 1, the convention of ``nnx.LoRA``).
@@ -283,7 +343,10 @@ def loraify_linears_in_selection(
       The edited model (the selection's tree with adapters in place).
 
     Raises:
-      SelectionError: If a selected node is not an adaptable layer, or ``rank < 1``.
+      SelectionError: If a selected node is not an adaptable layer or has a
+        non-float weight, ``rank`` is not an int in ``[1, max(input size,
+        output size)]`` of every selected layer, or ``init_base_rng`` is not a
+        key (nor None).
       VariableError: If a base weight is an unbound slot or not a named array.
 
     Example:
@@ -294,8 +357,7 @@ def loraify_linears_in_selection(
         >>> adapted[0].lora_a is adapted[1].lora_a, dict(adapted[0].lora_b.value.named_shape)
         (True, {'lora_rank': 2, 'heads': 2, 'projection': 3})
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise SelectionError(f"loraify_linears_in_selection: rank must be a positive int, found {rank!r}.")
+    rank = _check_arguments(rank, init_base_rng)
     pairs: dict[int, tuple[Any, Any]] = {}
     keep_alive: list[Any] = []
 
@@ -316,7 +378,7 @@ def _path_text(path: tuple) -> str:
     return format_path(path)
 
 
-def merge_lora(model: Any) -> Any:
+def merge_lora(model: Any, *, untie: bool = False) -> Any:
     """Folds every :class:`LowRankAdapter` back into its base layer.
 
     Each adapter is replaced by its base layer whose weight is a new
@@ -325,14 +387,24 @@ def merge_lora(model: Any) -> Any:
     lowering gives the original framework class and layout. Adapters that
     share a base weight get one shared merged ``Parameter``.
 
+    A base weight that the model also reads outside the adapters (a tied
+    embedding table whose output use was adapted, a traced weight used once
+    as a ``Linear`` and once in other glue) cannot hold the merged value for
+    every use: by default that is an error; ``untie=True`` gives the adapted
+    uses their own merged ``Parameter`` labelled ``<label>.merged`` while the
+    other uses keep the base weight (the model then lowers to an adapter
+    module, or raises where the framework class must keep the tie).
+
     Args:
       model: Any lifted model (adapters may be nested anywhere).
+      untie: Split a tied base weight instead of raising.
 
     Returns:
       The model without adapters; the input model is not changed.
 
     Raises:
-      VariableError: If an adapter's variables are unbound slots.
+      VariableError: If an adapter's variables are unbound slots, or a base
+        weight is also read outside the adapters and ``untie`` is False.
 
     Example:
         >>> import jax, pzbridge as pzb
@@ -345,14 +417,26 @@ def merge_lora(model: Any) -> Any:
     """
     merged_params: dict[int, Parameter] = {}
     keep_alive: list[Any] = []
+    tied = _reads_outside_adapters(model)
 
     def fold(adapter: LowRankAdapter) -> Any:
         base = adapter.base
         weight = _weight_of(base, "merge_lora")
         key = id(weight)
         if key not in merged_params:
+            label = weight.label
+            if key in tied:
+                if not untie:
+                    raise VariableError(
+                        f"merge_lora: the base weight {label!r} is adapted at some uses but also read without "
+                        f"an adapter at {tied[key]}: expected every use to be adapted, found "
+                        f"{len(tied[key])} plain use(s), so no single merged weight computes what the adapted "
+                        "model does. Fix: merge_lora(model, untie=True) gives the adapted uses their own "
+                        f"weight {label + '.merged'!r}, or adapt every use of the weight."
+                    )
+                label = f"{label}.merged"
             metadata = getattr(weight, "metadata", None)
-            merged_params[key] = Parameter(adapter.merged(), weight.label, dict(metadata or {}))
+            merged_params[key] = Parameter(adapter.merged(), label, dict(metadata or {}))
             keep_alive.append(weight)
         new_weight = merged_params[key]
         if isinstance(base, Linear):
@@ -360,6 +444,15 @@ def merge_lora(model: Any) -> Any:
         return dataclasses.replace(base, weights=(new_weight,))
 
     return select(model).at_instances_of(LowRankAdapter).apply(fold)
+
+
+def _reads_outside_adapters(model: Any) -> dict[int, list[str]]:
+    """For each ``Parameter`` read somewhere other than an adapter's base layer: the paths of those reads."""
+    outside = select(model).at_instances_of(LowRankAdapter).apply(lambda adapter: None)
+    reads: dict[int, list[str]] = {}
+    for path, variable in select(outside).at_instances_of(Parameter).get_by_path().items():
+        reads.setdefault(id(variable), []).append(format_path(path))
+    return reads
 
 
 def split_adapter(layer: Any) -> tuple[LowRankAdapter, Any] | None:

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import PzbridgeError
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.core.variable_jit import variable_jit
@@ -76,6 +77,28 @@ def _split_loss(result: Any) -> tuple[Any, Any]:
     if isinstance(result, tuple) and len(result) == 2:
         return result
     return result, None
+
+
+def _check_loss(loss: Any) -> None:
+    """``jax.grad`` needs one real number: say which part of the loss is wrong, and how to reduce it."""
+    if nx.is_namedarray(loss):
+        raise TrainingError(
+            f"build_train_step: loss_fn must return a scalar loss (or (loss, aux)), expected a scalar array, found "
+            f"a NamedArray with named axes {dict(loss.named_shape)} and positional shape {loss.positional_shape}. "
+            "Fix: reduce it and unwrap it, e.g. jnp.mean(y.unwrap(*y.named_shape)) (or y.unwrap() when it has "
+            "no axes)."
+        )
+    try:
+        shape, dtype = jnp.shape(loss), jnp.result_type(loss)
+    except TypeError:
+        shape = dtype = None
+    if shape is None or shape != () or not jnp.issubdtype(dtype, jnp.floating):
+        found = f"shape {shape} and dtype {dtype}" if shape is not None else f"{type(loss).__name__} {loss!r:.60}"
+        raise TrainingError(
+            f"build_train_step: loss_fn must return a scalar loss (or (loss, aux)), expected a float array of "
+            f"shape (), found {found}. Fix: reduce it to one number, e.g. jnp.mean(...) or jnp.sum(...), in "
+            "floating point."
+        )
 
 
 def trainable_values(model: Any, trainable: Predicate | None = None) -> tuple[Any, ...]:
@@ -120,7 +143,8 @@ def build_train_step(
       The step function (a :class:`~pzbridge.core.variable_jit.VariableJitFunction`).
 
     Raises:
-      TrainingError: (when called) if no parameter is trainable.
+      TrainingError: (when called) if no parameter is trainable, or the
+        loss is not a floating-point scalar.
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -150,6 +174,7 @@ def build_train_step(
             fresh = bind_variables(slots, values, unfreeze_as_copy=True)
             _, copies = unbind_variables(fresh)
             loss, aux = _split_loss(loss_fn(fresh, *batch))
+            _check_loss(loss)
             states = [c.value if isinstance(c, StateVariable) else None for c in copies]
             return loss, (aux, states)
 

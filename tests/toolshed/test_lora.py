@@ -14,6 +14,7 @@ from pzbridge.nn.basic import NamedEinsum
 from pzbridge.nn.linear import Linear
 from pzbridge.toolshed.lora import LowRankAdapter, is_lora_parameter, loraify_linears_in_selection, merge_lora
 
+# loraify rejects a rank above both the input and the output size.
 configs = st.fixed_dictionaries(
     {
         "d_in": st.integers(1, 5),
@@ -24,7 +25,7 @@ configs = st.fixed_dictionaries(
         "in_first": st.booleans(),
         "seed": st.integers(0, 2**16),
     }
-)
+).map(lambda cfg: {**cfg, "rank": min(cfg["rank"], max(cfg["d_in"], cfg["d_out"] * (cfg["heads"] or 1)))})
 
 
 def _linear(cfg):
@@ -148,6 +149,14 @@ def test_unbound_base_weight_raises():
     layer = Linear.from_config("d", None, {"features": 2}, {"features": 2})
     with pytest.raises(VariableError, match="unbound slot"):
         loraify_linears_in_selection(pzb.select(layer).at_instances_of(Linear), 1, jax.random.key(0))
+
+
+def test_rank_above_both_sizes_is_rejected_but_a_narrow_head_keeps_one_rank():
+    head = Linear.from_config("head", jax.random.key(0), {"features": 3}, {"features": 1})
+    adapted = loraify_linears_in_selection(pzb.select(head).at_instances_of(Linear), 3, jax.random.key(1))
+    assert adapted.rank == 3  # over-parameterised (A @ B has rank <= 1) but exact: one rank fits a whole model
+    with pytest.raises(SelectionError, match=r"expected rank <= 3, found 4"):
+        loraify_linears_in_selection(pzb.select(head).at_instances_of(Linear), 4, jax.random.key(1))
 
 
 @pytest.mark.parametrize("rank", [0, -1])

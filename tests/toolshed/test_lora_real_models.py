@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 import pzbridge as pzb
 from pzbridge.bridge.equinox.lora import LoRALinear, ThroughLoRA, lora_filter
 from pzbridge.bridge.nnx.lora_general import LoRAEinsum, LoRALinearGeneral
-from pzbridge.core.errors import LowerError, NamedAxisError
+from pzbridge.core.errors import LowerError, NamedAxisError, VariableError
 from pzbridge.nn.basic import NamedEinsum
 from pzbridge.nn.linear import Linear
 from pzbridge.testing.equinox_strategies import PerToken, TiedLanguageModel
@@ -192,7 +192,10 @@ def test_gradients_of_a_tied_lora_output_layer_reach_the_adapters_through_equino
 def test_merging_lora_into_one_use_of_a_tied_weight_refuses_to_lower_instead_of_dropping_it():
     model = _tied_model()
     lowered = _perturbed(pzb.lower(_loraified(model)))
-    merged = merge_lora(pzb.lift(lowered))
+    relifted = pzb.lift(lowered)
+    with pytest.raises(VariableError, match="also read without an adapter.*untie=True"):
+        merge_lora(relifted)
+    merged = merge_lora(relifted, untie=True)
     with pytest.raises(LowerError, match="tie.*different arrays.*Fix"):
         pzb.lower(merged)
     # Without LoRA the round trip gives the original functions back.

@@ -31,6 +31,7 @@ from pzbridge.bridge.equinox.traversal import (
     with_names,
 )
 from pzbridge.bridge.lifted import CallingConvention
+from pzbridge.bridge.registry import memoised
 from pzbridge.core.struct import pytree_dataclass
 from pzbridge.nn.basic import Elementwise
 from pzbridge.nn.combinators import Identity, Sequential
@@ -86,16 +87,22 @@ class LambdaRule:
 
 
 def _convention_of(layer: Any, naming: Any) -> CallingConvention | None:
-    rule = EQUINOX.lift_rule_for(type(layer))
-    if _preserves_shape(layer) or rule is None or not hasattr(rule, "convention"):
-        return None
-    return rule.convention(layer, naming)
+    return None if _preserves_shape(layer) else EQUINOX.convention_of(layer, naming)
 
 
 def _preserves_shape(layer: Any) -> bool:
     if type(layer) is eqx.nn.Sequential:
-        return all(_preserves_shape(sub) for sub in layer.layers)
+        # Memoised per layer: every level of nested Sequentials asks about all the levels below it.
+        return memoised("eqx-preserves-shape", layer, lambda: all(_preserves_shape(sub) for sub in layer.layers))
     return type(layer) in (eqx.nn.Lambda, eqx.nn.Identity, eqx.nn.Dropout)
+
+
+def _first_convention(layers: Any, naming: Any) -> CallingConvention | None:
+    """The convention of the first layer that is not shape-preserving (None if it has none)."""
+    for layer in layers:
+        if not _preserves_shape(layer):
+            return EQUINOX.convention_of(layer, naming)
+    return None
 
 
 @equinox_rule(source=eqx.nn.Sequential, lifted=(EqxSequential, Sequential))
@@ -124,15 +131,8 @@ class SequentialRule:
         Shape-preserving layers (``Lambda``, ``Identity``, ``Dropout``) are
         skipped; None when a layer without a convention comes first.
         """
-        def first(layers: Any) -> CallingConvention | None:
-            for layer in layers:
-                if _preserves_shape(layer):
-                    continue
-                rule = EQUINOX.lift_rule_for(type(layer))
-                return rule.convention(layer, naming) if hasattr(rule, "convention") else None
-            return None
-
-        head, tail = first(module.layers), first(reversed(module.layers))
+        # Through EQUINOX.convention_of (memoised): nested Sequentials ask for each inner convention twice.
+        head, tail = _first_convention(module.layers, naming), _first_convention(reversed(module.layers), naming)
         return None if head is None or tail is None else CallingConvention(head.inputs, tail.output)
 
     def lower(self, layer: Sequential, ctx: LowerContext) -> eqx.nn.Sequential:

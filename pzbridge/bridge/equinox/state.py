@@ -6,7 +6,8 @@ through every call. pzbridge keeps state *in* the model as ``StateVariable``
 objects, so lifting needs the state (``pzb.lift(model, state=state)``): each
 of the BatchNorm's entries becomes a ``StateVariable`` labelled by the path
 (``bn.running_mean``, ``bn.running_var``, ``bn.counter`` / ``bn.first_call``).
-Without ``state=`` the layer stays ``Foreign``, as before.
+Without ``state=`` lifting raises (kept ``Foreign`` it would fail when called),
+and :func:`checked_state` rejects a ``state=`` that is not this model's State.
 
 Equinox's BatchNorm acts on one example and reduces over the ``vmap`` axis
 named ``axis_name``. Lifted, that batch axis is simply a *named* axis with the
@@ -50,7 +51,7 @@ from pzbridge.bridge.equinox.traversal import (
     rebuild_from_origin,
 )
 from pzbridge.core import named_axes as nx
-from pzbridge.core.errors import LowerError, NamedAxisError
+from pzbridge.core.errors import LiftError, LowerError, NamedAxisError, format_path
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.core.variables import StateVariable
 from pzbridge.nn.normalization import BatchNorm
@@ -137,14 +138,17 @@ class BatchNormRule:
     Mode ``"batch"`` lifts to pzbridge mode ``"batch"`` with ``debias=True``
     and a ``counter``; mode ``"ema"`` to mode ``"ema"`` with ``first_call``.
     Equinox's ``(x - m) / sqrt(v + eps)`` is ``divide_by_sqrt=True``.
-    Without a State at lift time (or with an ``axis_name`` that is not a
-    string / tuple of strings) the module stays ``Foreign``.
+    Without a State at lift time lifting raises a ``LiftError``; with an
+    ``axis_name`` that is not a string / tuple of strings the module stays
+    ``Foreign``.
     """
 
     def lift(self, module: eqx.nn.BatchNorm, ctx: LiftContext) -> Any:
         state = ctx.shared.extras.get(_STATE_KEY)
+        if state is None:
+            raise _missing_state_error(ctx.where)
         batch_axes = _batch_axes(module.axis_name)
-        if state is None or batch_axes is None:
+        if batch_axes is None:
             return lift_foreign(module, ctx)
         c = ctx.naming.channels
         weight = None if module.weight is None else ctx.child("weight").parameter(module.weight, (c,))
@@ -152,6 +156,7 @@ class BatchNormRule:
         ema = module.mode == "ema"
         stats_index = module.ema_state_index if ema else module.batch_state_index
         mean, var = state.get(stats_index)
+        _check_stats_shape(mean, var, module.input_size, ctx.where)
         # The State's own arrays are the sources, so an array reached twice stays one variable.
         running_mean = ctx.variable(StateVariable, mean, lambda: nx.wrap(mean, c), ctx.label("running_mean"), None)
         running_var = ctx.variable(StateVariable, var, lambda: nx.wrap(var, c), ctx.label("running_var"), None)
@@ -203,6 +208,73 @@ class BatchNormRule:
                 input_size=size, eps=layer.epsilon, channelwise_affine=weight is not None,
                 momentum=layer.momentum, mode=layer.mode)),
         )
+
+
+def _missing_state_error(where: str) -> LiftError:
+    # Kept Foreign, the BatchNorm would lift but fail when called: its statistics live only in the State.
+    return LiftError(
+        f"{where}: eqx.nn.BatchNorm keeps its running statistics in an eqx.nn.State, expected "
+        "pzb.lift(model, state=state), found no state=. Fix: build the model with its state, model, state = "
+        "eqx.nn.make_with_state(Model)(...), and lift with pzb.lift(model, state=state)."
+    )
+
+
+def _check_stats_shape(mean: Any, var: Any, size: int, where: str) -> None:
+    shapes = (getattr(mean, "shape", None), getattr(var, "shape", None))
+    if any(shape is None or tuple(shape) != (size,) for shape in shapes):
+        raise LiftError(
+            f"{where}: the State's running statistics of this eqx.nn.BatchNorm({size}, ...) expected shape "
+            f"({size},), found shapes {shapes[0]} and {shapes[1]}. Fix: pass the State made together with this "
+            "model (eqx.nn.make_with_state), not one of another model."
+        )
+
+
+def _state_indices(module: Any) -> list[tuple[str, eqx.nn.StateIndex]]:
+    leaves = jax.tree_util.tree_flatten_with_path(module, is_leaf=_is_index)[0]
+    return [(format_path(path), leaf) for path, leaf in leaves if _is_index(leaf)]
+
+
+def checked_state(state: Any, module: Any) -> eqx.nn.State:
+    """``state`` if it is the ``eqx.nn.State`` of ``module``; else a :class:`LiftError` saying what is wrong.
+
+    ``pzb.lift(model, state=...)`` calls it. The State must hold an entry for
+    every ``StateIndex`` in ``module`` (it may hold more: the State of a
+    whole model serves to lift one of its submodules).
+
+    Raises:
+      LiftError: If ``state`` is not an ``eqx.nn.State``, or lacks an entry of ``module``.
+
+    Example:
+        >>> import equinox as eqx
+        >>> bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(2, "batch")
+        >>> checked_state(state, bn) is state
+        True
+        >>> checked_state({"mean": 0}, bn)
+        Traceback (most recent call last):
+        ...
+        pzbridge.core.errors.LiftError: <root>: state= expected an eqx.nn.State (the second result of eqx.nn.make_with_state), found dict {'mean': 0}. Fix: model, state = eqx.nn.make_with_state(Model)(...); pzb.lift(model, state=state).
+    """
+    if not isinstance(state, eqx.nn.State):
+        raise LiftError(
+            f"<root>: state= expected an eqx.nn.State (the second result of eqx.nn.make_with_state), found "
+            f"{type(state).__name__} {state!r:.60}. Fix: model, state = eqx.nn.make_with_state(Model)(...); "
+            "pzb.lift(model, state=state)."
+        )
+    entries = getattr(state, "_state", None)  # State has no public mapping view
+    if not isinstance(entries, dict):
+        raise LiftError(
+            "<root>: state= is an eqx.nn.State without entries (a substate or a consumed State), expected the "
+            "State of the model. Fix: pass the State returned by eqx.nn.make_with_state (or by the last call)."
+        )
+    for where, index in _state_indices(module):
+        if index.marker not in entries:
+            known = sorted(map(str, entries))
+            raise LiftError(
+                f"{where}: state= has no entry for this StateIndex, expected one for {index.marker!r}, found "
+                f"entries {known[:4]}{' ...' if len(known) > 4 else ''}. Fix: pass the State made together with "
+                "this model (eqx.nn.make_with_state(Model)(...)), not one of another model."
+            )
+    return state
 
 
 def _axes(variable: Any) -> tuple[str, ...]:

@@ -64,12 +64,14 @@ from pzbridge.bridge.tracing.assemble import (
     default_input_names,
     input_roles,
     make_traced,
+    retracer,
     trace_call,
     traced_convention,
 )
-from pzbridge.bridge.tracing.child_calls import ChildCall, call_child
+from pzbridge.bridge.tracing.child_calls import ChildCall, bind_proxy, proxy_class
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.bridge.tracing.graph import ChildSpec, InputRole, Untraceable, convert
+from pzbridge.bridge.tracing.overrides import renames_for
 from pzbridge.bridge.tracing.structure import build_layer
 from pzbridge.core import named_axes as pzb_nx
 from pzbridge.core.errors import LiftError
@@ -109,6 +111,15 @@ def _split_child(child: Any) -> tuple[list[Any], Any, Any]:
     return leaves, treedef, static
 
 
+def _signature(treedef: Any, static: Any) -> Any:
+    """A hashable identity of a child's computation (its structure and static fields), or None."""
+    try:
+        hash((treedef, static))
+    except TypeError:
+        return None
+    return ("equinox", treedef, static)
+
+
 def _proxy(key: str, rebuilt: Any, run: Any, calls: list[ChildCall]) -> Any:
     """``rebuilt`` as an instance of a subclass of its class whose ``__call__`` binds one child call.
 
@@ -116,28 +127,26 @@ def _proxy(key: str, rebuilt: Any, run: Any, calls: list[ChildCall]) -> Any:
     / ``eqx.combine``, ``jax.tree_util`` and ``lax.scan`` (a stack of blocks run
     by scan calls it once, on one block's arrays), and every attribute reads as
     on the child. Whatever arrays it holds when called are the call's operands.
+    The subclass is one per child class and key (partition / combine keep only
+    the class and the dataclass fields, so the call site lives in the class).
     """
-    cls = type(rebuilt)
-
-    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        leaves = jax.tree_util.tree_leaves(eqx.filter(self, is_array))
-        return call_child(key, run, leaves, calls, args, kwargs)
-
-    # One class per child call site: the key and recorder must survive partition / combine, which keep
-    # only the class and the dataclass fields.
-    proxy_class = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                              "__qualname__": cls.__qualname__})
-    instance = object.__new__(proxy_class)
+    cls = proxy_class(type(rebuilt), key, _array_leaves)
+    bind_proxy(cls, run, calls)
+    instance = object.__new__(cls)
     for field in dataclasses.fields(rebuilt):
         object.__setattr__(instance, field.name, getattr(rebuilt, field.name))
     return instance
+
+
+def _array_leaves(module: Any) -> list[Any]:
+    return jax.tree_util.tree_leaves(eqx.filter(module, is_array))
 
 
 def _struct(array: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(array.shape), array.dtype)
 
 
-def _trace(parts: _Parts, example: Example) -> tuple[Any, Any, list[ChildCall], list[InputRole], list[str], Any]:
+def _trace(parts: _Parts, example: Example) -> tuple[Any, Any, list[ChildCall], list[InputRole], list[str], Any, Any]:
     module = parts.module
     child_splits = [_split_child(child) for _, _, child in parts.children]
     param_roles = [InputRole("param", name=_key_text(keys), array=array, path=keys)
@@ -164,6 +173,8 @@ def _trace(parts: _Parts, example: Example) -> tuple[Any, Any, list[ChildCall], 
             def run(leaves_: Any, args: Any, kwargs: Any, treedef: Any = treedef, static: Any = static) -> Any:
                 return eqx.combine(jax.tree_util.tree_unflatten(treedef, list(leaves_)), static)(*args, **kwargs)
 
+            run.pzb_signature = _signature(treedef, static)  # type: ignore[attr-defined]
+
             rebuilt = eqx.combine(jax.tree_util.tree_unflatten(treedef, arrays), static)
             leaves[index] = _proxy(_key_text(keys), rebuilt, run, calls)
         traced_module = jax.tree_util.tree_unflatten(parts.treedef, leaves)
@@ -177,7 +188,8 @@ def _trace(parts: _Parts, example: Example) -> tuple[Any, Any, list[ChildCall], 
     child_structs = [[_struct(a) for a in leaves] for leaves, _, _ in child_splits]
     dynamic_structs = [flat_args[i] for i in dynamic]
     closed, out_shape = trace_call(traced_call, own_structs, child_structs, dynamic_structs)
-    return closed, out_shape, calls, roles, side_names, jax.tree_util.tree_structure(out_shape)
+    retrace = retracer(traced_call, (own_structs, child_structs), dynamic_structs, calls)
+    return closed, out_shape, calls, roles, side_names, jax.tree_util.tree_structure(out_shape), retrace
 
 
 def _hashable(value: Any) -> Any:
@@ -203,14 +215,14 @@ def _trace_key(module: Any, example: Example) -> Any:
 
 def _with_roles_of(parts: _Parts, cached: tuple[Any, ...]) -> tuple[Any, ...]:
     """A cached trace with the input roles pointing at this module's own arrays."""
-    closed, out_shape, calls, roles, side_names, out_treedef = cached
+    closed, out_shape, calls, roles, side_names, out_treedef, retrace = cached
     arrays = [array for _, _, array in parts.arrays]
     for _, _, child in parts.children:
         leaves, _, _ = _split_child(child)
         arrays.extend(leaves)
     params = iter(arrays)
     fresh = [dataclasses.replace(role, array=next(params)) if role.kind == "param" else role for role in roles]
-    return closed, out_shape, calls, fresh, side_names, out_treedef
+    return closed, out_shape, calls, fresh, side_names, out_treedef, retrace
 
 
 def lift_traced(module: Any, ctx: LiftContext) -> Traced:
@@ -230,7 +242,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
             cache[key] = traced_once
     else:
         traced_once = _with_roles_of(parts, cache[key])
-    closed, out_shape, calls, roles, side_names, out_treedef = traced_once
+    closed, out_shape, calls, roles, side_names, out_treedef, retrace = traced_once
     children_by_key = {_key_text(keys): (keys, child) for _, keys, child in parts.children}
     lifted: dict[str, Any] = {}
     plain = ctx.child()
@@ -274,7 +286,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
         value = getattr(lifted_already, "value", None)
         return tuple(value.named_shape) if pzb_nx.is_namedarray(value) and not value.positional_shape else None
 
-    graph = convert(closed, roles, child_handler, param_handler, param_hint)
+    graph = convert(closed, roles, child_handler, param_handler, param_hint, renames_for(ctx), retrace)
     body = build_layer(graph, out_treedef)
     by_id = {id(child): {**uncalled, **lifted}[key] for key, (_, child) in children_by_key.items()}
     fill = dataclasses.replace(plain, lift_node=lambda m, c: by_id[id(m)] if id(m) in by_id else ctx.lift_node(m, c))

@@ -43,6 +43,7 @@ from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox.foreign_state import call_collecting_state, write_state
 from pzbridge.bridge.equinox.signatures import StandIn, callable_like
 from pzbridge.bridge.lifted import CallingConvention, name_trailing_axes
+from pzbridge.bridge.lower_checks import check_layer, check_lowered
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.registry import RuleRegistry
 from pzbridge.core import named_axes as nx
@@ -155,13 +156,14 @@ def lower_node(layer: Any, ctx: LowerContext) -> Any:
     """
     if isinstance(layer, (AbstractVariable, AbstractVariableValue)):
         return ctx.array(layer, _storage_names(layer))
+    check_layer(ctx, layer, (eqx.Module, StandIn))  # A string / number / None left where a layer was.
     rule = EQUINOX.lower_rule_for(type(layer))
     if rule is None:
         raise LowerError(
             f"{ctx.where}: no Equinox lowering rule matches {type(layer).__qualname__}, not even the adapter "
             "fallback. Fix: import pzbridge.bridge.equinox (importing it registers every rule)."
         )
-    return rule.lower(layer, ctx)
+    return check_lowered(ctx, layer, rule.lower(layer, ctx))  # Arrays fit the native module built.
 
 
 def _storage_names(variable: Any) -> tuple[str, ...]:

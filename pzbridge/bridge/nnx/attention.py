@@ -26,11 +26,19 @@ Decode mode: after ``init_cache`` the ``Cache`` Variables ``cached_key``,
 side input, or the module's ``decode`` attribute) writes one token at
 ``cache_index`` and attends over the valid prefix, exactly as NNX does.
 
+Compute dtype: with ``dtype`` set (``bfloat16``, ``float16``) the projections
+lift to promoted layers (:mod:`pzbridge.bridge.nnx.linear`) and the kernel
+computes as ``jax.nn.dot_product_attention`` does on such queries: logits in
+float32 with the dot algorithm JAX picks (:class:`NnxAttentionLogits`), softmax
+in float32, weights cast back to ``dtype`` before the weighted sum.
+
 Kept ``Foreign`` (exact, NNX code runs): ``dropout_rate > 0`` (NNX then uses a
 different kernel and an RNG stream), a custom ``attention_fn``, non-default
-numerics (``dtype``, ``precision``, ``dot_general``, promotion functions),
-non-float32 parameters, and modules with extra data attributes (e.g. after a
-``sow_weights=True`` call stored ``attention_weights``). A lifted call with
+numerics (``precision``, ``dot_general``, promotion functions, projections
+computing in another dtype than the module's), non-float32 parameters with
+``dtype=None``, ``normalize_qk`` with a ``dtype`` (an ``nnx.LayerNorm`` with a
+``dtype`` stays ``Foreign``), and modules with extra data attributes (e.g. after
+a ``sow_weights=True`` call stored ``attention_weights``). A lifted call with
 ``sow_weights=True`` raises: capture ``logits_to_weights`` with
 :mod:`pzbridge.toolshed.intermediates` instead (the lowered NNX module sows
 as usual). An edited kernel step (a replaced ``mask``, an inserted layer
@@ -63,7 +71,12 @@ from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.nnx.adapter import NnxAdapter
-from pzbridge.bridge.nnx.linear import LinearGeneralRule, NnxLinearGeneral
+from pzbridge.bridge.nnx.linear import (
+    LinearGeneralRule,
+    NnxLinearGeneral,
+    linear_layers,
+    nnx_compute_dtype,
+)
 from pzbridge.bridge.nnx.norm import LayerNormRule, NnxLayerNorm
 from pzbridge.bridge.nnx.statics import (
     NnxStatics,
@@ -77,13 +90,19 @@ from pzbridge.bridge.nnx.variables import lift_variable, nnx_variable
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError, PzbridgeError
 from pzbridge.core.named_axes_core import make_named
+from pzbridge.core.named_axes_ops import map_data
 from pzbridge.core.struct import pytree_dataclass, static_field
-from pzbridge.nn.attention import AttendToValues, AttentionLogits
-from pzbridge.nn.basic import ConstantRescale, RenameAxes, Softmax
+from pzbridge.nn.attention import (
+    AttendToValues,
+    AttentionLogits,
+    merge_axes,
+    split_axis,
+)
+from pzbridge.nn.basic import CastToDType, ConstantRescale, RenameAxes, Softmax
 from pzbridge.nn.combinators import Sequential
-from pzbridge.nn.contraction import data_layout
+from pzbridge.nn.contraction import contract, data_layout
 from pzbridge.nn.layer import Layer
-from pzbridge.nn.linear import AddBias, Linear
+from pzbridge.nn.linear import Linear
 from pzbridge.nn.normalization import align_to_layout
 
 DECODE_INDEX = "__nnx_decode_index__"
@@ -99,6 +118,67 @@ def large_negative(dtype: Any) -> jax.Array:
     """
     top = min(jnp.finfo(dtype).max, jnp.finfo(np.float32).max)
     return jnp.asarray(-0.7 * top, dtype=dtype)
+
+
+def xla_logits_numerics(dtype: Any) -> tuple[Any, Any]:
+    """The ``(precision, result dtype)`` of ``jax.nn.dot_product_attention``'s (XLA) logits for ``dtype`` queries.
+
+    Logits are computed in ``promote_types(dtype, float32)``; half-precision
+    queries use the matching ``DotAlgorithmPreset`` (JAX's workaround for
+    inconsistent backward-pass types).
+
+    Example:
+        >>> xla_logits_numerics(jnp.bfloat16)
+        (DotAlgorithmPreset.BF16_BF16_F32, dtype('float32'))
+        >>> xla_logits_numerics(jnp.float32)
+        (None, dtype('float32'))
+    """
+    result = jnp.promote_types(dtype, jnp.float32)
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return jax.lax.DotAlgorithmPreset.BF16_BF16_F32, result
+    if jnp.dtype(dtype) == jnp.float16:
+        return jax.lax.DotAlgorithmPreset.F16_F16_F32, result
+    return None, result
+
+
+_QUERY_GROUP = "__nnx_query_group__"
+
+
+@pytree_dataclass
+class NnxAttentionLogits(AttentionLogits):
+    """``AttentionLogits`` with the numerics of ``jax.nn.dot_product_attention`` (XLA) for any query dtype.
+
+    The dot product runs with :func:`xla_logits_numerics` of the queries'
+    dtype: bfloat16 queries and keys give float32 logits, computed with the
+    ``BF16_BF16_F32`` algorithm, as NNX's default attention computes them.
+    Heads are grouped as in :class:`~pzbridge.nn.attention.AttentionLogits`.
+
+    Example:
+        >>> q = pzb.nx.ones({"seq": 2, "heads": 1, "projection": 3}).astype(jnp.bfloat16)
+        >>> k = pzb.nx.ones({"kv_seq": 4, "heads": 1, "projection": 3}).astype(jnp.bfloat16)
+        >>> NnxAttentionLogits()((q, k)).dtype
+        dtype('float32')
+    """
+
+    def __call__(self, x: Any, /, **side_inputs: Any) -> nx.NamedArray:
+        query, key = x
+        precision, dtype = xla_logits_numerics(query.dtype)
+        try:
+            return self._logits(query, key, precision, dtype)
+        except Exception:  # noqa: BLE001
+            # As JAX does: a platform without that dot algorithm (F16_F16_F32 on CPU) uses the default one.
+            return self._logits(query, key, None, dtype)
+
+    def _logits(self, query: nx.NamedArrayBase, key: nx.NamedArrayBase, precision: Any, dtype: Any) -> nx.NamedArray:
+        axes = (self.projection_axis,)
+        grouped = (self.kv_heads_axis != self.heads_axis and self.heads_axis in query.named_shape
+                   and self.kv_heads_axis in key.named_shape and self.heads_axis not in key.named_shape)
+        if not grouped:
+            return contract([query, key], axes, precision=precision, preferred_element_type=dtype)
+        split = split_axis(query, self.heads_axis, self.kv_heads_axis, key.named_shape[self.kv_heads_axis],
+                           _QUERY_GROUP)
+        logits = contract([split, key], axes, precision=precision, preferred_element_type=dtype)
+        return merge_axes(logits, self.kv_heads_axis, _QUERY_GROUP, self.heads_axis)
 
 
 def named_mask(mask: Any, batch_names: tuple[str, ...], core: dict[str, int]) -> nx.NamedArrayBase:
@@ -202,9 +282,10 @@ class NnxAttention(Layer):
     Attributes:
       query, key, value: Input projections (``NnxLinearGeneral``).
       query_ln, key_ln: ``normalize_qk`` LayerNorms over ``projection``, or None.
-      query_key_to_logits: ``(queries, keys) -> logits`` (scaled).
+      query_key_to_logits: ``(queries, keys) -> logits`` (scaled; float32 logits,
+        :class:`NnxAttentionLogits`, when the module computes in half precision).
       mask: Logits -> masked logits (:class:`NnxAttentionMask`).
-      logits_to_weights: Softmax over ``kv_seq``.
+      logits_to_weights: Softmax over ``kv_seq`` (then cast to the module's ``dtype``, if set).
       attend_to_values: ``(weights, values) ->`` per-head outputs.
       out: Output projection ``{heads, projection} -> {features}``.
       cached_key, cached_value, cache_index: Decode-cache ``StateVariable``s
@@ -213,6 +294,8 @@ class NnxAttention(Layer):
       seq_axis, kv_seq_axis, heads_axis, kv_heads_axis, projection_axis:
         Axis names (static).
       config: The original module's statics (static).
+      dtype: The ``dtype`` NNX's ``attention_fn`` promotes queries, keys and
+        values to before the kernel (static; None: their promoted type).
     """
 
     query: Layer
@@ -235,6 +318,7 @@ class NnxAttention(Layer):
     kv_heads_axis: str = static_field(default="heads")
     projection_axis: str = static_field(default="projection")
     config: Any = static_field(default=None)
+    dtype: Any = static_field(default=None)
 
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
         if side_inputs.get("sow_weights"):
@@ -290,10 +374,17 @@ class NnxAttention(Layer):
             decode = self.decode
         if decode:
             key, value, side_inputs = self._write_cache(key, value, temps, side_inputs)
+        query, key, value = self._promoted(query, key, value)
         logits = self.query_key_to_logits((query, key), **side_inputs)
         logits = self.mask(logits, **side_inputs)
         weights = self.logits_to_weights(logits, **side_inputs)
         return self.out(self.attend_to_values((weights, value), **side_inputs), **side_inputs)
+
+    def _promoted(self, *arrays: nx.NamedArrayBase) -> tuple[nx.NamedArrayBase, ...]:
+        # NNX's dot_product_attention starts with promote_dtype((q, k, v), dtype=dtype): a no-op unless a
+        # projection computes in another dtype (a LoRA update in float32 on a bfloat16 projection).
+        dtype = nnx_compute_dtype(self.dtype, *(a.data_array for a in arrays))
+        return tuple(map_data(lambda data: jnp.asarray(data, dtype), a) for a in arrays)
 
     def _write_cache(self, key: Any, value: Any, temps: tuple[str, ...],
                      side_inputs: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
@@ -330,19 +421,36 @@ class NnxAttention(Layer):
         return results[0], results[1], {**side_inputs, DECODE_INDEX: index}
 
 
-def kernel_layers(head_dim: int, naming: AxisNaming, kv_heads: str) -> dict[str, Layer]:
+def _computes_in_float32(dtype: Any) -> bool:
+    return dtype is None or jnp.dtype(dtype) == jnp.float32
+
+
+def kernel_layers(head_dim: int, naming: AxisNaming, kv_heads: str, dtype: Any = None) -> dict[str, Layer]:
     """The kernel steps NNX's default attention performs, as pzbridge layers.
+
+    ``dtype``: the module's compute ``dtype``. Other than None / float32, the
+    logits are :class:`NnxAttentionLogits` (float32) and the softmax weights
+    are cast back to ``dtype``, as ``jax.nn.dot_product_attention`` does.
 
     Example:
         >>> sorted(kernel_layers(4, AxisNaming(), "heads"))
         ['attend_to_values', 'logits_to_weights', 'mask', 'query_key_to_logits']
+        >>> half = kernel_layers(4, AxisNaming(), "heads", jnp.bfloat16)
+        >>> [type(layer).__name__ for layer in half["logits_to_weights"].sublayers]
+        ['Softmax', 'CastToDType']
     """
     heads, kv_seq = naming.heads, naming.kv_seq
+    scale = ConstantRescale(float(1.0 / np.sqrt(head_dim)))
+    if _computes_in_float32(dtype):
+        logits: Layer = Sequential([AttentionLogits(naming.projection, heads, kv_heads, kv_seq), scale])
+        weights: Layer = Softmax((kv_seq,))
+    else:
+        logits = Sequential([NnxAttentionLogits(naming.projection, heads, kv_heads, kv_seq), scale])
+        weights = Sequential([Softmax((kv_seq,)), CastToDType(dtype)])
     return {
-        "query_key_to_logits": Sequential([AttentionLogits(naming.projection, heads, kv_heads, kv_seq),
-                                           ConstantRescale(float(1.0 / np.sqrt(head_dim)))]),
+        "query_key_to_logits": logits,
         "mask": NnxAttentionMask(heads, naming.seq, kv_seq),
-        "logits_to_weights": Softmax((kv_seq,)),
+        "logits_to_weights": weights,
         "attend_to_values": AttendToValues(kv_seq, heads, kv_heads),
     }
 
@@ -352,7 +460,7 @@ def _defaults() -> NnxStatics:
     return fresh_statics(lambda: nnx.MultiHeadAttention(1, 1, rngs=nnx.Rngs(0)))
 
 
-_KNOBS = ("dtype", "precision", "attention_fn", "qkv_promote_dtype", "out_promote_dtype", "ln_promote_dtype",
+_KNOBS = ("precision", "attention_fn", "qkv_promote_dtype", "out_promote_dtype", "ln_promote_dtype",
           "qkv_dot_general", "out_dot_general", "qkv_dot_general_cls", "out_dot_general_cls")
 
 
@@ -364,13 +472,20 @@ def _projection(module: nnx.LinearGeneral, ctx: LiftContext, ins: tuple[str, ...
     key = ("nnx-module", id(module))
     done = ctx.shared.by_identity.get(key)
     if done is None:
-        layers: list[Any] = [Linear(lift_variable(module.kernel, ctx.child("kernel"), (*ins, *outs)), ins, outs)]
-        if module.bias is not None:
-            layers.append(AddBias(lift_variable(module.bias, ctx.child("bias"), outs)))
-        done = NnxLinearGeneral(layers, config=NnxStatics.of(module))
+        done = NnxLinearGeneral(linear_layers(module, ctx, ins, outs), config=NnxStatics.of(module))
         ctx.shared.by_identity[key] = done
         ctx.shared.keep_alive.append(module)
     return done
+
+
+def _projections_compute_in(projections: list[Any], dtype: Any) -> bool:
+    """Every projection outputs the module's compute dtype, so NNX's ``attention_fn`` promotes nothing."""
+    if any(p.precision is not None or p.preferred_element_type is not None for p in projections):
+        return False
+    if dtype is None:
+        # The lifted kernel then computes in float32, which NNX infers only from float32 kernels.
+        return all(p.dtype is None and p.kernel.get_raw_value().dtype == jnp.float32 for p in projections)
+    return all(p.dtype is not None and jnp.dtype(p.dtype) == jnp.dtype(dtype) for p in projections)
 
 
 def _qk_norm(module: Any, ctx: LiftContext) -> Any:
@@ -408,7 +523,7 @@ class MultiHeadAttentionRule:
         norms_ok = all(m is None or LayerNormRule()._supported(m) for m in (module.query_ln, module.key_ln))
         return (has_data(module, _DATA) and module.rngs is None and module.dropout_rate == 0.0 and linear_ok
                 and norms_ok and statics_match(module, _defaults(), _KNOBS)
-                and module.query.kernel.get_raw_value().dtype == jnp.float32)
+                and _projections_compute_in(projections, module.dtype))
 
     def lift(self, module: nnx.MultiHeadAttention, ctx: LiftContext) -> Any:
         if not self._supported(module):
@@ -425,11 +540,11 @@ class MultiHeadAttentionRule:
             query_ln=_qk_norm(module.query_ln, ctx.child("query_ln")),
             key_ln=_qk_norm(module.key_ln, ctx.child("key_ln")),
             out=_projection(module.out, ctx.child("out"), (n.heads, n.projection), f),
-            **kernel_layers(module.head_dim, n, kv_heads),
+            **kernel_layers(module.head_dim, n, kv_heads, module.dtype),
             **cache,
             decode=module.decode,
             seq_axis=n.seq, kv_seq_axis=n.kv_seq, heads_axis=n.heads, kv_heads_axis=kv_heads,
-            projection_axis=n.projection, config=NnxStatics.of(module),
+            projection_axis=n.projection, config=NnxStatics.of(module), dtype=module.dtype,
         )
 
     def convention(self, module: nnx.MultiHeadAttention, naming: AxisNaming) -> CallingConvention | None:
@@ -445,7 +560,7 @@ class MultiHeadAttentionRule:
         if native:
             naming = AxisNaming(seq=layer.seq_axis, kv_seq=layer.kv_seq_axis, heads=layer.heads_axis,
                                 projection=layer.projection_axis)
-            expected = kernel_layers(layer.config["head_dim"], naming, layer.kv_heads_axis)
+            expected = kernel_layers(layer.config["head_dim"], naming, layer.kv_heads_axis, layer.dtype)
             native = all(getattr(layer, name) == value for name, value in expected.items())
         if not native:
             names = (layer.seq_axis, layer.query.sublayers[0].in_axis_names[0]
@@ -459,4 +574,4 @@ class MultiHeadAttentionRule:
             variable = getattr(layer, name)
             data[name] = None if variable is None else nnx_variable(variable, ctx.child(name))
         data["rngs"] = None
-        return build_module(nnx.MultiHeadAttention, layer.config.replace(decode=layer.decode), data)
+        return build_module(nnx.MultiHeadAttention, layer.config.replace(decode=layer.decode, dtype=layer.dtype), data)

@@ -5,13 +5,18 @@ Each rule names the ``nnx`` class it lifts and the lifted class it lowers
 ``Sequential`` subclasses whose static ``config`` carries the NNX statics
 back), and documents the axis naming. A rule lifts a module only when it can
 reproduce it exactly; otherwise the module stays ``Foreign`` (still correct,
-children still lifted). ``nnx.Linear`` with a compute ``dtype``, a
-``precision`` or a ``preferred_element_type`` lifts natively to
-:class:`NnxPromotedLinear` / :class:`NnxPromotedBias`, which run NNX's own
-promotion and ``dot_general``; ``LinearGeneral`` and ``Einsum`` with such
-settings, and any layer with a custom ``dot_general`` / ``promote_dtype``,
-stay ``Foreign``. The shared machinery is in :mod:`pzbridge.bridge.nnx.traversal`,
-:mod:`~pzbridge.bridge.nnx.variables` and :mod:`~pzbridge.bridge.nnx.statics`.
+children still lifted). A layer with a compute ``dtype``, a ``precision``, a
+``preferred_element_type`` or non-float32 parameters lifts natively to
+:class:`NnxPromotedLinear` (``Linear``, ``LinearGeneral``) or
+:class:`NnxPromotedEinsum` (``Einsum``), plus :class:`NnxPromotedBias`: they
+run NNX's own promotion (``promote_dtype``), its ``dot_general`` / einsum
+with ``precision`` and ``preferred_element_type``, and add the bias as NNX
+does. Only a layer with a custom ``dot_general`` / ``einsum_op`` /
+``promote_dtype`` function (pzbridge cannot see what it computes), or one
+whose bias NNX adds in a dtype the bias layer cannot know (see
+:func:`bias_dtype_fixed`), stays ``Foreign``. The shared machinery is in
+:mod:`pzbridge.bridge.nnx.traversal`, :mod:`~pzbridge.bridge.nnx.variables`
+and :mod:`~pzbridge.bridge.nnx.statics`.
 
 NNX layers act on batched inputs, so a lifted root's calling convention
 names only the trailing axes a layer consumes (``features`` for ``Linear``);
@@ -34,6 +39,11 @@ Example:
     ['NnxPromotedLinear', 'NnxPromotedBias']
     >>> pzb.lift(half).positional(x).dtype, nnx.graphdef(pzb.lower(pzb.lift(half))) == nnx.graphdef(half)
     (dtype(bfloat16), True)
+    >>> general = nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    >>> [type(layer).__name__ for layer in pzb.lift(general).body.sublayers]
+    ['NnxPromotedLinear', 'NnxPromotedBias']
+    >>> bool((pzb.lift(general).positional(jnp.ones((5, 2, 3))) == general(jnp.ones((5, 2, 3)))).all())
+    True
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -52,6 +63,7 @@ from pzbridge.bridge.equinox.linear import EqxLinear
 from pzbridge.bridge.equinox.traversal import EQUINOX
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.naming import AxisNaming
+from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.bridge.nnx.containers import SequentialRule
 from pzbridge.bridge.nnx.statics import NnxStatics, build_module, fresh_statics
 from pzbridge.bridge.nnx.traversal import lift_foreign, nnx_rule
@@ -159,12 +171,13 @@ def _cast(x: nx.NamedArrayBase, dtype: Any) -> nx.NamedArrayBase:
 
 @pytree_dataclass
 class NnxPromotedLinear(Linear):
-    """A ``Linear`` computing as ``nnx.Linear`` with non-default numerics.
+    """A ``Linear`` computing as ``nnx.Linear`` / ``nnx.LinearGeneral`` with non-default numerics.
 
     Like NNX, it casts the input and the weight to the compute dtype (``dtype``,
     or their promoted type when ``dtype`` is None) and runs one ``dot_general``
-    with ``precision`` and ``preferred_element_type``. The weight keeps its
-    stored dtype (NNX's ``param_dtype``); only the computation is cast.
+    with ``precision`` and ``preferred_element_type``, contracting every input
+    axis at once (several for ``LinearGeneral``). The weight keeps its stored
+    dtype (NNX's ``param_dtype``); only the computation is cast.
 
     Attributes:
       dtype: NNX's ``dtype`` (static; None: promote input and weight).
@@ -192,13 +205,57 @@ class NnxPromotedLinear(Linear):
 
 
 @pytree_dataclass
+class NnxPromotedEinsum(NamedEinsum):
+    """A ``NamedEinsum`` computing as ``nnx.Einsum`` with non-default numerics.
+
+    Casts the input and the weights to the compute dtype as
+    :class:`NnxPromotedLinear` does (``dtype``, or their promoted type) and
+    runs one einsum with ``precision`` and ``preferred_element_type``.
+
+    Attributes:
+      dtype: NNX's ``dtype`` (static; None: promote input and weights).
+      precision: NNX's ``precision`` (static).
+      preferred_element_type: NNX's ``preferred_element_type`` (static).
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> w = pzb.Parameter(pzb.nx.ones({"a": 2, "d": 3}), "w")
+        >>> NnxPromotedEinsum((w,), ("a",), dtype=jnp.float16)(pzb.nx.ones({"a": 2})).unwrap("d")
+        Array([2., 2., 2.], dtype=float16)
+    """
+
+    dtype: Any = static_field(default=None)
+    precision: Any = static_field(default=None)
+    preferred_element_type: Any = static_field(default=None)
+
+    def __call__(self, x: nx.NamedArrayBase, /, **side_inputs: Any) -> nx.NamedArrayBase:
+        values = [w.value for w in self.weights]
+        dtype = nnx_compute_dtype(self.dtype, x.data_array, *(v.data_array for v in values))
+        return contract([_cast(x, dtype), *(_cast(v, dtype) for v in values)], self.contract_axes,
+                        dict(self.rename), precision=self.precision,
+                        preferred_element_type=self.preferred_element_type)
+
+
+def _trailing_data(bias: Any, names: dict[str, int], ndim: int) -> jax.Array | None:
+    """The bias's data if its axes are the trailing data axes of ``names``' array, in the same order."""
+    if not nx.is_namedarray(bias) or bias.positional_shape or not bias.named_shape:
+        return None
+    data, _, bias_names = data_layout(bias)
+    order = sorted(bias_names, key=bias_names.__getitem__)  # the bias's names in its data order
+    if [names.get(name) for name in order] != list(range(ndim - data.ndim, ndim)):
+        return None
+    return data
+
+
+@pytree_dataclass
 class NnxPromotedBias(AddBias):
-    """An ``AddBias`` that casts the bias as ``nnx.Linear`` does before adding it.
+    """An ``AddBias`` that casts the bias as NNX's dense layers do before adding it.
 
     The bias is cast to ``dtype`` (None: to the incoming array's dtype, which
-    is NNX's compute dtype when no ``preferred_element_type`` is set) and, for
-    a one-axis bias on the trailing data axis, added as NNX adds it
-    (``y + reshape(bias, (1, ..., 1, -1))``), so the program is NNX's own.
+    is NNX's compute dtype when no ``preferred_element_type`` is set) and,
+    when its axes are the incoming array's trailing data axes in its own
+    order, added as NNX adds it (``y + reshape(bias, (1, ..., 1, *bias.shape))``),
+    so the program is NNX's own; otherwise it is added by name.
 
     Attributes:
       dtype: NNX's ``dtype`` (static).
@@ -215,17 +272,16 @@ class NnxPromotedBias(AddBias):
     def __call__(self, x: nx.NamedArrayBase, /, **side_inputs: Any) -> nx.NamedArrayBase:
         bias = self.bias.value
         dtype = x.dtype if self.dtype is None else self.dtype
-        if isinstance(bias, nx.NamedArray) and len(bias.named_axes) == 1:
-            data, positional, names = data_layout(x)
-            (name,) = tuple(bias.named_axes)
-            if names.get(name) == data.ndim - 1:
-                flat = jnp.reshape(jnp.asarray(bias.data_array, dtype), (1,) * (data.ndim - 1) + (-1,))
-                return make_named(data + flat, positional, names)
-        return x + _cast(bias, dtype)
+        data, positional, names = data_layout(x)
+        trailing = _trailing_data(bias, names, data.ndim)
+        if trailing is None:
+            return x + _cast(bias, dtype)
+        flat = jnp.reshape(jnp.asarray(trailing, dtype), (1,) * (data.ndim - trailing.ndim) + trailing.shape)
+        return make_named(data + flat, positional, names)
 
 
 # Lowering these to Equinox as eqx.nn.Linear would drop the numerics: the adapter runs them exactly.
-EQUINOX.add(EquinoxAdapterRule(), lifted=(NnxPromotedLinear, NnxPromotedBias))
+EQUINOX.add(EquinoxAdapterRule(), lifted=(NnxPromotedLinear, NnxPromotedEinsum, NnxPromotedBias))
 
 
 def _statics_equal(module: Any, defaults: NnxStatics, names: Sequence[str]) -> bool:
@@ -241,35 +297,130 @@ def _linear_statics(in_features: int, out_features: int, use_bias: bool) -> NnxS
     return fresh_statics(lambda: nnx.Linear(in_features, out_features, use_bias=use_bias, rngs=nnx.Rngs(0)))
 
 
-_NUMERIC = ("dtype", "precision", "dot_general", "promote_dtype", "preferred_element_type")
-_PROMOTED = ("dtype", "precision", "preferred_element_type")  # settings NnxPromotedLinear reproduces
+_NUMERIC = ("dtype", "precision", "dot_general", "promote_dtype", "preferred_element_type")  # used by recurrent.py
+_PROMOTED = ("dtype", "precision", "preferred_element_type")  # settings the promoted layers reproduce
 
 
 def _raw_dtype(variable: Any) -> Any:
     return None if variable is None else variable.get_raw_value().dtype
 
 
-def _numerics_of(linear: Linear) -> dict[str, Any]:
-    """``dtype`` / ``precision`` / ``preferred_element_type`` a lifted linear computes with (None: NNX default)."""
-    return {name: getattr(linear, name, None) for name in _PROMOTED}
+def _numerics_of(layer: Any) -> dict[str, Any]:
+    """``dtype`` / ``precision`` / ``preferred_element_type`` a lifted layer (or NNX module) computes with."""
+    return {name: getattr(layer, name, None) for name in _PROMOTED}
+
+
+def _widest_float() -> Any:
+    # float32 unless x64 is enabled: no inferred NNX compute dtype of real arrays is wider.
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+def bias_dtype_fixed(dtype: Any, preferred_element_type: Any, kernel_dtype: Any, bias_dtype: Any) -> bool:
+    """Whether a bias layer can add the bias exactly as NNX's ``Linear`` / ``LinearGeneral`` / ``Einsum`` do.
+
+    NNX casts input, kernel and bias to one compute dtype (``dtype``, or the
+    three's promoted type when ``dtype`` is None) and adds the cast bias to
+    the dot's output. The bias layer sees only that output and the bias.
+    With ``dtype`` set it casts the bias to ``dtype``: exact. With ``dtype``
+    None it casts the bias to the output's dtype, which is what NNX computes
+    when (1) the bias does not widen the promotion (its dtype promotes into
+    the kernel's) and (2) there is no ``preferred_element_type``, or one
+    every compute dtype promotes into (float32; float64 under x64): then
+    NNX's bias, widened to the compute dtype and then to the output's, has
+    the values of the bias widened to the output's dtype directly.
+
+    Args:
+      dtype: The layer's ``dtype``.
+      preferred_element_type: The layer's ``preferred_element_type``.
+      kernel_dtype: The stored kernel's dtype.
+      bias_dtype: The stored bias's dtype (None: no bias).
+
+    Returns:
+      True when the lifted bias layer reproduces NNX's bias addition.
+
+    Example:
+        >>> bias_dtype_fixed(None, jnp.float32, jnp.bfloat16, jnp.bfloat16)
+        True
+        >>> bias_dtype_fixed(None, jnp.bfloat16, jnp.float32, jnp.float32)  # NNX adds a float32 bias to bf16
+        False
+    """
+    if bias_dtype is None or dtype is not None:
+        return True
+    if jnp.promote_types(kernel_dtype, bias_dtype) != jnp.dtype(kernel_dtype):
+        return False
+    return (preferred_element_type is None
+            or jnp.promote_types(preferred_element_type, _widest_float()) == jnp.dtype(preferred_element_type))
+
+
+def _numerics_liftable(module: Any) -> bool:
+    """NNX's own promotion function, and a bias the lifted bias layer adds as NNX does."""
+    return (module.promote_dtype is _linear_statics(1, 1, True)["promote_dtype"]
+            and bias_dtype_fixed(module.dtype, module.preferred_element_type, _raw_dtype(module.kernel),
+                                 _raw_dtype(module.bias)))
+
+
+def _plain_numerics(module: Any) -> bool:
+    # NNX's defaults on float32 parameters: plain layers compute the same program, without casts.
+    return all(value is None for value in _numerics_of(module).values()) and _raw_dtype(module.kernel) == jnp.float32
+
+
+def _bias_layers(module: Any, ctx: LiftContext, names: tuple[str, ...]) -> list[Any]:
+    if module.bias is None:
+        return []
+    bias = lift_variable(module.bias, ctx.child("bias"), names)
+    return [AddBias(bias) if _plain_numerics(module) else NnxPromotedBias(bias, dtype=module.dtype)]
+
+
+def linear_layers(module: nnx.Linear | nnx.LinearGeneral, ctx: LiftContext, ins: tuple[str, ...],
+                  outs: tuple[str, ...]) -> list[Any]:
+    """The lifted layers of an ``nnx.Linear`` / ``nnx.LinearGeneral`` contracting ``ins`` into ``outs``.
+
+    ``[Linear, AddBias?]`` with NNX's default numerics on float32 parameters,
+    else ``[NnxPromotedLinear, NnxPromotedBias?]``. The kernel keeps NNX's
+    layout ``(*ins, *outs)`` (outputs clashing with inputs get ``_out``).
+    The caller checks that the module lifts (:func:`bias_dtype_fixed`, no
+    custom functions).
+
+    Example:
+        >>> from pzbridge.bridge.nnx.traversal import new_lift_context
+        >>> m = nnx.LinearGeneral(2, (3, 4), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        >>> [type(l).__name__ for l in linear_layers(m, new_lift_context(), ("features",), ("heads", "head"))]
+        ['NnxPromotedLinear', 'NnxPromotedBias']
+    """
+    weight_names = (*ins, *(weight_output_name(name, ins) for name in outs))
+    kernel = lift_variable(module.kernel, ctx.child("kernel"), weight_names)
+    if _plain_numerics(module):
+        linear: Linear = Linear(kernel, ins, outs)
+    else:
+        linear = NnxPromotedLinear(kernel, ins, outs, **_numerics_of(module))
+    return [linear, *_bias_layers(module, ctx, outs)]
 
 
 def _bias_expressible(numerics: dict[str, Any], bias: AddBias | None, kernel_dtype: Any, bias_dtype: Any) -> bool:
-    """Whether ``nnx.Linear`` with these numerics adds this bias exactly as the lifted bias layer does.
+    """Whether an NNX layer with these numerics adds this bias exactly as the lifted bias layer does.
 
-    NNX casts the bias to the compute dtype of ``(input, kernel, bias)`` before
-    adding it. With ``dtype`` set that is ``dtype`` (an ``NnxPromotedBias``
-    with the same ``dtype`` does the same). With ``dtype`` None it is the
-    dot's dtype only when the bias has the kernel's dtype and no
-    ``preferred_element_type`` changes the dot's output dtype.
+    With ``dtype`` set NNX casts the bias to ``dtype`` (an ``NnxPromotedBias``
+    with the same ``dtype`` does the same); with ``dtype`` None the bias layer
+    must not cast (plain, or ``dtype`` None) and :func:`bias_dtype_fixed` must hold.
     """
     if bias is None:
         return True
     dtype = numerics["dtype"]
     if dtype is not None:
         return isinstance(bias, NnxPromotedBias) and bias.dtype == dtype
-    return (getattr(bias, "dtype", None) is None and numerics["preferred_element_type"] is None
-            and bias_dtype == kernel_dtype)
+    return (getattr(bias, "dtype", None) is None
+            and bias_dtype_fixed(None, numerics["preferred_element_type"], kernel_dtype, bias_dtype))
+
+
+def _value_dtype(layer: Any, field: str) -> Any:
+    return None if layer is None else getattr(layer, field).value.dtype
+
+
+def _lowered_config(config: NnxStatics, numerics: dict[str, Any], **others: Any) -> NnxStatics:
+    # The lifted layers decide what the module computes; untouched values keep the original objects.
+    wanted = {**numerics, **others}
+    changed = {name: value for name, value in wanted.items() if not _statics_equal_value(config[name], value)}
+    return config.replace(**changed) if changed else config
 
 
 @nnx_rule(source=nnx.Linear, lifted=(NnxLinear, Affine, Linear, EqxLinear))
@@ -294,35 +445,20 @@ class LinearRule:
 
     Kept ``Foreign`` (NNX code runs, exact): a custom ``dot_general`` or
     ``promote_dtype`` function (pzbridge cannot see what it computes), a
-    kernel that is not 2-d, and, with ``dtype=None``, a bias whose dtype
-    differs from the kernel's or a bias together with a
-    ``preferred_element_type`` (NNX then adds the bias in a dtype inferred
-    from the input, which the bias layer does not see).
+    kernel that is not 2-d, and, with ``dtype=None``, a bias NNX adds in a
+    dtype the bias layer cannot know (:func:`bias_dtype_fixed`: a bias wider
+    than the kernel, or a ``preferred_element_type`` narrower than float32).
     """
 
     def _supported(self, module: nnx.Linear) -> bool:
-        defaults = _linear_statics(1, 1, True)
-        if not _statics_equal(module, defaults, ("dot_general", "promote_dtype")) or module.kernel.ndim != 2:
-            return False
-        if module.dtype is None and module.bias is not None:
-            return (_raw_dtype(module.bias) == _raw_dtype(module.kernel)
-                    and module.preferred_element_type is None)
-        return True
+        return (_statics_equal(module, _linear_statics(1, 1, True), ("dot_general",)) and module.kernel.ndim == 2
+                and _numerics_liftable(module))
 
     def lift(self, module: nnx.Linear, ctx: LiftContext) -> Any:
         if not self._supported(module):
             return lift_foreign(module, ctx)
         f = ctx.naming.features
-        kernel = lift_variable(module.kernel, ctx.child("kernel"), (f, f + "_out"))
-        bias = None if module.bias is None else lift_variable(module.bias, ctx.child("bias"), (f,))
-        numerics = {name: getattr(module, name) for name in _PROMOTED}
-        layers: list[Any]
-        if all(value is None for value in numerics.values()) and _raw_dtype(module.kernel) == jnp.float32:
-            layers = [Linear(kernel, (f,), (f,))] + ([] if bias is None else [AddBias(bias)])
-        else:
-            layers = [NnxPromotedLinear(kernel, (f,), (f,), **numerics)]
-            layers += [] if bias is None else [NnxPromotedBias(bias, dtype=module.dtype)]
-        return NnxLinear(layers, config=NnxStatics.of(module))
+        return NnxLinear(linear_layers(module, ctx, (f,), (f,)), config=NnxStatics.of(module))
 
     def convention(self, module: nnx.Linear, naming: AxisNaming) -> CallingConvention | None:
         if not self._supported(module):
@@ -342,8 +478,7 @@ class LinearRule:
                 "Fix: wrap it in pzb.nn.Sequential([...]) to lower it through an adapter, or reshape the axes."
             )
         numerics = _numerics_of(linear)
-        if not _bias_expressible(numerics, bias, linear.weights.value.dtype,
-                                 None if bias is None else bias.bias.value.dtype):
+        if not _bias_expressible(numerics, bias, linear.weights.value.dtype, _value_dtype(bias, "bias")):
             # Linear and bias separately: an nnx.Linear without bias, then the bias layer as an adapter.
             return SequentialRule().lower(Sequential(list(sublayers)), ctx)
         (f_in,), (f_out,) = linear.in_axis_names, linear.out_axis_names
@@ -352,11 +487,7 @@ class LinearRule:
         config = getattr(layer, "config", None)
         if config is None:
             config = _linear_statics(int(kernel.shape[0]), int(kernel.shape[1]), bias is not None)
-        # The lifted layers decide what the module computes; untouched values keep the original objects.
-        wanted = {**numerics, "use_bias": bias is not None}
-        changed = {name: value for name, value in wanted.items() if not _statics_equal_value(config[name], value)}
-        if changed:
-            config = config.replace(**changed)
+        config = _lowered_config(config, numerics, use_bias=bias is not None)
         return build_module(nnx.Linear, config, {"kernel": kernel, "bias": bias_var})
 
 
@@ -368,6 +499,14 @@ def _axis_names(base: str, count: int) -> tuple[str, ...]:
     return (base,) if count == 1 else tuple(f"{base}_{i}" for i in range(count))
 
 
+def _numerics_lowerable(layer: Linear | NamedEinsum, bias: Any) -> bool:
+    """The lifted dense layer and bias compute what an NNX layer with the dense layer's numerics computes."""
+    if bias is not None and not isinstance(bias, AddBias):
+        return False
+    weights = layer.weights[0] if isinstance(layer, NamedEinsum) else layer.weights
+    return _bias_expressible(_numerics_of(layer), bias, weights.value.dtype, _value_dtype(bias, "bias"))
+
+
 @nnx_rule(source=nnx.LinearGeneral, lifted=(NnxLinearGeneral,))
 class LinearGeneralRule:
     """``nnx.LinearGeneral`` <-> ``NnxLinearGeneral([Linear, AddBias])``.
@@ -375,8 +514,14 @@ class LinearGeneralRule:
     The contracted trailing axes are ``features`` (one) or ``features_0,
     features_1, ...`` (several), likewise the output axes; ``kernel (*in,
     *out)`` keeps its layout (output names clashing with input names get
-    ``_out`` inside the kernel). A ``batch_axis``, non-trailing ``axis`` or
-    non-default numerics stay ``Foreign``.
+    ``_out`` inside the kernel). Numerics as for :class:`LinearRule`: a
+    compute ``dtype``, ``precision``, ``preferred_element_type`` or
+    non-float32 parameters give ``[NnxPromotedLinear, NnxPromotedBias]``,
+    NNX's own program (the bias reshaped to ``(1, ..., 1, *out)`` and added).
+    A ``batch_axis``, a non-trailing ``axis``, a custom ``dot_general`` /
+    ``dot_general_cls`` / ``promote_dtype`` and a bias :func:`bias_dtype_fixed`
+    rejects stay ``Foreign``. On lowering the numerics come from the lifted
+    layers; layers no ``LinearGeneral`` computes lower to an adapter.
     """
 
     def _names(self, module: nnx.LinearGeneral, naming: AxisNaming) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -386,19 +531,13 @@ class LinearGeneralRule:
     def _supported(self, module: nnx.LinearGeneral) -> bool:
         k = len(module.in_features)
         return (not module.batch_axis and tuple(module.axis) == tuple(range(-k, 0))
-                and module.dtype is None and module.precision is None and module.dot_general is None
-                and module.dot_general_cls is None and module.preferred_element_type is None
-                and module.promote_dtype is _linear_statics(1, 1, True)["promote_dtype"])
+                and module.dot_general is None and module.dot_general_cls is None and _numerics_liftable(module))
 
     def lift(self, module: nnx.LinearGeneral, ctx: LiftContext) -> Any:
         if not self._supported(module):
             return lift_foreign(module, ctx)
         ins, outs = self._names(module, ctx.naming)
-        weight_names = (*ins, *(weight_output_name(n, ins) for n in outs))
-        layers: list[Any] = [Linear(lift_variable(module.kernel, ctx.child("kernel"), weight_names), ins, outs)]
-        if module.bias is not None:
-            layers.append(AddBias(lift_variable(module.bias, ctx.child("bias"), outs)))
-        return NnxLinearGeneral(layers, config=NnxStatics.of(module))
+        return NnxLinearGeneral(linear_layers(module, ctx, ins, outs), config=NnxStatics.of(module))
 
     def convention(self, module: nnx.LinearGeneral, naming: AxisNaming) -> CallingConvention | None:
         if not self._supported(module):
@@ -411,9 +550,12 @@ class LinearGeneralRule:
         if layer.config is None or not isinstance(linear, Linear) or len(layer.sublayers) > 2:
             return SequentialRule().lower(Sequential(list(layer.sublayers)), ctx)
         ins, outs = linear.in_axis_names, linear.out_axis_names
+        if not _numerics_lowerable(linear, bias):
+            return NnxAdapter.wrap(layer, ctx, CallingConvention((ins,), outs))
         kernel = nnx_variable(linear.weights, ctx.child("kernel"), (*ins, *(weight_output_name(n, ins) for n in outs)))
         bias_var = None if bias is None else nnx_variable(bias.bias, ctx.child("bias"), outs)
-        return build_module(nnx.LinearGeneral, layer.config, {"kernel": kernel, "bias": bias_var})
+        config = _lowered_config(layer.config, _numerics_of(linear))
+        return build_module(nnx.LinearGeneral, config, {"kernel": kernel, "bias": bias_var})
 
 
 _EINSUM = re.compile(r"^([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]+)$")
@@ -442,9 +584,8 @@ def _einsum_plan(module: nnx.Einsum) -> tuple[str, str, str] | None:
     bias = getattr(module, "bias_shape", None)
     if bias is not None and any(c in only_input for c in out[len(out) - len(bias):]):
         return None
-    default = _einsum_statics()
-    if (module.dtype is not None or module.precision is not None or module.preferred_element_type is not None
-            or module.einsum_op is not default["einsum_op"] or module.promote_dtype is not default["promote_dtype"]):
+    # NNX's einsum and promotion, with any dtype / precision / preferred_element_type (NnxPromotedEinsum).
+    if module.einsum_op is not _einsum_statics()["einsum_op"] or not _numerics_liftable(module):
         return None
     return inp, ker, out
 
@@ -456,8 +597,12 @@ class EinsumRule:
     For ``"bta,ahd->bthd"`` the kernel is ``{a, h, d}``, the input's trailing
     ``a`` is contracted, ``b, t`` stay positional, and the output's trailing
     ``h, d`` are named ``h`` and ``d``; the bias covers the output's trailing
-    letters. Einsums whose positional letters are not leading (or with
-    ``...``, repeated letters, or non-default numerics) stay ``Foreign``.
+    letters. Numerics as for :class:`LinearRule`: a compute ``dtype``,
+    ``precision``, ``preferred_element_type`` or non-float32 parameters give
+    ``[NnxPromotedEinsum, NnxPromotedBias]``, which promote and run the einsum
+    as NNX does. Einsums whose positional letters are not leading (or with
+    ``...``, repeated letters, a custom ``einsum_op`` / ``promote_dtype``, or a
+    bias :func:`bias_dtype_fixed` rejects) stay ``Foreign``.
     """
 
     def lift(self, module: nnx.Einsum, ctx: LiftContext) -> Any:
@@ -466,10 +611,13 @@ class EinsumRule:
             return lift_foreign(module, ctx)
         inp, ker, out = plan
         contracted = tuple(c for c in inp if c in ker and c not in out)
-        layers: list[Any] = [NamedEinsum((lift_variable(module.kernel, ctx.child("kernel"), tuple(ker)),), contracted)]
-        if module.bias is not None:
-            layers.append(AddBias(lift_variable(module.bias, ctx.child("bias"), tuple(out[len(out) - module.bias.ndim:]))))
-        return NnxEinsum(layers, config=NnxStatics.of(module))
+        kernel = lift_variable(module.kernel, ctx.child("kernel"), tuple(ker))
+        if _plain_numerics(module):
+            einsum: NamedEinsum = NamedEinsum((kernel,), contracted)
+        else:
+            einsum = NnxPromotedEinsum((kernel,), contracted, **_numerics_of(module))
+        bias_names = () if module.bias is None else tuple(out[len(out) - module.bias.ndim:])
+        return NnxEinsum([einsum, *_bias_layers(module, ctx, bias_names)], config=NnxStatics.of(module))
 
     def convention(self, module: nnx.Einsum, naming: AxisNaming) -> CallingConvention | None:
         plan = _einsum_plan(module)
@@ -482,10 +630,14 @@ class EinsumRule:
         einsum, bias = layer.sublayers[0], (layer.sublayers[1] if len(layer.sublayers) > 1 else None)
         if layer.config is None or not isinstance(einsum, NamedEinsum) or len(einsum.weights) != 1:
             return SequentialRule().lower(Sequential(list(layer.sublayers)), ctx)
-        _, ker, out = _EINSUM.match(layer.config["einsum_str"].replace(" ", "")).groups()
+        inp, ker, out = _EINSUM.match(layer.config["einsum_str"].replace(" ", "")).groups()
+        if len(layer.sublayers) > 2 or not _numerics_lowerable(einsum, bias):
+            convention = CallingConvention((tuple(c for c in inp if c in ker),), tuple(c for c in out if c in ker))
+            return NnxAdapter.wrap(layer, ctx, convention)
         kernel = nnx_variable(einsum.weights[0], ctx.child("kernel"), tuple(ker))
         bias_var = None
         if bias is not None:
             rank = len(layer.config["bias_shape"])
             bias_var = nnx_variable(bias.bias, ctx.child("bias"), tuple(out[len(out) - rank:]))
-        return build_module(nnx.Einsum, layer.config, {"kernel": kernel, "bias": bias_var})
+        config = _lowered_config(layer.config, _numerics_of(einsum))
+        return build_module(nnx.Einsum, config, {"kernel": kernel, "bias": bias_var})

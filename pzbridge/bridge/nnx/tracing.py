@@ -92,12 +92,14 @@ from pzbridge.bridge.tracing.assemble import (
     default_input_names,
     input_roles,
     make_traced,
+    retracer,
     trace_call,
     traced_convention,
 )
-from pzbridge.bridge.tracing.child_calls import ChildCall, call_child
+from pzbridge.bridge.tracing.child_calls import ChildCall, bind_proxy, proxy_class
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.bridge.tracing.graph import ChildSpec, InputRole, Untraceable, convert
+from pzbridge.bridge.tracing.overrides import renames_for
 from pzbridge.bridge.tracing.structure import build_layer
 from pzbridge.core import named_axes as pzb_nx
 from pzbridge.core.struct import Struct, pytree_dataclass, static_field
@@ -139,6 +141,17 @@ class _Node:
                  for (path, var), value in zip(fresh, values) if isinstance(var, nnx.Variable)]
         return nnx.merge(self.graphdef, state), pairs
 
+    @property
+    def pzb_signature(self) -> Any:
+        """A hashable identity of the node's computation (graph, Variable types, constants), or None."""
+        signature = ("nnx", self.graphdef, tuple((p, type(v)) for p, v in self.variables),
+                     tuple((p, type(v), raw_value(v)) for p, v in self.constants))
+        try:
+            hash(signature)
+        except TypeError:
+            return None
+        return signature
+
     def run(self, leaves: Any, args: Any, kwargs: Any) -> Any:
         """Calls the node rebuilt on ``leaves`` (the child call's implementation)."""
         module, _ = self.rebuild(leaves)
@@ -151,20 +164,18 @@ def _proxy(node: _Node, rebuilt: Any, calls: list[ChildCall]) -> Any:
     Being a real module, it goes through ``nnx.split`` / ``nnx.merge``, so
     ``nnx.scan`` over a stack of blocks calls it once on one block's arrays;
     every attribute reads as on the child. Whatever arrays its Variables hold
-    when called are the call's operands.
+    when called are the call's operands. The subclass is one per child class
+    and key (``nnx.merge`` rebuilds the class, not the instance's attributes).
     """
-    cls = type(rebuilt)
-
-    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        leaves = [raw_value(v) for _, v in nnx.to_flat_state(nnx.state(self)) if is_array(raw_value(v))]
-        return call_child(node.key, node.run, leaves, calls, args, kwargs)
-
-    # One class per child: nnx.merge inside nnx.scan rebuilds the class, not the instance's attributes.
-    proxy_class = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                              "__qualname__": cls.__qualname__})
-    instance = object.__new__(proxy_class)
+    cls = proxy_class(type(rebuilt), node.key, _variable_arrays)
+    bind_proxy(cls, node.run, calls)
+    instance = object.__new__(cls)
     vars(instance).update(vars(rebuilt))
     return instance
+
+
+def _variable_arrays(module: Any) -> list[Any]:
+    return [raw_value(v) for _, v in nnx.to_flat_state(nnx.state(module)) if is_array(raw_value(v))]
 
 
 
@@ -266,7 +277,7 @@ def _written(pairs: list[tuple[str, nnx.Variable, Any]]) -> list[str]:
 
 
 def _trace(parts: _Parts, example: Example, naming: Any) -> tuple[Any, list[ChildCall], list[InputRole],
-                                                                  list[Any], list[str], Any]:
+                                                                  list[Any], list[str], Any, Any]:
     module = parts.module
     roles: list[InputRole] = []
     sources: list[Any] = []
@@ -333,7 +344,8 @@ def _trace(parts: _Parts, example: Example, naming: Any) -> tuple[Any, list[Chil
     node_structs = [[_struct(raw_value(var)) for _, var in node.variables] for _, node in parts.nodes]
     dynamic_structs = [flat_args[i] for i in dynamic]
     closed, out_shape = trace_call(traced_call, own_structs, node_structs, dynamic_structs)
-    return closed, calls, roles, sources, side_names, jax.tree_util.tree_structure(out_shape)
+    retrace = retracer(traced_call, (own_structs, node_structs), dynamic_structs, calls)
+    return closed, calls, roles, sources, side_names, jax.tree_util.tree_structure(out_shape), retrace
 
 
 def _axis_label(key: str) -> str:
@@ -385,7 +397,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     """
     example: Example = ctx.example
     parts = _Parts.of(module)
-    closed, calls, roles, sources, side_names, out_treedef = _trace(parts, example, ctx.naming)
+    closed, calls, roles, sources, side_names, out_treedef, retrace = _trace(parts, example, ctx.naming)
     source_of = {id(role): source for role, source in zip(roles, sources)}
     nodes = {node.key: node for _, node in parts.nodes}
     lifted: dict[str, Any] = {}
@@ -429,7 +441,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
         value = getattr(lifted_already, "value", None)
         return tuple(value.named_shape) if pzb_nx.is_namedarray(value) and not value.positional_shape else None
 
-    graph = convert(closed, roles, child_handler, param_handler, param_hint)
+    graph = convert(closed, roles, child_handler, param_handler, param_hint, renames_for(ctx), retrace)
     body = build_layer(graph, out_treedef)
     called = {call.key for call in calls}
     by_id = {id(node.value): lifted[key] for key, node in nodes.items() if key in called}

@@ -14,7 +14,9 @@ that shape everything here (see ``docs/architecture.md``):
   becomes one :class:`~pzbridge.Parameter` / :class:`~pzbridge.StateVariable`
   (the lift context keys on the Variable object); one submodule reached twice
   becomes one lifted object; lowering caches by the lifted object, so
-  ``nnx.find_duplicates`` of the lowered model matches the original.
+  ``nnx.find_duplicates`` of the lowered model matches the original. A
+  reference back to an ancestor (a cycle, ``child.parent = parent``) becomes
+  an :class:`AncestorRef`, which lowering points at the rebuilt ancestor.
 
 Variable mapping: ``nnx.Param`` and its subclasses become ``Parameter``;
 every other Variable type (``BatchStat``, ``Cache``, ``RngKey``/``RngCount``,
@@ -60,6 +62,7 @@ from flax import nnx
 
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.lifted import CallingConvention
+from pzbridge.bridge.lower_checks import check_layer, check_lowered
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.nnx.statics import (
     NnxStatics,
@@ -76,6 +79,7 @@ from pzbridge.bridge.nnx.variables import (
 from pzbridge.bridge.registry import RuleRegistry
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LiftError, LowerError
+from pzbridge.core.struct import Struct, pytree_dataclass, static_field
 from pzbridge.core.variable_base import AbstractVariable
 from pzbridge.core.variables import (
     AbstractVariableValue,
@@ -118,7 +122,8 @@ def lift_node(module: Any, ctx: LiftContext) -> Any:
     A module without a rule becomes ``Foreign`` (or an error if strict); when
     ``ctx`` carries example inputs it is traced instead (see
     :mod:`pzbridge.bridge.nnx.tracing`). The same module object reached twice
-    lifts to the same lifted object.
+    lifts to the same lifted object; reached again while it is still being
+    lifted (a reference cycle), it becomes an :class:`AncestorRef`.
 
     Args:
       module: An ``nnx.Module``.
@@ -128,8 +133,9 @@ def lift_node(module: Any, ctx: LiftContext) -> Any:
       The lifted layer.
 
     Raises:
-      LiftError: If ``module`` is not an ``nnx.Module``, or has no rule and
-        ``ctx.strict`` is set.
+      LiftError: If ``module`` is not an ``nnx.Module``, has no rule and
+        ``ctx.strict`` is set, or is referenced back to from inside but does
+        not lift as ``Foreign``.
 
     Example:
         >>> lin = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
@@ -140,19 +146,35 @@ def lift_node(module: Any, ctx: LiftContext) -> Any:
     done = ctx.shared.by_identity.get(key)
     if done is not None:
         return done
+    lifting = ctx.shared.extras.setdefault(_LIFTING, {})
+    if id(module) in lifting:
+        return _ancestor_ref(module, ctx)  # Reached again while being lifted: a reference cycle.
+    lifting[id(module)] = (module, ctx)  # ctx, not ctx.where: a path's text is O(depth) to build.
+    try:
+        lifted = _lift_uncached(module, ctx)
+    finally:
+        del lifting[id(module)]
+    lifted = _mark_if_referenced(module, lifted, ctx)
+    ctx.shared.by_identity[key] = lifted
+    ctx.shared.keep_alive.append(module)
+    return lifted
+
+
+def _lift_uncached(module: Any, ctx: LiftContext) -> Any:
     rule = NNX.lift_rule_for(type(module))
     if rule is not None:
-        lifted = NNX.lift_with_rule(rule, module, ctx, lambda lifted: isinstance(lifted, Foreign))
-    elif not isinstance(module, nnx.Pytree):
+        return NNX.lift_with_rule(rule, module, ctx, lambda lifted: isinstance(lifted, Foreign))
+    if not isinstance(module, nnx.Pytree):
         raise LiftError(
             f"{ctx.where}: expected an nnx.Module, found {type(module).__module__}.{type(module).__qualname__}. "
             "Fix: pass a Flax NNX module (or an eqx.Module to lift from Equinox)."
         )
-    else:
-        lifted = NNX.lift_unknown(module, ctx)
-    ctx.shared.by_identity[key] = lifted
-    ctx.shared.keep_alive.append(module)
-    return lifted
+    return NNX.lift_unknown(module, ctx)
+
+
+_LIFTING = "nnx_lifting"  # extras: id -> (module, its context) of the modules being lifted, outermost first.
+_REFERENCED = "nnx_referenced"  # extras: id of an ancestor -> paths of the references back to it.
+_BUILDING = "nnx_building"  # lower extras: (class, module or None) per Foreign being rebuilt, outermost first.
 
 
 def foreign_or_error(module: Any, ctx: LiftContext, reason: str = "") -> Foreign:
@@ -205,17 +227,20 @@ def lower_node(layer: Any, ctx: LowerContext) -> Any:
     """
     if isinstance(layer, (AbstractVariable, AbstractVariableValue)):
         return nnx_variable(layer, ctx)
+    if isinstance(layer, AncestorRef):
+        return layer.resolve(ctx)  # Not lowered: the ancestor it names is being built around it.
     return ctx.cached(layer, lambda: _lower_uncached(layer, ctx))
 
 
 def _lower_uncached(layer: Any, ctx: LowerContext) -> Any:
+    check_layer(ctx, layer, (nnx.Pytree,))  # A string / number / None left where a layer was.
     rule = NNX.lower_rule_for(type(layer))
     if rule is None:
         raise LowerError(
             f"{ctx.where}: no NNX lowering rule matches {type(layer).__qualname__}, not even the adapter "
             "fallback. Fix: import pzbridge.bridge.nnx (importing it registers every rule)."
         )
-    return rule.lower(layer, ctx)
+    return check_lowered(ctx, layer, rule.lower(layer, ctx))  # Arrays fit the native module built.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +294,9 @@ class NnxTemplate(ForeignTemplate):
         input, in this order (the axes the module consumes, e.g. ``features``);
         all other named axes are batch-like and move to leading dims.
       output_names: Names given to the output's trailing dims.
+      referenced: A descendant refers back to this module (an
+        :class:`AncestorRef`), so :meth:`rebuild` creates the module before
+        lowering its children.
     """
 
     class_name: str
@@ -279,6 +307,7 @@ class NnxTemplate(ForeignTemplate):
     accepts_any_kwargs: bool = False
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
+    referenced: bool = False
 
     def __hash__(self) -> int:
         return hash((self.class_name, self.node_type, self.statics, self.input_names, self.output_names))
@@ -288,9 +317,9 @@ class NnxTemplate(ForeignTemplate):
             return NotImplemented
         return (
             (self.class_name, self.node_type, self.statics, self.call_kwargs, self.accepts_any_kwargs,
-             self.input_names, self.output_names)
+             self.input_names, self.output_names, self.referenced)
             == (other.class_name, other.node_type, other.statics, other.call_kwargs, other.accepts_any_kwargs,
-                other.input_names, other.output_names)
+                other.input_names, other.output_names, other.referenced)
             and len(self.data) == len(other.data)
             and all(a[0] == b[0] and a[1] == b[1] and _items_equal(tuple(enumerate(a[2])), tuple(enumerate(b[2])))
                     for a, b in zip(self.data, other.data))
@@ -305,12 +334,22 @@ class NnxTemplate(ForeignTemplate):
         """
         top = ctx is None
         ctx = ctx or new_lower_context()
-        data = {}
-        for name, treedef, leaves in self.data:
-            lowered = [ctx.lower(children[leaf.key], leaf.key) if isinstance(leaf, ChildRef) else leaf
-                       for leaf in leaves]
-            data[name] = jax.tree_util.tree_unflatten(treedef, lowered)
+        # A referenced module exists (empty) while its children are lowered, so references back resolve to it.
+        shell = object.__new__(self.node_type) if self.referenced else None
+        building = ctx.shared.extras.setdefault(_BUILDING, [])
+        building.append((self.node_type, shell))
+        try:
+            data = {}
+            for name, treedef, leaves in self.data:
+                lowered = [ctx.lower(children[leaf.key], leaf.key) if isinstance(leaf, ChildRef) else leaf
+                           for leaf in leaves]
+                data[name] = jax.tree_util.tree_unflatten(treedef, lowered)
+        finally:
+            building.pop()
         module = build_module(self.node_type, self.statics, data)
+        if shell is not None:
+            vars(shell).update(vars(module))  # The same attributes, in the same order, in the referenced object.
+            module = shell
         if top:
             _PENDING_WRITEBACK[module] = tuple(ctx.shared.extras.get("nnx_state_pairs", ()))
         return module
@@ -404,6 +443,100 @@ class ForeignRule:
                 "replace it with pzbridge layers first."
             )
         return layer.template.rebuild(layer.children, ctx)
+
+
+@pytree_dataclass
+class AncestorRef(Struct):
+    """A module's reference back to one of its ancestors (an NNX reference cycle, ``child.parent = parent``).
+
+    NNX graphs may hold cycles (``nnx.split`` / ``nnx.merge`` keep them); the
+    lifted model is a tree, so the reference back is kept as this marker
+    (no children: flattening stays finite) and the ancestor as a ``Foreign``
+    whose template is ``referenced``. Lowering the ancestor, or calling it,
+    puts the rebuilt ancestor itself here, so the cycle is back as it was.
+
+    Attributes:
+      node_type: The ancestor's class (static).
+      skip: Ancestors of the same class between the reference and its target
+        (static; 0 for the nearest one, a ``parent``).
+      target: The ancestor's path when lifted (static, for messages).
+
+    Example:
+        >>> class Child(nnx.Module):
+        ...     def __call__(self, x): return x
+        >>> class Parent(nnx.Module):
+        ...     def __init__(self):
+        ...         self.child = Child()
+        ...         self.child.parent = self
+        ...     def __call__(self, x): return self.child(x)
+        >>> lifted = lift_node(Parent(), new_lift_context())
+        >>> lifted.children["child"].children["parent"]
+        AncestorRef(node_type=<class 'pzbridge.bridge.nnx.traversal.Parent'>, skip=0, target='<root>')
+        >>> lowered = lower_node(lifted, new_lower_context())
+        >>> lowered.child.parent is lowered
+        True
+    """
+
+    node_type: type = static_field()
+    skip: int = static_field(default=0)
+    target: str = static_field(default="<root>")
+
+    def resolve(self, ctx: LowerContext) -> Any:
+        """The ancestor being rebuilt around ``ctx`` that this reference names.
+
+        Raises:
+          LowerError: If no such ancestor is being rebuilt (the reference was
+            moved, or lowered without the module it points to).
+        """
+        seen = 0
+        for node_type, module in reversed(ctx.shared.extras.get(_BUILDING, ())):
+            if node_type is not self.node_type:
+                continue
+            if seen == self.skip:
+                if module is not None:
+                    return module
+                break
+            seen += 1
+        cls = self.node_type
+        raise LowerError(
+            f"{ctx.where}: expected to be lowered inside the {cls.__module__}.{cls.__qualname__} it refers back "
+            f"to (lifted at {self.target}: a reference cycle), found no such enclosing module being lowered. "
+            "Fix: lower (or call) the whole model that contains both, or replace this reference with a layer."
+        )
+
+
+def _ancestor_ref(module: Any, ctx: LiftContext) -> AncestorRef:
+    """The marker for a reference from ``ctx.path`` back to ``module``, which is being lifted above it."""
+    lifting = ctx.shared.extras[_LIFTING]
+    ids = list(lifting)
+    deeper = ids[ids.index(id(module)) + 1:]
+    skip = sum(type(lifting[i][0]) is type(module) for i in deeper)
+    ctx.shared.extras.setdefault(_REFERENCED, {}).setdefault(id(module), []).append(ctx.where)
+    return AncestorRef(type(module), skip, lifting[id(module)][1].where)
+
+
+def _mark_if_referenced(module: Any, lifted: Any, ctx: LiftContext) -> Any:
+    """``lifted`` marked as the target of references back to it, if there are any.
+
+    Raises:
+      LiftError: If ``module`` is referenced back to but did not lift as a
+        ``Foreign`` (only a ``Foreign`` rebuilds its original object, which
+        the references can then point to).
+    """
+    paths = ctx.shared.extras.get(_REFERENCED, {}).pop(id(module), None)
+    if not paths:
+        return lifted
+    if isinstance(lifted, Foreign) and isinstance(lifted.template, NnxTemplate):
+        return Foreign(lifted.children, dataclasses.replace(lifted.template, referenced=True))
+    cls = type(module)
+    traced = NNX.lift_rule_for(cls) is None
+    fix = "lift without example inputs (so it stays a Foreign layer), or " if traced else ""
+    raise LiftError(
+        f"{paths[0]}: refers back to its ancestor {cls.__module__}.{cls.__qualname__} at {ctx.where} (a reference "
+        f"cycle); expected that ancestor to lift as a Foreign layer (which can rebuild the cycle), found "
+        f"{type(lifted).__name__}. Fix: {fix}do not store the ancestor in its child (pass what the child "
+        "needs as a call argument)."
+    )
 
 
 def with_names(foreign: Foreign, input_names: Sequence[str], output_names: Sequence[str]) -> Foreign:

@@ -184,15 +184,53 @@ def trace_call(fn: Callable[..., Any], *structs: Any) -> tuple[Any, Any]:
         raise Untraceable(f"its __call__ cannot be traced ({type(error).__name__}: {error})") from None
 
 
+def _glue_only(body: Any) -> Any:
+    """``body`` with every child call's layer cut out (what the module's own code computes)."""
+    return select(body).at_instances_of(CallChild).apply(lambda call: dataclasses.replace(call, layer=_MARKER))
+
+
+def retracer(fn: Callable[..., Any], fixed: Sequence[Any], dynamic: Sequence[Any], calls: list[Any]) -> Any:
+    """``fn(*fixed, dynamic)`` traced again with some dynamic inputs resized (for the converter's size check).
+
+    The returned function maps ``{dynamic position: {axis: size}}`` to the
+    ``ClosedJaxpr``, or None when the code cannot run at those sizes; child
+    calls recorded meanwhile are dropped (the first trace's stay).
+
+    Example:
+        >>> retrace = retracer(lambda xs: xs[0][-1], (), [jax.ShapeDtypeStruct((6,), "float32")], [])
+        >>> retrace({0: {0: 12}}).eqns[0].params["start_indices"]
+        (11,)
+    """
+    memo: dict[Any, Any] = {}
+
+    def retrace(sizes: Mapping[int, Mapping[int, int]]) -> Any:
+        key = tuple(sorted((p, tuple(sorted(a.items()))) for p, a in sizes.items()))
+        if key not in memo:
+            count = len(calls)
+            structs = [jax.ShapeDtypeStruct(tuple(sizes.get(j, {}).get(d, n) for d, n in enumerate(s.shape)), s.dtype)
+                       for j, s in enumerate(dynamic)]
+            try:
+                memo[key] = jax.make_jaxpr(fn)(*fixed, structs)
+            except Exception:  # noqa: BLE001 - code that cannot run at other sizes is simply not compared
+                memo[key] = None
+            finally:
+                del calls[count:]
+        return memo[key]
+
+    return retrace
+
+
 def glue_signature(body: Any) -> Any:
-    """The structure of ``body`` with every child call's layer cut out and variables as leaves.
+    """The structure of ``body`` with every child call's layer cut out, and the labels of the variables it reads.
 
     Example:
         >>> glue_signature(pzb.nn.Identity()) == glue_signature(pzb.nn.Identity())
         True
     """
-    cut = select(body).at_instances_of(CallChild).apply(lambda call: dataclasses.replace(call, layer=_MARKER))
-    return jax.tree_util.tree_structure(cut, is_leaf=lambda x: isinstance(x, (AbstractVariable, AbstractVariableValue, _ChildMarker)))
+    kinds = (AbstractVariable, AbstractVariableValue)
+    leaves, treedef = jax.tree_util.tree_flatten(
+        _glue_only(body), is_leaf=lambda x: isinstance(x, (*kinds, _ChildMarker)))
+    return treedef, tuple(leaf.label for leaf in leaves if isinstance(leaf, kinds))
 
 
 def make_traced(body: Any, template: Any, children: Mapping[str, Any], child_keys: Sequence[str],
@@ -229,8 +267,12 @@ def children_for_rebuild(traced: Traced) -> dict[str, Any] | None:
         if call.name in children and not (children[call.name] is layer or tree_equal(children[call.name], layer)):
             return None
         children.setdefault(call.name, layer)
-    variables = {v.label: v for v in select(traced.body).at_instances_of(
-        (AbstractVariable, AbstractVariableValue)).get_sequence()}
+    variables: dict[str, Any] = {}
+    kinds = (AbstractVariable, AbstractVariableValue)
+    for variable in select(_glue_only(traced.body)).at_instances_of(kinds).get_sequence():
+        seen = variables.setdefault(variable.label, variable)
+        if seen is not variable and not tree_equal(seen, variable):
+            return None  # two variables under one label (a tie split by an edit): no single field holds both
     for key, label in traced.labels:
         if label not in variables:
             return None

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -46,7 +47,10 @@ class ChildCall:
 
     Attributes:
       key: The child's key in its parent (``"attn"``, ``"layers[2]"``).
-      run: ``run(module_leaves, args, kwargs) -> output`` calls the real child.
+      run: ``run(module_leaves, args, kwargs) -> output`` calls the real child. A
+        ``pzb_signature`` attribute on it (or on the object of a bound method;
+        hashable: the child's structure and static fields) lets equal children
+        share abstract evaluations.
       module_leaf_count: How many leading operands are the child's arrays.
       args_treedef: Tree structure of ``(args, kwargs)`` with array leaves
         replaced by operands and the rest kept in ``static_leaves``.
@@ -90,10 +94,39 @@ def _apply(*operands: Any, call: ChildCall, vmaps: tuple[tuple[int | None, ...],
     return fn(*operands)
 
 
+_SHAPES: dict[Any, tuple[list[Any], Any]] = {}  # structural call key -> (output avals, output treedef)
+_SHAPES_LIMIT = 4096
+
+
+def _shape_key(call: ChildCall, avals: Sequence[Any], vmaps: Any) -> Any:
+    """A key under which calls of structurally equal children on equal shapes share one abstract evaluation."""
+    owner = getattr(call.run, "__self__", call.run)  # a bound method: its object carries the signature
+    signature = getattr(owner, "pzb_signature", None)
+    if signature is None:
+        return None
+    key = (signature, call.module_leaf_count, call.args_treedef, call.static_leaves, call.arg_positions,
+           tuple((tuple(a.shape), str(a.dtype)) for a in avals), vmaps)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def _abstract_eval(*avals: Any, call: ChildCall, vmaps: tuple[tuple[int | None, ...], ...]) -> list[Any]:
+    # The blocks of a model are equal in structure: evaluate each (structure, shapes) once per process.
+    key = _shape_key(call, avals, vmaps)
+    if key is not None and key in _SHAPES:
+        out_avals, call.out_treedef[0] = _SHAPES[key]
+        return list(out_avals)
     structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
     out = jax.eval_shape(functools.partial(_apply, call=call, vmaps=vmaps), *structs)
-    return [jax.core.ShapedArray(o.shape, o.dtype) for o in out]
+    out_avals = [jax.core.ShapedArray(o.shape, o.dtype) for o in out]
+    if key is not None:
+        if len(_SHAPES) >= _SHAPES_LIMIT:
+            _SHAPES.clear()
+        _SHAPES[key] = (out_avals, call.out_treedef[0])
+    return out_avals
 
 
 def _batch(args: Sequence[Any], dims: Sequence[Any], *, call: ChildCall,
@@ -192,3 +225,47 @@ class ChildProxy:
             f"{self._pzb_key}: the traced __call__ assigns {name!r} on a child module (a Python side effect). "
             "Fix: traced lifting needs side-effect-free code; lift without example inputs to keep it Foreign."
         )
+
+
+_PROXY_CLASSES: dict[tuple[type, str, Callable[[Any], list[Any]]], type] = {}
+_BINDINGS: contextvars.ContextVar[dict[type, tuple[Any, list[ChildCall]]] | None] = contextvars.ContextVar(
+    "pzb_child_call_bindings", default=None)
+
+
+def proxy_class(cls: type, key: str, leaves_of: Callable[[Any], list[Any]]) -> type:
+    """A subclass of ``cls`` whose ``__call__`` binds one child call of the child ``key`` (see :func:`bind_proxy`).
+
+    One class per ``(cls, key)`` for the whole process: Equinox and NNX
+    register every module class with JAX for good, so a class per trace
+    would leak. What a call needs from its trace (the child's ``run`` and the
+    recorder) is looked up per thread when the proxy is called.
+
+    Example:
+        >>> class Double:
+        ...     def __call__(self, x): return 2 * x
+        >>> proxy = proxy_class(Double, "double", lambda module: [])
+        >>> calls = []
+        >>> bind_proxy(proxy, lambda leaves, args, kwargs: args[0] * 2, calls)
+        >>> out = object.__new__(proxy)(jax.numpy.ones(2))
+        >>> calls[0].key, out.tolist()
+        ('double', [2.0, 2.0])
+    """
+    index = (cls, key, leaves_of)
+    if index not in _PROXY_CLASSES:
+
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+            run, calls = (_BINDINGS.get() or {})[type(self)]
+            return call_child(key, run, leaves_of(self), calls, args, kwargs)
+
+        _PROXY_CLASSES[index] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                            "__qualname__": cls.__qualname__})
+    return _PROXY_CLASSES[index]
+
+
+def bind_proxy(proxy: type, run: Callable[..., Any], calls: list[ChildCall]) -> None:
+    """Makes calls of ``proxy`` instances in this thread run ``run`` and record into ``calls`` (until rebound)."""
+    bindings = _BINDINGS.get()
+    if bindings is None:
+        bindings = {}
+        _BINDINGS.set(bindings)
+    bindings[proxy] = (run, calls)

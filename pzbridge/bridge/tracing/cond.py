@@ -30,6 +30,7 @@ class CondConversion:
     child_handler: Any
     param_handler: Any
     param_hint: Any
+    rename: Any
 
     def _cond_branches(self, eqn: Any, names_of: Any) -> tuple[list[Any], list[str], dict[int, int]]:
         """The nested converters of the branches, the side-input names, and inner -> outer param roles."""
@@ -51,7 +52,7 @@ class CondConversion:
                 roles.append(InputRole("side", name=side_names[-1], names=names_of(atom)))
         if not any(role.kind == "data" for role in roles):
             raise Untraceable("a cond whose branches read no activation")
-        branches = [type(self)(branch, roles, self.child_handler, self.param_handler, self.param_hint)
+        branches = [type(self)(branch, roles, self.child_handler, self.param_handler, self.param_hint, self.rename)
                     for branch in eqn.params["branches"]]
         return branches, side_names, outer_role
 

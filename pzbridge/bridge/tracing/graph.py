@@ -43,9 +43,12 @@ from pzbridge.bridge.tracing.graph_types import (
     Untraceable,
 )
 from pzbridge.bridge.tracing.cond import CondConversion
+from pzbridge.bridge.tracing.overrides import ModuleRenames
+from pzbridge.bridge.tracing.positional import PositionalConversion, is_positional
 from pzbridge.bridge.tracing.scan import ScanConversion
+from pzbridge.bridge.tracing.sizes import Retrace, SizeVariation
 from pzbridge.core import named_axes as nx
-from pzbridge.nn.dataflow import CallChild, Pick, SideInput
+from pzbridge.nn.dataflow import CallChild, Pick, SideInput, Traced
 from pzbridge.nn.linear import Linear, weight_output_name
 from pzbridge.nn.named_mean import MeanAxes
 from pzbridge.nn.named_ops import (
@@ -72,12 +75,6 @@ _INLINED = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_
 _REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or"}
 _STRUCTURAL = {"scan", "cond", "gather", "dot_general", "reshape", "transpose", "broadcast_in_dim", "concatenate", "slice", "split", "squeeze",
                "expand_dims", "iota", "argmax", "argmin", "pzb_child_call", *_REDUCTIONS}
-_NOT_ELEMENTWISE = {
-    "while", "scatter", "scatter-add", "scatter_add", "dynamic_slice",
-    "dynamic_update_slice", "conv_general_dilated", "sort", "cumsum", "cumprod", "cummax", "cummin", "pad",
-    "rev", "top_k", "random_bits", "random_seed", "random_wrap", "random_unwrap", "threefry2x32", "select_and_scatter_add",
-    "reduce_window", "reduce_precision", "psum", "all_gather", "axis_index", "fft", "custom_lin", "rng_bit_generator",
-}
 
 
 def _flatten(closed: Any, roles: Sequence[InputRole]) -> tuple[list[FlatEqn], list[Any], dict[int, Any]]:
@@ -125,12 +122,11 @@ def _flatten(closed: Any, roles: Sequence[InputRole]) -> tuple[list[FlatEqn], li
                 perm = eqn.params["permutation"]
                 scope[eqn.outvars[0]] = ParamAtom(ins[0].role, tuple(ins[0].perm[p] for p in perm))
                 continue
-            if name in _NOT_ELEMENTWISE or (name not in _STRUCTURAL and not _is_elementwise(eqn)):
-                raise Untraceable(f"the code uses `{name}`, which traced lifting cannot express yet")
+            positional = name not in _STRUCTURAL and (is_positional(eqn) or not _is_elementwise(eqn))
             outs = [new_id(v.aval) for v in eqn.outvars]
             for var, out in zip(eqn.outvars, outs):
                 scope[var] = out
-            eqns.append(FlatEqn(eqn.primitive, dict(eqn.params), ins, outs))
+            eqns.append(FlatEqn(eqn.primitive, dict(eqn.params), ins, outs, positional))
 
     walk(closed.jaxpr, env)
     outputs = [read(env, v) for v in closed.jaxpr.outvars]
@@ -148,10 +144,15 @@ def _is_elementwise(eqn: Any) -> bool:
     return True
 
 
-class _Converter(ScanConversion, CondConversion):
+class _Converter(ScanConversion, CondConversion, PositionalConversion, SizeVariation):
     def __init__(self, closed: Any, roles: Sequence[InputRole], child_handler: ChildHandler,
-                 param_handler: ParamHandler, param_hint: ParamHint | None = None) -> None:
+                 param_handler: ParamHandler, param_hint: ParamHint | None = None,
+                 rename: ModuleRenames | None = None) -> None:
         self.roles = list(roles)
+        self.rename = rename
+        self.inferred = False
+        self.size_bound: set[AxisClass] = set()  # axes a rule child consumes (their size is its weights')
+        self.size_handled: set[int] = set()  # equations whose size-dependent constants a node follows
         self.child_handler = child_handler
         self.param_handler = param_handler
         self.param_hint = param_hint or (lambda role: None)
@@ -223,9 +224,12 @@ class _Converter(ScanConversion, CondConversion):
             self.set_dims(value, [None if s == 1 and not (role.kind == "data") else d for d, s in zip(dims, shape)])
 
     def infer(self) -> None:
+        self.inferred = True
         self.assign_inputs()
         for eqn in self.eqns:
-            getattr(self, "_infer_" + eqn.primitive.name, self._infer_elementwise)(eqn)
+            infer = self._infer_positional if eqn.positional else getattr(
+                self, "_infer_" + eqn.primitive.name, self._infer_elementwise)
+            infer(eqn)
 
     def _infer_elementwise(self, eqn: FlatEqn) -> None:
         out = eqn.outs[0]
@@ -301,6 +305,9 @@ class _Converter(ScanConversion, CondConversion):
             self.child_stacks[eqn.outs[0]] = stack[0]
         spec = self.child_handler(call, structs, arg_names, stack=stack)
         self.children[eqn.outs[0]] = spec
+        if not isinstance(spec.layer, Traced):  # a traced child checks its own sizes
+            for view, names in zip(views[: spec.data_count], spec.input_names):
+                self.size_bound.update(d for d in view[len(view) - len(names or view):] if d is not None)
         for view, names in zip(views[: spec.data_count], spec.input_names):
             if names is None:
                 continue
@@ -484,7 +491,12 @@ class _Converter(ScanConversion, CondConversion):
         return axis
 
     def _infer_gather(self, eqn: FlatEqn) -> None:
-        axis = self._take_axis(eqn)
+        try:
+            axis = self._take_axis(eqn)
+        except Untraceable:  # not a lookup: applied by position
+            eqn.positional = True
+            self._infer_positional(eqn)
+            return
         operand, indices = eqn.ins
         dims = self.dims_of(operand)
         unnamed = [d for d in dims if d is not None and not self.table.find(d).fixed and self.table.find(d).name == "axis"]
@@ -502,10 +514,16 @@ class _Converter(ScanConversion, CondConversion):
     # ------------------------------------------------------------------ pass 2: nodes
 
     def build(self) -> Graph:
-        self.infer()
+        if not self.inferred:
+            self.infer()
         values = list(self.dims.values())
         self.final = self.table.final_names(values)
+        if self.rename is not None:
+            self.final = self.rename.apply(self.final)
         self.names = {v: tuple(self.table.name_of(d, self.final) for d in dims) for v, dims in self.dims.items()}
+        if self.rename is not None:
+            for names in self.names.values():
+                self.rename.check_value(names)
         self.alias: dict[int, int] = {}
         self.nodes: list[Node] = []
         self.params: dict[int, Any] = {}
@@ -517,7 +535,10 @@ class _Converter(ScanConversion, CondConversion):
                 value = self.input_ids[index]
                 self.nodes.append(Node(SideInput(role.name), (), value, kind="source"))
         for eqn in self.eqns:
-            getattr(self, "_node_" + eqn.primitive.name, self._node_elementwise)(eqn)
+            node = self._node_positional if eqn.positional else getattr(
+                self, "_node_" + eqn.primitive.name, self._node_elementwise)
+            node(eqn)
+            self.assert_sizes_followed(eqn, id(eqn) in self.size_handled)
         outputs = [self.materialize(atom) for atom in self.outputs]
         data = next((self.input_ids[i] for i, r in enumerate(self.roles) if r.kind == "data"), None)
         used = set(self.params)
@@ -547,6 +568,11 @@ class _Converter(ScanConversion, CondConversion):
     def names_of(self, atom: Any, dims: Sequence[AxisClass | None] | None = None) -> tuple[str | None, ...]:
         if isinstance(atom, int):
             return self.names[atom]
+        if isinstance(atom, ParamAtom) and dims is None:
+            # One array's axes need distinct names even where the code made two of them one axis class.
+            self.dims_of(atom)
+            storage = _dedupe(tuple(self.table.name_of(d, self.final) for d in self.param_dims[atom.role]))
+            return tuple(storage[p] for p in atom.perm)
         return tuple(self.table.name_of(d, self.final) for d in (dims or self.dims_of(atom)))
 
     def parameter_use(self, atom: ParamAtom, use_names: tuple[str | None, ...]) -> Any:
@@ -598,7 +624,7 @@ class _Converter(ScanConversion, CondConversion):
         out = eqn.outs[0]
         target = self.names[out]
         order, constants, renames, ins = [], [], [], []
-        for atom in eqn.ins:
+        for position, atom in enumerate(eqn.ins):
             shape = self.shape(atom)
             aligned = target if len(shape) == len(target) else (None,) * len(shape)
             if isinstance(atom, int):
@@ -613,7 +639,10 @@ class _Converter(ScanConversion, CondConversion):
             else:
                 order.append(("constant", len(constants)))
                 data = atom.value
-                if np.ndim(data) == 0:
+                size = self.size_constant(eqn, position, data)
+                if size is not None:
+                    constants.append(size)
+                elif np.ndim(data) == 0:
                     constants.append(data)
                 else:
                     use = tuple(t if s != 1 else None for t, s in zip(aligned, np.shape(data)))
@@ -621,6 +650,8 @@ class _Converter(ScanConversion, CondConversion):
                 renames.append(())
         layer = ApplyPrimitive(eqn.primitive, static_params(eqn.params), tuple(order), tuple(constants),
                                tuple(renames))
+        if all(isinstance(k, int) for k in eqn.varies):  # every moving constant is an AxisSize now
+            self.size_handled.add(id(eqn))
         if not ins:
             self.names[out] = target
             self.add(layer, (), out, kind="source")
@@ -629,45 +660,64 @@ class _Converter(ScanConversion, CondConversion):
 
     def _node_dot_general(self, eqn: FlatEqn) -> None:
         lhs, rhs = eqn.ins
-        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        (lc, rc), _ = eqn.params["dimension_numbers"]
         out = eqn.outs[0]
-        target = self.names[out]
+        precision = eqn.params.get("precision")
+        activation, weight = (lhs, rhs) if isinstance(rhs, ParamAtom) else (rhs, lhs)
+        if isinstance(weight, ParamAtom) and isinstance(activation, int) and precision is None:
+            # A Linear stores a weight output that clashes with an input name suffixed (features_out), so
+            # its contracted names need only avoid the activation's other axes.
+            l_target, r_target, w_free = self._dot_targets(eqn, share_weight_free=weight)
+            contracted = tuple(l_target[a] for a in lc if l_target[a] is not None)
+            a_target, w_target = (l_target, r_target) if activation is lhs else (r_target, l_target)
+            storage_target = tuple(weight_output_name(n, contracted) if i in w_free else n
+                                   for i, n in enumerate(w_target))
+            parameter = self._linear_weight(weight, storage_target)
+            if parameter is not None:
+                layer = Linear(parameter, contracted, tuple(w_target[i] for i in w_free))
+                self._chain(layer, activation, self._renames_to(activation, a_target), out)
+                return
+        l_target, r_target, _ = self._dot_targets(eqn)
+        contracted = tuple(l_target[a] for a in lc if l_target[a] is not None)
+        ins = [self.materialize(lhs), self.materialize(rhs)]
+        renames = (self._renames_from_names(self.names_of(lhs), l_target),
+                   self._renames_from_names(self.names_of(rhs), r_target))
+        self.add(ContractInputs(contracted, renames, precision), ins, out)
+
+    def _dot_targets(self, eqn: FlatEqn, share_weight_free: Any = None) -> tuple[list, list, list[int]]:
+        """The names each operand's axes take in a ``dot_general`` (contracted pairs share one name).
+
+        With ``share_weight_free`` (the weight operand), a contracted name may
+        equal one of the weight's free axes. Returns both operands' target
+        names and the weight's free positions (empty without a weight).
+        """
+        lhs, rhs = eqn.ins
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        target = self.names[eqn.outs[0]]
         ln, rn = self.names_of(lhs), self.names_of(rhs)
         lfree = [i for i in range(len(ln)) if i not in lc and i not in lb]
         rfree = [i for i in range(len(rn)) if i not in rc and i not in rb]
         # Result positions: batch, lhs free, rhs free.
-        l_target = list(ln)
-        r_target = list(rn)
+        l_target, r_target = list(ln), list(rn)
         for k, (a, b) in enumerate(zip(lb, rb)):
             l_target[a] = r_target[b] = target[k]
         for k, i in enumerate(lfree):
             l_target[i] = target[len(lb) + k]
         for k, i in enumerate(rfree):
             r_target[i] = target[len(lb) + len(lfree) + k]
+        may_share: set[str | None] = set()
+        w_free: list[int] = []
+        if share_weight_free is not None:
+            w_target, w_free = (r_target, rfree) if share_weight_free is rhs else (l_target, lfree)
+            a_target, a_contracted = (l_target, lc) if share_weight_free is rhs else (r_target, rc)
+            may_share = {w_target[i] for i in w_free} - {n for i, n in enumerate(a_target) if i not in a_contracted}
         for k, (a, b) in enumerate(zip(lc, rc)):
             # A contracted pair needs one name that no other axis of either operand has.
             others = {n for i, n in enumerate(l_target) if i != a} | {n for i, n in enumerate(r_target) if i != b}
+            others -= may_share
             common = next(n for n in (ln[a], rn[b], f"__pzb_contract{k}") if n is not None and n not in others)
             l_target[a] = r_target[b] = common
-        contracted = tuple(l_target[a] for a in lc if l_target[a] is not None)
-        precision = eqn.params.get("precision")
-        activation, weight = (lhs, rhs) if isinstance(rhs, ParamAtom) else (rhs, lhs)
-        if isinstance(weight, ParamAtom) and isinstance(activation, int) and precision is None:
-            a_target = l_target if activation is lhs else r_target
-            w_target = r_target if weight is rhs else l_target
-            w_free = rfree if weight is rhs else lfree
-            out_names = tuple(w_target[i] for i in w_free)
-            storage_target = tuple(weight_output_name(n, contracted) if i in w_free else n
-                                   for i, n in enumerate(w_target))
-            parameter = self._linear_weight(weight, storage_target)
-            if parameter is not None:
-                layer = Linear(parameter, contracted, out_names)
-                renames = self._renames_to(activation, a_target)
-                self._chain(layer, activation, renames, out)
-                return
-        ins = [self.materialize(lhs), self.materialize(rhs)]
-        renames = (self._renames_from_names(ln, l_target), self._renames_from_names(rn, r_target))
-        self.add(ContractInputs(contracted, renames, precision), ins, out)
+        return l_target, r_target, w_free
 
     def _linear_weight(self, atom: ParamAtom, view_names: tuple[str | None, ...]) -> Any | None:
         per_storage: list[str | None] = [None] * len(atom.perm)
@@ -861,6 +911,7 @@ class _Converter(ScanConversion, CondConversion):
                 and jax.numpy.issubdtype(np.asarray(divisor.value).dtype, jax.numpy.floating)
                 and float(divisor.value) == summed[2]):
             self.add(MeanAxes(summed[1]), [summed[0]], eqn.outs[0])
+            self.size_handled.add(id(eqn))  # the count follows each call's sizes
             return
         self._node_elementwise(eqn)
 
@@ -879,13 +930,24 @@ class _Converter(ScanConversion, CondConversion):
         slices = []
         renames = []
         inputs = self.input_names()
-        for name, new, start, stop, step, size in zip(self.names_of(x), self.names[out], eqn.params["start_indices"],
-                                                      eqn.params["limit_indices"], strides, self.shape(x)):
+        self.size_handled.add(id(eqn))
+        for axis, (name, new, start, stop, step, size) in enumerate(zip(
+                self.names_of(x), self.names[out], eqn.params["start_indices"], eqn.params["limit_indices"],
+                strides, self.shape(x))):
             if name is None:
                 continue
-            if (start, stop, step) != (0, size, 1):
-                # A slice as long as an input axis (``table[:seq]``) follows that axis's length.
-                follow = new if new in inputs and int(step) == 1 else ""
+            bounds = self.slice_bounds(eqn, axis) if eqn.other is not None else None
+            if bounds is not None and bounds != ("start", "start") and int(step) == 1:
+                if bounds[1] == "follow" and new in inputs:  # ``table[:seq]`` follows that axis's length
+                    slices.append((name, int(start), int(stop), 1, new))
+                elif "follow" not in bounds:  # ``x[-1]``, ``x[1:]``: bounds count from the end at any length
+                    slices.append((name, int(start) - size if bounds[0] == "end" else int(start),
+                                   (int(stop) - size or None) if bounds[1] == "end" else int(stop), 1, ""))
+                else:
+                    raise Untraceable(f"a slice of `{name}` changes with the size of another axis")
+            elif (start, stop, step) != (0, size, 1):
+                # Without a second trace: a slice as long as an input axis (``table[:seq]``) follows that axis.
+                follow = new if bounds is None and new in inputs and int(step) == 1 else ""
                 slices.append((name, int(start), int(stop), int(step), follow))
             if new is not None and new != name:
                 renames.append((name, new))
@@ -1025,7 +1087,8 @@ def _reshape_groups(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[t
 
 
 def convert(closed: Any, roles: Sequence[InputRole], child_handler: ChildHandler,
-            param_handler: ParamHandler, param_hint: ParamHint | None = None) -> Graph:
+            param_handler: ParamHandler, param_hint: ParamHint | None = None,
+            rename: ModuleRenames | None = None, retrace: Retrace | None = None) -> Graph:
     """Converts a traced jaxpr into a :class:`Graph`.
 
     Args:
@@ -1035,6 +1098,9 @@ def convert(closed: Any, roles: Sequence[InputRole], child_handler: ChildHandler
       param_handler: ``(role, storage names) -> Parameter`` for the module's arrays.
       param_hint: ``role -> names`` suggested for an array's axes (the names
         a child's rule already gave it), or None.
+      rename: The user's axis renames for this module (``pzb.lift(axis_names=...)``).
+      retrace: Traces the same call at other input sizes (see :mod:`~pzbridge.bridge.tracing.sizes`);
+        None skips that check.
 
     Returns:
       The graph.
@@ -1042,4 +1108,13 @@ def convert(closed: Any, roles: Sequence[InputRole], child_handler: ChildHandler
     Raises:
       Untraceable: For code the converter cannot express.
     """
-    return _Converter(closed, roles, child_handler, param_handler, param_hint).build()
+    converter = _Converter(closed, roles, child_handler, param_handler, param_hint, rename)
+    if retrace is not None:
+        converter.infer()
+
+        def flatten(other: Any) -> tuple[list[FlatEqn], dict[int, Any]]:
+            eqns, _, avals = _flatten(other, roles)
+            return eqns, avals
+
+        converter.check_sizes(retrace, flatten)
+    return converter.build()

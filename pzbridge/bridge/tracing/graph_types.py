@@ -43,6 +43,9 @@ class FlatEqn:
     params: dict[str, Any]
     ins: list[Any]
     outs: list[int]
+    positional: bool = False  # applied by axis position (an ApplyPositional node)
+    varies: frozenset = frozenset()  # params / literal positions that differ when traced at other sizes
+    other: Any = None  # this equation in that second trace
 
 
 @dataclasses.dataclass

@@ -16,8 +16,10 @@ Its body jaxpr is converted by a nested converter whose inputs are
   parameters carry the stack axis.
 
 The stack axis is named after the scanned activations when there are any
-(a scan over ``seq``), else ``layers``. Per-step outputs come back stacked
-along it.
+(a scan over ``seq``), else ``layers``; a scan over ``length`` only (the
+same block repeated, a ``fori_loop``) runs over ``steps``. Per-step outputs
+come back stacked along it. The data input is the first carried value that
+is not a literal (a ``fori_loop``'s counter, carried first, is a side input).
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -52,6 +54,18 @@ class _Operands:
         consts, carry = eqn.params["num_consts"], eqn.params["num_carry"]
         return cls(eqn.ins[:consts], eqn.ins[consts: consts + carry], eqn.ins[consts + carry:])
 
+    @property
+    def data_carry(self) -> int:
+        """The carried value that is the body's data input: the first that is not a literal (a
+        ``fori_loop``'s counter starts as one)."""
+        return next((k for k, atom in enumerate(self.carry) if not isinstance(atom, Lit)), 0)
+
+    def stack_order(self, values: list[Any]) -> list[Any]:
+        """Carried values (then anything after them) in the order a LayerStack takes them: the data carry first."""
+        k, count = self.data_carry, len(self.carry)
+        carry = [values[k], *values[:k], *values[k + 1: count]]
+        return [*carry, *values[count:]]
+
 
 def _is_value(atom: Any) -> bool:
     return isinstance(atom, int)
@@ -67,6 +81,7 @@ class ScanConversion:
     child_handler: Any
     param_handler: Any
     param_hint: Any
+    rename: Any
 
     def _scan_body(self, eqn: Any, names_of: NameOf, axis: str) -> tuple[Any, list[str], dict[int, int]]:
         """The nested converter of a scan body, the body's side-input names, and inner -> outer param roles."""
@@ -100,7 +115,8 @@ class ScanConversion:
         carry_roles = []
         for k, atom in enumerate(ops.carry):
             names = names_of(atom)
-            carry_roles.append(InputRole("data", names=names) if k == 0 else side(f"scan_carry{k}", names))
+            is_data = k == ops.data_carry
+            carry_roles.append(InputRole("data", names=names) if is_data else side(f"scan_carry{k}", names))
         # Side inputs are ordered carry, constants, per-step inputs (as LayerStack passes them).
         carry_sides = [name for name in side_names if name.startswith("scan_carry")]
         const_sides = [name for name in side_names if name.startswith("scan_const")]
@@ -114,7 +130,8 @@ class ScanConversion:
             else:
                 roles.append(side(f"scan_x{k}", names_of(atom)[1:]))
         body = eqn.params["jaxpr"]
-        inner = type(self)(body, roles, self.child_handler, self._stacked_param_handler, self._stacked_param_hint)
+        inner = type(self)(body, roles, self.child_handler, self._stacked_param_handler, self._stacked_param_hint,
+                             self.rename)
         return inner, side_names, outer_role
 
     def _stacked_param_handler(self, role: InputRole, storage_names: tuple[str, ...]) -> Any:
@@ -130,10 +147,7 @@ class ScanConversion:
         return tuple(hint[1:]) if hint is not None and len(hint) == len(role.stacked.shape) else None
 
     def _scan_activation_xs(self, eqn: Any) -> list[int]:
-        xs = _Operands.of(eqn).xs
-        if not xs:
-            raise Untraceable("a scan runs without scanned inputs (a loop over `length` only)")
-        return [atom for atom in xs if _is_value(atom)]
+        return [atom for atom in _Operands.of(eqn).xs if _is_value(atom)]
 
     def _infer_scan(self, eqn: Any) -> None:
         ops = _Operands.of(eqn)
@@ -142,8 +156,8 @@ class ScanConversion:
             axis_class = self.dims_of(activations[0])[0]
             for other in activations[1:]:
                 self.table.unify(axis_class, self.dims_of(other)[0])
-        else:
-            axis_class = self.table.new("layers", fixed=True)
+        else:  # a loop over `length` only repeats its body: its steps are no layers
+            axis_class = self.table.new("layers" if _Operands.of(eqn).xs else "steps", fixed=True)
         self.scan_axes[eqn.outs[0]] = axis_class
 
         def current(atom: Any) -> tuple[str | None, ...]:
@@ -186,10 +200,12 @@ class ScanConversion:
                 self.params.setdefault(outer_role[inner_index], parameter)
         carry_count, ys_count = len(ops.carry), len(eqn.outs) - len(ops.carry)
         const_values = [a for a in ops.consts if _is_value(a)]
+        length = None if ops.xs else int(eqn.params["length"])
+        unroll = eqn.params.get("unroll", 1)
         make = lambda bodies: LayerStack(  # noqa: E731
             bodies[0], axis, carry_count, len(const_values), len(activations), ys_count, tuple(side_names),
-            bool(eqn.params.get("reverse", False)), int(eqn.params.get("unroll", 1)) if not isinstance(
-                eqn.params.get("unroll", 1), bool) else 1)
+            bool(eqn.params.get("reverse", False)), 1 if isinstance(unroll, bool) else int(unroll), length=length)
+        graph.output_ids = ops.stack_order(list(graph.output_ids))
         layer = NestedGraph([graph], len(graph.output_ids), make)
-        ins = [self.materialize(a) for a in (*ops.carry, *const_values, *activations)]
-        self._add_multi(layer, ins, eqn.outs)
+        ins = [self.materialize(a) for a in (*ops.stack_order(list(ops.carry)), *const_values, *activations)]
+        self._add_multi(layer, ins, ops.stack_order(list(eqn.outs)))

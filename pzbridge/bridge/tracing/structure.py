@@ -21,9 +21,11 @@ computes it first and passes it on as a side input with a reserved name
 (``__pzb_shared_0``, ...), and each use reads it with a
 :class:`~pzbridge.nn.dataflow.SideInput`. A child is then called once, LoRA
 sees one copy of its ``Linear`` and a stateful child (dropout, a capture
-saver) runs once. A graph without such a value is built as before. (A
-value that depends on the input is still built once per path where two
-paths that read it are not series-parallel, e.g. ``(a + b) - a * b``.)
+saver) runs once. A graph without such a value is built as before. Several
+outputs branch from the value that dominates them all, so the shared part
+before it runs once. (A value that depends on the input is still built once
+per path where two paths that read it are not series-parallel, e.g.
+``(a + b) - a * b``.)
 
 Example:
     >>> import jax
@@ -250,11 +252,14 @@ def build_layer(graph: Graph, out_treedef: Any = None) -> Layer:
             node.layer = nested.make([build_layer(graph, treedef) for graph in nested.graphs])
     builder = _Builder(graph)
     root = graph.input_id
-    outputs = [builder.build(o, root) for o in graph.output_ids]  # type: ignore[arg-type]
     if out_treedef is None or out_treedef.num_leaves == 1 and jax.tree_util.treedef_is_leaf(out_treedef):
-        layer = outputs[0]
+        layer = builder.build(graph.output_ids[0], root)  # type: ignore[arg-type]
     else:
-        layer = sequence(Branch(outputs), Unflatten(out_treedef))
+        # Several outputs branch from the value they all depend on, so what comes before it runs once.
+        live = [o for o in graph.output_ids if o in builder.live]
+        fork = builder.common_dominator(live) if live else root
+        outputs = [builder.build(o, fork) for o in graph.output_ids]
+        layer = sequence(builder.build(fork, root), Branch(outputs), Unflatten(out_treedef))  # type: ignore[arg-type]
     if not builder.shared:
         return layer
     values, names = builder.bound_values()
