@@ -34,18 +34,13 @@ Equinox models, 30 ms each; in a fresh process the first Equinox shard costs 40-
 s, NNX shards 5-25 s). Nothing is jitted per model: one compile per model would cost more than all of
 this. Models whose output is not checked compile nothing, hence only 25% for Equinox.
 
-Known bugs (found by this test, each reproduced by a strict-xfail ``test_known_bug_*`` below): the
-``nnx.Sequential`` rule plans the names between its items from each item's calling convention alone,
-so (1) a Sequential starting with a function or ``Dropout`` names no input axis and its next ``Linear``
-raises ``NamedAxisError``; (2) a ``MultiHeadAttention`` after another layer lacks its ``seq`` name
-(``NamedAxisError``); (3) ``MultiHeadAttention, Linear, <custom module>`` returns ``(features, seq)``
-for ``(seq, features)`` (silently wrong on square inputs); (4) a nested Sequential starting or
-ending with a custom module names nothing there, so a ``Linear`` after it raises ``NamedAxisError``, a
-custom module in it after a ``Linear`` gets its axes swapped (a raw broadcasting ``ValueError``), and
-one after a custom module is tagged ``features`` twice. Models with a Sequential of those shapes
-(``_hits_sequential_naming_bug``: ~2% of NNX draws) still get every structural check; only a failure of
-their output check is tolerated (~0.4% of draws), counted and capped per shard. When the rule is fixed
-the strict xfails fail: then delete ``_hits_sequential_naming_bug`` and the exemption.
+Sequential naming (found by this test, each reproduced by a ``test_sequential_*`` below): the
+``nnx.Sequential`` rule once planned the names between its items from each item's calling convention
+alone, so (1) a Sequential starting with a function or ``Dropout`` raised ``NamedAxisError``; (2) a
+``MultiHeadAttention`` after another layer lacked its ``seq`` name; (3) ``MultiHeadAttention, Linear,
+<custom module>`` returned ``(features, seq)`` for ``(seq, features)`` (silently wrong on square
+inputs); (4) a nested Sequential starting or ending with a custom module named nothing there. The rule
+now carries the names the next item needs (``NnxRetag``), and every NNX model's output is checked.
 """
 
 from __future__ import annotations
@@ -63,7 +58,6 @@ from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.core.errors import NamedAxisError
 from pzbridge.testing.equinox_strategies import (
     EquinoxExample,
     assert_round_trip,
@@ -71,7 +65,11 @@ from pzbridge.testing.equinox_strategies import (
     equinox_models,
 )
 from pzbridge.testing.nnx_strategies import nnx_models
-from pzbridge.testing.numerics import assert_outputs_match, exact_computation, jaxpr_difference
+from pzbridge.testing.numerics import (
+    assert_outputs_match,
+    exact_computation,
+    jaxpr_difference,
+)
 
 SEED = 13  # the issue's number; shard i draws with seed SEED * 1000 + i
 EQUINOX_SHARDS, EQUINOX_PER_SHARD = 4, 265
@@ -87,29 +85,29 @@ _SETTINGS = settings(deadline=None, database=None, phases=(Phase.explicit, Phase
 
 
 def _run_shard(strategy: st.SearchStrategy[Any], signature: Callable[[Any], Hashable],
-               check: Callable[[Any, int], bool], shard: int, count: int) -> tuple[int, int]:
-    """Checks ``count`` distinct models drawn with the shard's seed; returns ``(checked, tolerated)``.
+               check: Callable[[Any, int], None], shard: int, count: int) -> int:
+    """Checks ``count`` distinct models drawn with the shard's seed; returns how many it checked.
 
-    ``check(example, index)`` returns whether a known bug made its output check fail (tolerated). A draw
+    ``check(example, index)`` checks one model. A draw
     equal to one already checked in this shard (``signature``: structure, array bytes, inputs; 5-10% of
     draws) adds nothing and is rejected, so hypothesis draws another.
     """
-    checked, tolerated = 0, 0
+    checked = 0
     seen: set[Hashable] = set()
 
     @seed(SEED * 1000 + shard)
     @settings(_SETTINGS, max_examples=count)
     @given(strategy)
     def run(example: Any) -> None:
-        nonlocal checked, tolerated
+        nonlocal checked
         key = signature(example)
         assume(key not in seen)
-        tolerated += check(example, checked)
+        check(example, checked)
         seen.add(key)  # only once it passed, so a failing example replays and shrinks normally
         checked += 1
 
     run()
-    return checked, tolerated
+    return checked
 
 
 def _bytes(leaf: Any) -> Hashable:
@@ -150,7 +148,7 @@ def _equinox_signature(example: EquinoxExample) -> Hashable:
             tuple(sorted(example.kwargs.items())))
 
 
-def _check_equinox(example: EquinoxExample, index: int) -> bool:
+def _check_equinox(example: EquinoxExample, index: int) -> None:
     model, args, kwargs = example.model, example.args, example.kwargs
     before = _equinox_snapshot(model)
     lifted = pzb.lift(model)
@@ -160,7 +158,7 @@ def _check_equinox(example: EquinoxExample, index: int) -> bool:
     assert_round_trip(model, lowered)  # treedef (classes, static fields) equal, arrays `is` the originals
     _assert_equinox_unchanged(model, before)
     if index % EQUINOX_OUTPUT_EVERY:
-        return False
+        return
     try:
         want = model(*args, **kwargs)
     except (ArithmeticError, ValueError, TypeError):
@@ -174,13 +172,12 @@ def _check_equinox(example: EquinoxExample, index: int) -> bool:
         _outputs_agree(lambda *a: pzb.stateless_call(lambda m, *b: m.positional(*b, **kwargs), (), lifted, *a)[0],
                        lambda *a: model(*a, **kwargs), got, want, *args)
     _assert_equinox_unchanged(model, before)
-    return False
 
 
 @pytest.mark.parametrize("shard", range(EQUINOX_SHARDS))
 def test_random_equinox_models_round_trip(shard: int) -> None:
-    checked, _ = _run_shard(equinox_models(), _equinox_signature, _check_equinox, shard, EQUINOX_PER_SHARD)
-    assert checked == EQUINOX_PER_SHARD
+    assert _run_shard(equinox_models(), _equinox_signature, _check_equinox, shard,
+                      EQUINOX_PER_SHARD) == EQUINOX_PER_SHARD
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,36 +198,6 @@ def _assert_nnx_unchanged(module: nnx.Module, before: tuple[Any, list[int], list
         assert a is b or _bytes(a) == _bytes(b), "a state leaf of the user's module changed"
 
 
-def _leads_without_names(layer: Any) -> bool:
-    """A function or ``Dropout`` (or a Sequential starting with one): the Sequential rule names nothing for it."""
-    if isinstance(layer, nnx.Sequential):
-        return bool(layer.layers) and _leads_without_names(layer.layers[0])
-    return not isinstance(layer, nnx.Module) or isinstance(layer, nnx.Dropout)
-
-
-def _names_several_axes(layer: Any) -> bool:
-    """``MultiHeadAttention`` (or a Sequential holding one): its convention names ``seq`` and ``features``."""
-    if isinstance(layer, nnx.Sequential):
-        return any(_names_several_axes(item) for item in layer.layers)
-    return isinstance(layer, nnx.MultiHeadAttention)
-
-
-def _has_unnamed_end(layer: Any) -> bool:
-    """A function, ``Dropout`` or user module (no rule), or a Sequential whose first or last item is one."""
-    if isinstance(layer, nnx.Sequential):
-        return not layer.layers or _has_unnamed_end(layer.layers[0]) or _has_unnamed_end(layer.layers[-1])
-    return _leads_without_names(layer) or not type(layer).__module__.startswith("flax.")
-
-
-def _hits_sequential_naming_bug(model: nnx.Module) -> bool:
-    """Whether ``model`` holds an ``nnx.Sequential`` of the shapes of the known bugs (module docstring)."""
-    return any(isinstance(node, nnx.Sequential) and len(node.layers) > 1
-               and (_leads_without_names(node.layers[0])
-                    or any(_names_several_axes(item) or (isinstance(item, nnx.Sequential) and _has_unnamed_end(item))
-                           for item in node.layers))
-               for _, node in nnx.iter_graph(model))
-
-
 def _variable_ids(module: nnx.Module) -> set[int]:
     return {id(node) for _, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)}
 
@@ -240,7 +207,7 @@ def _nnx_signature(pair: tuple[nnx.Module, jax.Array]) -> Hashable:
     return nnx.graphdef(model), tuple(_bytes(leaf) for leaf in jax.tree.leaves(nnx.state(model))), _bytes(x)
 
 
-def _check_nnx(pair: tuple[nnx.Module, jax.Array], index: int) -> bool:
+def _check_nnx(pair: tuple[nnx.Module, jax.Array], index: int) -> None:
     model, x = pair
     before = _nnx_snapshot(model)
     lifted = pzb.lift(model)
@@ -256,27 +223,18 @@ def _check_nnx(pair: tuple[nnx.Module, jax.Array], index: int) -> bool:
     _assert_nnx_unchanged(model, before)
 
     want = nnx.clone(model)(x)
-    known_bug = _hits_sequential_naming_bug(model)
     try:
         got = lifted.positional(x)
         # Clones are made inside the traced functions, so NNX's in-place updates stay in the trace.
         _outputs_agree(lambda a: pzb.stateless_call(lambda m, b: m.positional(b), (), lifted, a)[0],
                        lambda a: nnx.clone(model)(a), got, want, x)
-    except (ValueError, TypeError, AssertionError):  # NamedAxisError, or a raw error from misnamed axes
-        if not known_bug:
-            raise
-        return True
     finally:
         _assert_nnx_unchanged(model, before)
-    return False
 
 
 @pytest.mark.parametrize("shard", range(NNX_SHARDS))
 def test_random_nnx_models_round_trip(shard: int) -> None:
-    checked, tolerated = _run_shard(nnx_models(), _nnx_signature, _check_nnx, shard, NNX_PER_SHARD)
-    assert checked == NNX_PER_SHARD
-    # The exemption must stay an exception: ~2% of models have such a Sequential, ~0.4% fail.
-    assert tolerated <= NNX_PER_SHARD // 20, f"{tolerated} models failed the output check with a known bug"
+    assert _run_shard(nnx_models(), _nnx_signature, _check_nnx, shard, NNX_PER_SHARD) == NNX_PER_SHARD
 
 
 def test_volume_adds_up() -> None:
@@ -286,7 +244,7 @@ def test_volume_adds_up() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Known bugs found by the volume run (strict: these start passing when the nnx.Sequential rule is fixed).
+# nnx.Sequential naming bugs found by the volume run (fixed; kept as regression tests).
 
 
 class _Halve(nnx.Module):
@@ -297,30 +255,19 @@ class _Halve(nnx.Module):
 
 
 def _assert_lifted_matches(model: nnx.Module, x: jax.Array) -> None:
-    assert _hits_sequential_naming_bug(model), "the volume test's exemption must cover this known bug"
     assert_outputs_match(pzb.lift(model).positional(x), nnx.clone(model)(x), same_computation=False, ulps=ULPS)
 
 
-@pytest.mark.xfail(strict=True, raises=NamedAxisError,
-                   reason="nnx.Sequential starting with a function or Dropout names no input axis, so the next "
-                          "Linear finds no 'features' (bug: the rule's convention uses the first item's names)")
-def test_known_bug_nnx_sequential_starting_with_a_function() -> None:
+def test_sequential_starting_with_a_function() -> None:
     _assert_lifted_matches(nnx.Sequential(jax.nn.relu, nnx.Linear(2, 2, rngs=nnx.Rngs(0))), jnp.ones((3, 2)))
 
 
-@pytest.mark.xfail(strict=True, raises=NamedAxisError,
-                   reason="nnx.Sequential(Linear, MultiHeadAttention): the input's leading axis is not named "
-                          "'seq', which the attention needs (bug: the convention uses the first item's names)")
-def test_known_bug_nnx_sequential_attention_after_a_layer() -> None:
+def test_sequential_attention_after_a_layer() -> None:
     attention = nnx.MultiHeadAttention(1, 2, qkv_features=2, decode=False, rngs=nnx.Rngs(0))
     _assert_lifted_matches(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(1)), attention), jnp.ones((3, 2)))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="nnx.Sequential(MultiHeadAttention, Linear, <Foreign>) returns (features, seq) for "
-                          "(seq, features): 'seq' stays named past the Linear and is untagged last (silent on "
-                          "square inputs)")
-def test_known_bug_nnx_sequential_attention_linear_foreign_transposes() -> None:
+def test_sequential_attention_linear_foreign_transposes() -> None:
     attention = nnx.MultiHeadAttention(1, 2, qkv_features=2, decode=False, rngs=nnx.Rngs(0))
     model = nnx.Sequential(attention, nnx.Linear(2, 2, rngs=nnx.Rngs(1)), _Halve())
     _assert_lifted_matches(model, jax.random.normal(jax.random.key(0), (3, 2)))
@@ -336,25 +283,16 @@ class _ScaleFeatures(nnx.Module):
         return x * self.scale[...]
 
 
-@pytest.mark.xfail(strict=True, raises=NamedAxisError,
-                   reason="a nested nnx.Sequential of only custom modules names no output axis (only a Foreign "
-                          "item gets names), so the Linear after it finds no 'features'")
-def test_known_bug_nnx_nested_sequential_of_custom_modules_before_a_layer() -> None:
+def test_sequential_nested_of_custom_modules_before_a_layer() -> None:
     model = nnx.Sequential(nnx.Sequential(_Halve()), nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
     _assert_lifted_matches(model, jnp.ones((3, 2)))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="after a Linear, the custom module inside a nested nnx.Sequential gets its input as "
-                          "(features, batch): a raw broadcasting ValueError (wrong values on square inputs)")
-def test_known_bug_nnx_nested_sequential_of_custom_modules_after_a_layer() -> None:
+def test_sequential_nested_of_custom_modules_after_a_layer() -> None:
     model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.Sequential(_ScaleFeatures()))
     _assert_lifted_matches(model, jnp.ones((3, 2)))
 
 
-@pytest.mark.xfail(strict=True, raises=NamedAxisError,
-                   reason="a custom module, then a nested nnx.Sequential starting with one, then a Linear: the "
-                          "first names its output 'features', the nested one's custom module tags 'features' again")
-def test_known_bug_nnx_nested_sequential_of_custom_modules_after_a_custom_module() -> None:
+def test_sequential_nested_of_custom_modules_after_a_custom_module() -> None:
     inner = nnx.Sequential(_Halve(), nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
     _assert_lifted_matches(nnx.Sequential(_Halve(), inner, nnx.Linear(2, 2, rngs=nnx.Rngs(1))), jnp.ones((3, 2)))

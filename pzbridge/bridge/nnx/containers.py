@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pzbridge.bridge.context import LiftContext, LowerContext
-from pzbridge.bridge.lifted import CallingConvention
+from pzbridge.bridge.lifted import CallingConvention, name_trailing_axes
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.nnx.statics import NnxStatics
 from pzbridge.bridge.nnx.traversal import (
@@ -151,15 +151,44 @@ def _lower_item(item: Any, ctx: LowerContext, *keys: str | int) -> Any:
 
 
 def _io_names(module: Any, naming: AxisNaming) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """``(None, None)`` for an item passing names through, ``((), ())`` for one acting positionally, else its names."""
     if not isinstance(module, nnx.Module):
-        return None, None  # a function: passes names through
+        return (None, None) if module in ELEMENTWISE_FUNCTIONS else ((), ())
     rule = NNX.lift_rule_for(type(module))
     if getattr(rule, "elementwise", False) and convention_of(module, naming) is not None:
         return None, None  # an elementwise layer (Dropout): passes names through
     convention = convention_of(module, naming)
     if convention is None:
-        return (), ()
-    return (convention.inputs[0] if convention.inputs else ()), convention.output
+        return (), ()  # a custom module (Foreign): acts positionally
+    return tuple(convention.inputs[0] if convention.inputs else ()), tuple(convention.output or ())
+
+
+@pytree_dataclass
+class NnxRetag(Layer):
+    """Untags ``old`` (in order, after the positional axes) then names the trailing axes ``new``.
+
+    Joins two items of an ``nnx.Sequential`` whose names do not line up (a
+    ``Linear``, then an attention naming ``seq``; a custom module acting on
+    the whole positional array). Positional order never changes; lowering
+    drops it (it is the identity on positional arrays).
+
+    Attributes:
+      old: The trailing names the array carries, in positional order (static).
+      new: The trailing names the next item needs (static).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> y = NnxRetag(("seq", "features"), ("features",))(pzb.nx.wrap(jnp.ones((2, 3)), "seq", "features"))
+        >>> y.positional_shape, dict(y.named_shape)
+        ((2,), {'features': 3})
+    """
+
+    old: tuple[str, ...] = static_field(default=())
+    new: tuple[str, ...] = static_field(default=())
+
+    def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
+        x = x.untag(*self.old) if self.old else x
+        return name_trailing_axes(x, self.new) if self.new else x
 
 
 def _rename_between(produced: tuple[str, ...], consumed: tuple[str, ...]) -> RenameAxes | None:
@@ -175,45 +204,76 @@ def _rename_between(produced: tuple[str, ...], consumed: tuple[str, ...]) -> Ren
     return RenameAxes(tuple(o for o, _ in pairs), tuple(n for _, n in pairs))
 
 
+def _join(current: tuple[str, ...], ins: tuple[str, ...], outs: tuple[str, ...],
+          keep_extra: bool) -> tuple[Layer | None, tuple[str, ...]]:
+    """The layer (or None) handing an array named ``current`` to an item consuming ``ins``; the names after it.
+
+    A batched layer (``keep_extra``) lets leading named axes through; otherwise
+    every name but ``ins`` is untagged first (in place, so order is kept).
+    """
+    if current == ins:
+        return None, outs
+    if keep_extra and len(current) >= len(ins):
+        extra = current[:len(current) - len(ins)]
+        if not set(extra) & set(outs) and len(set(extra) | set(ins)) == len(current):
+            if current[len(extra):] == ins:
+                return None, extra + outs
+            rename = _rename_between(current, ins)
+            if rename is not None:
+                return rename, extra + outs
+    if len(current) == len(ins) and not keep_extra:
+        rename = _rename_between(current, ins)
+        if rename is not None:
+            return rename, outs
+    return NnxRetag(current, ins), outs
+
+
 @nnx_rule(source=nnx.Sequential, lifted=(NnxSequential, Sequential))
 class SequentialRule:
     """``nnx.Sequential`` <-> ``NnxSequential`` (layers lifted in order).
 
     Functions become ``Elementwise`` (known activations, see
-    :data:`ELEMENTWISE_FUNCTIONS`) or ``NnxFunction``. Where one layer's
-    output names differ from the next layer's input names (``Einsum`` letters
-    then ``Linear`` features) a ``RenameAxes`` joins them; lowering drops
-    every ``RenameAxes`` (a rename is the identity on positional arrays). A ``Foreign`` item
-    consumes the axes the previous known layer produced and names its output
-    for the next known layer. Any other pzbridge ``Sequential`` lowers to
+    :data:`ELEMENTWISE_FUNCTIONS`) or ``NnxFunction``. Between items the array
+    carries the names the next item needs: where one layer's output names
+    differ from the next layer's input names (``Einsum`` letters then
+    ``Linear`` features) a ``RenameAxes`` joins them, where they do not line up
+    an :class:`NnxRetag` untags and renames the trailing axes; lowering drops
+    both (they are the identity on positional arrays). A ``Foreign`` item or
+    an ``NnxFunction`` gets the whole array positional (in its order) and names
+    its output for the next layer. Any other pzbridge ``Sequential`` lowers to
     ``nnx.Sequential`` of its lowered sublayers.
     """
 
-    def _plan(self, module: nnx.Sequential, naming: AxisNaming) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
-        """``(consumed, produced)`` trailing names per item (functions pass names through)."""
+    def _plan(self, module: nnx.Sequential, naming: AxisNaming
+              ) -> tuple[tuple[str, ...], list[tuple[Layer | None, tuple[str, ...], tuple[str, ...]]], tuple[str, ...]]:
+        """``(input names, [(join, consumed, produced)] per item, output names)``."""
         raw = [_io_names(item, naming) for item in module.layers]
-        plan: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
-        current: tuple[str, ...] = ()
-        for index, (ins, outs) in enumerate(raw):
-            if ins is None:
-                plan.append((current, current))
-            elif ins == () and outs == ():
-                following = next((r[0] for r in raw[index + 1:] if r[0]), ())
-                plan.append((current, tuple(following)))
+
+        def needs_from(index: int) -> tuple[str, ...]:
+            # What the next item that does not pass names through consumes (a positional one: nothing).
+            return next((r[0] for r in raw[index:] if r[0] is not None), ())
+
+        first = needs_from(0)
+        current = first
+        steps: list[tuple[Layer | None, tuple[str, ...], tuple[str, ...]]] = []
+        for index, (item, (ins, outs)) in enumerate(zip(module.layers, raw)):
+            if ins is None:  # passes names through
+                steps.append((None, current, current))
+            elif ins == () and outs == () and not isinstance(item, nnx.Sequential):  # acts positionally
+                produced = needs_from(index + 1)
+                steps.append((None, current, produced))
+                current = produced
             else:
-                plan.append((tuple(ins), tuple(outs or ())))
-            current = plan[-1][1]
-        return plan
+                join, current = _join(current, ins, outs, keep_extra=not isinstance(item, nnx.Sequential))
+                steps.append((join, ins, outs))
+        return first, steps, current
 
     def lift(self, module: nnx.Sequential, ctx: LiftContext) -> NnxSequential:
-        plan = self._plan(module, ctx.naming)
+        _, steps, _ = self._plan(module, ctx.naming)
         sublayers: list[Any] = []
-        current: tuple[str, ...] = ()
-        for index, (item, (ins, outs)) in enumerate(zip(module.layers, plan)):
-            rename = _rename_between(current, ins)
-            if rename is not None:
-                sublayers.append(rename)
-            current = outs
+        for index, (item, (join, ins, outs)) in enumerate(zip(module.layers, steps)):
+            if join is not None:
+                sublayers.append(join)
             if isinstance(item, nnx.Module):
                 lifted = ctx.lift(item, "layers", index)
                 if isinstance(lifted, Foreign):
@@ -226,15 +286,15 @@ class SequentialRule:
         return NnxSequential(sublayers, config=NnxStatics.of(module))
 
     def convention(self, module: nnx.Sequential, naming: AxisNaming) -> CallingConvention:
-        plan = self._plan(module, naming)
-        if not plan:
+        if not module.layers:
             return CallingConvention()
-        return CallingConvention((plan[0][0],), plan[-1][1])
+        first, _, last = self._plan(module, naming)
+        return CallingConvention((first,), last)
 
     def lower(self, layer: Sequential, ctx: LowerContext) -> nnx.Sequential:
         items = []
         for index, sub in enumerate(layer.sublayers):
-            if isinstance(sub, RenameAxes):
+            if isinstance(sub, (RenameAxes, NnxRetag)):
                 continue  # NNX is positional: a rename is the identity there.
             if isinstance(sub, (Elementwise, NnxFunction)):
                 items.append(sub.fn)
