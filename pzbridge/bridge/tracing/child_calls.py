@@ -116,8 +116,9 @@ def _shape_key(call: ChildCall, avals: Sequence[Any], vmaps: Any) -> Any:
 def _abstract_eval(*avals: Any, call: ChildCall, vmaps: tuple[tuple[int | None, ...], ...]) -> list[Any]:
     # The blocks of a model are equal in structure: evaluate each (structure, shapes) once per process.
     key = _shape_key(call, avals, vmaps)
-    if key is not None and key in _SHAPES:
-        out_avals, call.out_treedef[0] = _SHAPES[key]
+    hit = _SHAPES.get(key) if key is not None else None  # one lookup: another thread may clear the table
+    if hit is not None:
+        out_avals, call.out_treedef[0] = hit
         return list(out_avals)
     structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
     out = jax.eval_shape(functools.partial(_apply, call=call, vmaps=vmaps), *structs)
