@@ -134,14 +134,19 @@ def test_eqx_1000_nested_sequentials():
     _same_eqx(lowered, model)
 
 
-def test_eqx_1000_nested_wrappers():
-    model = eqx_wrappers(DEEP)
-    x = jnp.arange(4.0)
-    lowered, out = _lift_run_lower(model, x)
+def _assert_like_native(model: Any, lowered: Any, out: Any, x: jax.Array) -> None:
+    """The lifted output and the lowered model's output equal the native model's."""
     with recursion_headroom():
         native, again = model(x), lowered(x)
     np.testing.assert_allclose(out, native, rtol=1e-6)
     np.testing.assert_allclose(again, native, rtol=1e-6)
+
+
+def test_eqx_1000_nested_wrappers():
+    model = eqx_wrappers(DEEP)
+    x = jnp.arange(4.0)
+    lowered, out = _lift_run_lower(model, x)
+    _assert_like_native(model, lowered, out, x)
     _same_eqx(lowered, model)
 
 
@@ -150,10 +155,7 @@ def test_nnx_1000_nested(wrap):
     model = nest(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), wrap, DEEP)
     x = jnp.ones((2, 4))
     lowered, out = _lift_run_lower(model, x)
-    with recursion_headroom():
-        native, again = model(x), lowered(x)
-    np.testing.assert_allclose(out, native, rtol=1e-6)
-    np.testing.assert_allclose(again, native, rtol=1e-6)
+    _assert_like_native(model, lowered, out, x)
     _same_nnx(lowered, model)
 
 

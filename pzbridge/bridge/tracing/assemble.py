@@ -227,10 +227,15 @@ def glue_signature(body: Any) -> Any:
         >>> glue_signature(pzb.nn.Identity()) == glue_signature(pzb.nn.Identity())
         True
     """
-    kinds = (AbstractVariable, AbstractVariableValue)
-    leaves, treedef = jax.tree_util.tree_flatten(
-        _glue_only(body), is_leaf=lambda x: isinstance(x, (*kinds, _ChildMarker)))
-    return treedef, tuple(leaf.label for leaf in leaves if isinstance(leaf, kinds))
+    return _signature_of(_glue_only(body))
+
+
+_VARIABLE_KINDS = (AbstractVariable, AbstractVariableValue)
+
+
+def _signature_of(glue: Any) -> Any:
+    leaves, treedef = jax.tree_util.tree_flatten(glue, is_leaf=lambda x: isinstance(x, (*_VARIABLE_KINDS, _ChildMarker)))
+    return treedef, tuple(leaf.label for leaf in leaves if isinstance(leaf, _VARIABLE_KINDS))
 
 
 def make_traced(body: Any, template: Any, children: Mapping[str, Any], child_keys: Sequence[str],
@@ -257,7 +262,8 @@ def children_for_rebuild(traced: Traced) -> dict[str, Any] | None:
     A child called at several places must be the same everywhere (an edit
     applied to only one call site cannot be expressed by the original code).
     """
-    if traced.signature is None or glue_signature(traced.body) != traced.signature:
+    glue = _glue_only(traced.body)
+    if traced.signature is None or _signature_of(glue) != traced.signature:
         return None
     children: dict[str, Any] = dict(traced.extras)
     calls = select(traced.body).at_instances_of(CallChild).get_sequence()
@@ -268,8 +274,7 @@ def children_for_rebuild(traced: Traced) -> dict[str, Any] | None:
             return None
         children.setdefault(call.name, layer)
     variables: dict[str, Any] = {}
-    kinds = (AbstractVariable, AbstractVariableValue)
-    for variable in select(_glue_only(traced.body)).at_instances_of(kinds).get_sequence():
+    for variable in select(glue).at_instances_of(_VARIABLE_KINDS).get_sequence():
         seen = variables.setdefault(variable.label, variable)
         if seen is not variable and not tree_equal(seen, variable):
             return None  # two variables under one label (a tie split by an edit): no single field holds both

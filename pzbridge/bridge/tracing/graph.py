@@ -937,7 +937,10 @@ class _Converter(ScanConversion, CondConversion, PositionalConversion, SizeVaria
             if name is None:
                 continue
             bounds = self.slice_bounds(eqn, axis) if eqn.other is not None else None
-            if bounds is not None and bounds != ("start", "start") and int(step) == 1:
+            moved = bounds is not None and bounds != ("start", "start")
+            if moved and int(step) != 1:
+                raise Untraceable(f"a strided slice of `{name}` changes with the input's size")
+            if moved:
                 if bounds[1] == "follow" and new in inputs:  # ``table[:seq]`` follows that axis's length
                     slices.append((name, int(start), int(stop), 1, new))
                 elif "follow" not in bounds:  # ``x[-1]``, ``x[1:]``: bounds count from the end at any length

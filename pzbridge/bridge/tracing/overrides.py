@@ -145,7 +145,7 @@ class AxisOverrides:
         Raises:
           LiftError: Naming the pattern, what the lift traced or named, and a fix.
         """
-        traced = sorted(set(self.traced), key=self.traced.index)
+        traced = list(dict.fromkeys(self.traced))  # first-seen order, once each
         for key, renames in self.patterns.items():
             pattern = self.given[key]
             matched = self.modules.get(key, [])

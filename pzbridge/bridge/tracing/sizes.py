@@ -115,7 +115,10 @@ class SizeVariation:
             return
 
     def _positions(self) -> list[int]:
-        return [i for i, role in enumerate(self.roles) if role.kind not in ("param", "const")]
+        """Role indices of the traced inputs (the retrace's dynamic positions), computed once."""
+        if not hasattr(self, "input_positions"):
+            self.input_positions = [i for i, role in enumerate(self.roles) if role.kind not in ("param", "const")]
+        return self.input_positions
 
     def _size_at(self, position: int, axis: int) -> int:
         return int(self.avals[self.input_ids[self._positions()[position]]].shape[axis])

@@ -101,3 +101,18 @@ def test_nnx_last_token_and_shifted_mean_follow_the_length():
     for shape in ((2, 5, 4), (3, 9, 4)):
         x = jax.random.normal(jax.random.key(shape[1]), shape)
         assert_outputs_match(lifted.positional(x), model(x), same_computation=False)
+
+
+class EveryOther(eqx.Module):
+    w: jax.Array
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return (x @ self.w)[1::2]  # its stop is the length: moves with it, and a stride has no "from the end"
+
+
+def test_a_strided_slice_that_moves_with_the_length_keeps_the_module_foreign_and_correct():
+    model = EveryOther(jnp.eye(4))
+    lifted = pzb.lift(model, jnp.ones((6, 4)))
+    assert isinstance(lifted.body, pzb.nn.Foreign)
+    x = jax.random.normal(jax.random.key(3), (11, 4))
+    assert_outputs_match(lifted.positional(x), model(x), same_computation=False)
