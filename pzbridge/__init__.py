@@ -15,15 +15,18 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 # Public name -> (module, attribute or None for the module itself).
 _EXPORTS: dict[str, tuple[str, str | None]] = {
     "nx": ("pzbridge.core.named_axes", None),
+    "chk": ("pzbridge.core.chk", None),
+    "slice": ("pzbridge.core.named_slice", "slice"),
     "Struct": ("pzbridge.core.struct", "Struct"),
     "pytree_dataclass": ("pzbridge.core.struct", "pytree_dataclass"),
+    "is_pytree_dataclass_type": ("pzbridge.core.struct", "is_pytree_dataclass_type"),
     "static_field": ("pzbridge.core.struct", "static_field"),
     "tree_equal": ("pzbridge.core.tree_util", "tree_equal"),
     "select": ("pzbridge.core.selectors", "select"),
@@ -44,6 +47,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "freeze_variables": ("pzbridge.core.variables", "freeze_variables"),
     "stateless_call": ("pzbridge.core.variables", "stateless_call"),
     "variable_jit": ("pzbridge.core.variable_jit", "variable_jit"),
+    "scoped_auto_state_var_labels": ("pzbridge.core.variables", "scoped_auto_state_var_labels"),
     "RandomStream": ("pzbridge.core.random_stream", "RandomStream"),
     "errors": ("pzbridge.core.errors", None),
     "PzbridgeError": ("pzbridge.core.errors", "PzbridgeError"),
@@ -59,6 +63,52 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
 
 __all__ = sorted(_EXPORTS)
 
+if TYPE_CHECKING:
+    # What type checkers and IDEs see: the same names as _EXPORTS, imported
+    # eagerly (``reveal_type(pzb.lift)`` is the function, not ``Any``). At run
+    # time they load lazily through __getattr__. tests/test_packaging.py
+    # checks that this block and _EXPORTS name the same things.
+    from pzbridge import bridge as bridge
+    from pzbridge import checkpoint as checkpoint
+    from pzbridge import models as models
+    from pzbridge import nn as nn
+    from pzbridge import testing as testing
+    from pzbridge import toolshed as toolshed
+    from pzbridge.bridge.api import lift as lift
+    from pzbridge.bridge.api import lower as lower
+    from pzbridge.core import chk as chk
+    from pzbridge.core import errors as errors
+    from pzbridge.core import named_axes as nx
+    from pzbridge.core.errors import PzbridgeError as PzbridgeError
+    from pzbridge.core.named_slice import slice as slice
+    from pzbridge.core.random_stream import RandomStream as RandomStream
+    from pzbridge.core.selectors import Selection as Selection
+    from pzbridge.core.selectors import select as select
+    from pzbridge.core.struct import Struct as Struct
+    from pzbridge.core.struct import is_pytree_dataclass_type as is_pytree_dataclass_type
+    from pzbridge.core.struct import pytree_dataclass as pytree_dataclass
+    from pzbridge.core.struct import static_field as static_field
+    from pzbridge.core.tree_util import tree_equal as tree_equal
+    from pzbridge.core.variable_base import AbstractVariable as AbstractVariable
+    from pzbridge.core.variable_jit import variable_jit as variable_jit
+    from pzbridge.core.variables import Parameter as Parameter
+    from pzbridge.core.variables import ParameterSlot as ParameterSlot
+    from pzbridge.core.variables import ParameterValue as ParameterValue
+    from pzbridge.core.variables import StateVariable as StateVariable
+    from pzbridge.core.variables import StateVariableSlot as StateVariableSlot
+    from pzbridge.core.variables import StateVariableValue as StateVariableValue
+    from pzbridge.core.variables import bind_variables as bind_variables
+    from pzbridge.core.variables import freeze_params as freeze_params
+    from pzbridge.core.variables import freeze_state_vars as freeze_state_vars
+    from pzbridge.core.variables import freeze_variables as freeze_variables
+    from pzbridge.core.variables import (
+        scoped_auto_state_var_labels as scoped_auto_state_var_labels,
+    )
+    from pzbridge.core.variables import stateless_call as stateless_call
+    from pzbridge.core.variables import unbind_params as unbind_params
+    from pzbridge.core.variables import unbind_state_vars as unbind_state_vars
+    from pzbridge.core.variables import unbind_variables as unbind_variables
+
 
 def __getattr__(name: str) -> Any:
     try:
@@ -71,5 +121,10 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+# Besides the exports, only the dunders a user looks for (no helper imports
+# such as ``importlib`` or ``Any``, which live in this module's globals).
+_DIR_EXTRAS = ("__all__", "__doc__", "__file__", "__name__", "__path__", "__version__")
+
+
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(_EXPORTS) | set(_DIR_EXTRAS))

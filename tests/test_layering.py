@@ -52,6 +52,8 @@ LEVELS: dict[str, int] = {
     "models": 2,
     "checkpoint": 3,
     "demo": 4,
+    "cli_summary": 5,  # python -m pzbridge show: what __main__ runs.
+    "cli_show": 5,
     "__main__": 5,
 }
 ROOT_LEVEL = 5

@@ -12,6 +12,8 @@ CORE_NAMES = [
     "unbind_state_vars", "bind_variables", "freeze_params", "freeze_state_vars", "RandomStream",
     "pytree_dataclass", "static_field", "stateless_call", "variable_jit", "tree_equal",
     "nn", "lift", "lower", "testing", "toolshed", "checkpoint", "bridge",
+    # Penzai core semantics (issue 15).
+    "chk", "slice", "scoped_auto_state_var_labels", "is_pytree_dataclass_type",
 ]
 
 
@@ -38,3 +40,19 @@ def test_random_stream_public_constructor():
 
     stream = pzb.RandomStream.from_base_key(jax.random.key(0))
     assert stream.next_key() is not None
+
+
+CHECKPOINT_NAMES = [
+    "save", "restore", "restore_optimizer_state", "load_variables", "read_description", "describe",
+    "structure_of", "all_steps", "latest_step", "versions", "CheckpointManager", "CheckpointError",
+]
+TRAINING_NAMES = ["Trainer", "FitResult", "Callback", "EvaluateEvery", "CheckpointEvery", "build_train_step",
+                  "trainable_values", "TrainingError"]
+
+
+def test_checkpoint_and_training_names():
+    from pzbridge.toolshed import training
+
+    assert all(name in pzb.checkpoint.__all__ and hasattr(pzb.checkpoint, name) for name in CHECKPOINT_NAMES)
+    assert all(name in training.__all__ and hasattr(training, name) for name in TRAINING_NAMES)
+    assert pzb.toolshed.CheckpointManager is pzb.checkpoint.CheckpointManager

@@ -17,11 +17,11 @@ Example:
 
 from __future__ import annotations
 
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pzbridge.bridge.context import recursion_headroom
+from pzbridge.bridge.frameworks import framework_of, traversal_of
 from pzbridge.bridge.lifted import CallingConvention, LiftedModel
 from pzbridge.bridge.naming import AxisNaming, checked_naming
 from pzbridge.bridge.registry import memo_block
@@ -30,32 +30,6 @@ from pzbridge.bridge.tracing.overrides import OVERRIDES_KEY, AxisOverrides
 from pzbridge.core.errors import LiftError, LowerError
 from pzbridge.nn.dataflow import Traced
 from pzbridge.nn.layer_stack import LayerStack
-
-
-def _framework_of(module: Any) -> str:
-    import equinox as eqx
-
-    if isinstance(module, eqx.Module):
-        return "equinox"
-    try:
-        from flax import nnx
-    except ImportError:  # pragma: no cover - flax is a dependency
-        nnx = None
-    if nnx is not None and isinstance(module, nnx.Module):
-        return "nnx"
-    raise LiftError(
-        f"<root>: pzb.lift expects an eqx.Module or an nnx.Module, found {type(module).__module__}."
-        f"{type(module).__qualname__}. Fix: pass the model object itself (not its state or a function)."
-    )
-
-
-def _traversal(framework: str) -> types.ModuleType:
-    """The framework's traversal module; importing it loads the framework's package, so every rule is registered."""
-    if framework == "equinox":
-        from pzbridge.bridge.equinox import traversal
-    else:
-        from pzbridge.bridge.nnx import traversal
-    return traversal
 
 
 @recursion_headroom()
@@ -105,12 +79,12 @@ def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | No
         >>> lifted.positional(jax.numpy.ones(2)).shape
         (3,)
     """
-    framework = _framework_of(module)
+    framework = framework_of(module)
     naming = checked_naming(naming)
     if state is not None and framework != "equinox":
         raise LiftError("<root>: state= is for Equinox models, found an nnx.Module (NNX modules hold their own "
                         "state). Fix: drop state=.")
-    traversal = _traversal(framework)
+    traversal = traversal_of(framework)
     ctx = traversal.new_lift_context(naming, strict)
     if state is not None:
         from pzbridge.bridge.equinox.state import checked_state  # Loaded with the Equinox traversal anyway.
@@ -133,7 +107,7 @@ def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | No
 
 
 @recursion_headroom()
-def lower(lifted: Any, *, framework: str | None = None) -> Any:
+def lower(lifted: Any, *, framework: str | None = None, convention: CallingConvention | None = None) -> Any:
     """Lowers a lifted (possibly edited) model back to a genuine framework module.
 
     Untouched parts come back as their original classes with the same static
@@ -143,6 +117,15 @@ def lower(lifted: Any, *, framework: str | None = None) -> Any:
     Args:
       lifted: A :class:`~pzbridge.bridge.lifted.LiftedModel` or any lifted layer.
       framework: ``"equinox"`` or ``"nnx"``; defaults to where it was lifted from.
+        Lowering a lifted model into the *other* framework converts it (see
+        :func:`~pzbridge.bridge.convert.convert`): layers with a counterpart
+        become native, the root takes that framework's calling convention
+        (NNX: batched; Equinox: per example).
+      convention: How the lowered root is called positionally (names of each
+        input's and the output's axes, e.g. ``(("batch", "seq"),)`` for
+        token ids): the root then runs the model through that convention,
+        with every layer that has a counterpart native (for pzbridge models
+        with no recorded convention, such as ``pzb.models.gpt``).
 
     Returns:
       An ``eqx.Module`` or ``nnx.Module``.
@@ -158,8 +141,13 @@ def lower(lifted: Any, *, framework: str | None = None) -> Any:
     """
     body = lifted.body if isinstance(lifted, LiftedModel) else lifted
     framework = framework or (lifted.framework if isinstance(lifted, LiftedModel) else None)
+    crossing = isinstance(lifted, LiftedModel) and framework != lifted.framework and lifted.convention.inputs
+    if framework in ("equinox", "nnx") and (convention is not None or crossing):
+        from pzbridge.bridge.cross_lowering import converted_convention, lower_with_convention
+
+        return lower_with_convention(body, framework, convention or converted_convention(lifted, framework))
     if framework in ("equinox", "nnx"):
-        ctx = _traversal(framework).new_lower_context()
+        ctx = traversal_of(framework).new_lower_context()
         return ctx.lower_node(body, ctx)
     raise LowerError(
         f"<root>: cannot tell which framework to lower to (found framework={framework!r}). "

@@ -48,6 +48,15 @@ class NamedAxisError(PzbridgeError, ValueError):
     """
 
 
+class StructureMismatchError(PzbridgeError, ValueError):
+    """A value does not match a ``pzb.chk`` pattern (tree structure, dtype, shape or a dimension variable).
+
+    Example:
+        >>> isinstance(StructureMismatchError("x"), ValueError)
+        True
+    """
+
+
 class SelectionError(PzbridgeError, ValueError):
     """A selector operation cannot apply to what was selected.
 

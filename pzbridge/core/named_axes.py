@@ -55,6 +55,7 @@ from pzbridge.core.named_axes_core import (
     wrap,
 )
 from pzbridge.core.named_axes_ops import elementwise, nmap, where
+from pzbridge.core.named_slice import slice  # noqa: A004 - `nx.slice[1:3]`; kept out of __all__ (star imports)
 
 __all__ = [
     "AxisMap",

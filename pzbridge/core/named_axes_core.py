@@ -117,15 +117,51 @@ def _check_names(names: tuple[Any, ...], what: str) -> None:
 def _axis_map(value: Any, what: str, field: str) -> AxisMap:
     """``value`` as an :class:`AxisMap`; a clear error for what is not a name -> int mapping (``None``, a list)."""
     try:
-        return AxisMap(value)
+        result = AxisMap(value)
     except NamedAxisError:
         raise
     except (TypeError, ValueError):
         raise NamedAxisError(
-            f"{what}: {field} must map axis names to sizes, found {type(value).__name__} {value!r:.60}. "
+            f"{what}: {field} must map axis names to {_KIND[field]}, found {type(value).__name__} {value!r:.60}. "
             "Fix: pass a dict such as {'seq': 4} ({} for no named axes), or build the array with "
             "pzb.nx.wrap(array, *names)."
         ) from None
+    bad = {n: v for n, v in result.items() if not _is_index(v)}
+    if bad:
+        raise NamedAxisError(
+            f"{what}: {field} values must be non-negative ints ({_KIND[field]}), found {bad}. "
+            "Fix: pass ints, e.g. {'seq': 4}, or build the array with pzb.nx.wrap(array, *names)."
+        )
+    return result
+
+
+_KIND = {"named_axes": "sizes", "data_axis_for_name": "data axes"}
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+
+
+def _int_tuple(value: Any, what: str, field: str) -> tuple[int, ...]:
+    """``value`` as a tuple of non-negative ints; a NamedAxisError naming the field otherwise."""
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = None
+    if items is None or not all(_is_index(v) for v in items):
+        raise NamedAxisError(
+            f"{what}: {field} must be a tuple of non-negative ints, found {type(value).__name__} {value!r:.60}. "
+            "Fix: build views with .untag / .tag (or pzb.nx.wrap) instead of by hand."
+        )
+    return tuple(int(v) for v in items)
+
+
+def _check_data(data: Any, what: str) -> None:
+    if isinstance(data, (list, tuple)):
+        raise NamedAxisError(
+            f"{what}: data_array must be an array, found a Python {type(data).__name__}. "
+            "Fix: convert it first, e.g. pzb.nx.wrap(jnp.asarray(data), *names)."
+        )
 
 
 def _shape_of(data: Any) -> tuple[int, ...] | None:
@@ -580,6 +616,7 @@ class NamedArray(NamedArrayBase, Struct):
     named_axes: AxisMap = static_field(default=AxisMap())
 
     def __post_init__(self) -> None:
+        _check_data(self.data_array, "NamedArray")
         if not isinstance(self.named_axes, AxisMap):
             object.__setattr__(self, "named_axes", _axis_map(self.named_axes, "NamedArray", "named_axes"))
         self.check_valid()
@@ -650,10 +687,13 @@ class NamedArrayView(NamedArrayBase, Struct):
     data_axis_for_name: AxisMap = static_field()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
-        object.__setattr__(self, "data_axis_for_logical_axis", tuple(int(a) for a in self.data_axis_for_logical_axis))
+        _check_data(self.data_array, "NamedArrayView")
+        object.__setattr__(self, "data_shape", _int_tuple(self.data_shape, "NamedArrayView", "data_shape"))
+        object.__setattr__(self, "data_axis_for_logical_axis", _int_tuple(
+            self.data_axis_for_logical_axis, "NamedArrayView", "data_axis_for_logical_axis"))
         if not isinstance(self.data_axis_for_name, AxisMap):
-            object.__setattr__(self, "data_axis_for_name", AxisMap(self.data_axis_for_name))
+            object.__setattr__(self, "data_axis_for_name",
+                               _axis_map(self.data_axis_for_name, "NamedArrayView", "data_axis_for_name"))
         self.check_valid()
 
     def check_valid(self) -> None:

@@ -500,7 +500,9 @@ class IndexUpdateRef:
             return nmap(apply)(x, values, index)
         new, slices, advanced = _split_dict_index(x, index)
         if new:
-            raise NamedAxisError(f"at[...] cannot add axes {new} (None index). Fix: drop them from the index.")
+            # As in x[index], None gives the indexed region a new axis of size 1; the update values may carry it.
+            values = _drop_unit_axes(values, new)
+            index = {n: i for n, i in index.items() if i is not None}
         y = x.untag_prefix(*slices, *advanced)
         positional_index = tuple(index[n] for n in slices + advanced) + (Ellipsis,)
         values = _values_for_region(values, slices, advanced, positional_index, x)
@@ -540,6 +542,20 @@ class IndexUpdateRef:
     def max(self, values: Any, **kwargs: Any) -> NamedArrayBase:
         """Takes the elementwise maximum with ``values``."""
         return self._update("max", values, kwargs)
+
+
+def _drop_unit_axes(values: Any, names: list[str]) -> Any:
+    """Update values with the region's new size-1 axes (``None`` in the index) removed."""
+    if not _is_named(values):
+        return values
+    present = [n for n in names if n in values.named_shape]
+    wrong = {n: values.named_shape[n] for n in present if values.named_shape[n] != 1}
+    if wrong:
+        raise NamedAxisError(
+            f"at[...]: None in the index adds axes {names} of size 1 to the indexed region, but the update values "
+            f"have sizes {wrong} there. Fix: give the values size 1 on those axes, or drop them from the values."
+        )
+    return getitem(values, {n: 0 for n in present}) if present else values
 
 
 def _values_for_region(values: Any, slices: list[str], advanced: list[str], positional_index: tuple,

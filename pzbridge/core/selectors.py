@@ -374,6 +374,40 @@ class Selection(Struct):
             )
         return flat.rebuild([replacement[k] for k in keys])
 
+    def select_and_set_by_path(self, replacements_by_path: Mapping[KeyPath, Any]) -> Any:
+        """In each selected subtree, replaces the nodes at the given relative keypaths.
+
+        ``at_keypaths`` and ``set_by_path`` in one step, with keypaths relative
+        to each selected subtree (the same replacements go into every one).
+
+        Args:
+          replacements_by_path: Keypath (relative to a selected subtree) -> new value.
+
+        Raises:
+          SelectionError: If a keypath names no node in a selected subtree.
+
+        Example:
+            >>> from jax.tree_util import DictKey
+            >>> tree = [{"b": 2, "w": 1}, {"b": 4, "w": 3}]
+            >>> select(tree).at_children().select_and_set_by_path({(DictKey("b"),): 0})
+            [{'b': 0, 'w': 1}, {'b': 0, 'w': 3}]
+        """
+        replacements = {tuple(k): v for k, v in replacements_by_path.items()}
+
+        def replace_in(node: Any) -> Any:
+            chosen = select(node).at_keypaths(replacements)
+            # set_by_path keys are absolute within `node`, which is the root here: the relative keypaths.
+            covered = {k: replacements[k] for k in chosen.get_keypaths()}
+            inside = [k for k in replacements if k not in covered]
+            if inside:
+                raise SelectionError(
+                    f"select_and_set_by_path: {[format_path(k) for k in inside][:5]} lie inside another replaced "
+                    "keypath, so their replacement would be lost. Fix: replace only the outermost node."
+                )
+            return chosen.set_by_path(covered)
+
+        return self.apply(replace_in)
+
     # -- Narrowing -----------------------------------------------------------
     def at(self, accessor_fn: Callable[[Any], Any], multiple: bool = False) -> Selection:
         """Selects, in each selected subtree, the node(s) ``accessor_fn`` returns.
@@ -469,13 +503,22 @@ class Selection(Struct):
         return self._refine(lambda value: fl.flat_instances(value, cls))
 
     def at_subtrees_where(
-        self, pred: Callable[..., bool], *, with_keypath: bool = False, innermost: bool = False
+        self,
+        pred: Callable[..., bool],
+        *,
+        with_keypath: bool = False,
+        absolute_keypath: bool = False,
+        innermost: bool = False,
     ) -> Selection:
         """Selects the subtrees where ``pred`` is true (outermost unless ``innermost``).
 
         ``pred`` must be deterministic and return a bool; it is not called on
         selection markers. With ``with_keypath`` it gets ``(keypath, subtree)``
-        with the keypath relative to the selected subtree being searched.
+        with the keypath relative to the selected subtree being searched, or,
+        with ``absolute_keypath`` too, relative to the root of the whole tree.
+
+        Raises:
+          SelectionError: If ``absolute_keypath`` is set without ``with_keypath``.
 
         Example:
             >>> select([1, [2, 3]]).at_subtrees_where(lambda x: isinstance(x, list) and len(x) == 2).get_keypaths()
@@ -485,6 +528,31 @@ class Selection(Struct):
             ((SequenceKey(idx=1),),)
         """
         what = "The predicate given to at_subtrees_where"
+        if absolute_keypath and not with_keypath:
+            raise SelectionError(
+                "at_subtrees_where: absolute_keypath=True changes the keypath passed to the predicate, but "
+                "with_keypath is False so none is passed. Fix: pass with_keypath=True too (pred(keypath, subtree))."
+            )
+        if absolute_keypath:
+            # refine() calls `sub` once per entry, in entry order: pair each call with its entry's keypath.
+            entry_keys = iter(self._flat().entry_keys())
+            prefix: list[KeyPath] = [()]
+            relative = pred
+
+            def pred(path: KeyPath, x: Any) -> bool:
+                return relative(prefix[0] + tuple(path), x)
+
+            def with_prefix(sub: Callable[[Any], fl.Flat]) -> Callable[[Any], fl.Flat]:
+                def run(value: Any) -> fl.Flat:
+                    prefix[0] = tuple(next(entry_keys))
+                    return sub(value)
+
+                return run
+        else:
+
+            def with_prefix(sub: Callable[[Any], fl.Flat]) -> Callable[[Any], fl.Flat]:
+                return sub
+
         if innermost:
             call = pred if with_keypath else (lambda p, x: pred(x))
 
@@ -505,7 +573,7 @@ class Selection(Struct):
                 walk((), value)
                 return fl.flat_at_paths(value, set(found))
 
-            return self._refine(sub)
+            return self._refine(with_prefix(sub))
         if with_keypath:
 
             def sub(value: Any) -> fl.Flat:
@@ -522,7 +590,7 @@ class Selection(Struct):
                 jax.tree_util.tree_flatten_with_path(value, is_leaf=stop, is_leaf_takes_path=True)
                 return fl.flat_at_paths(value, hits)
 
-            return self._refine(sub)
+            return self._refine(with_prefix(sub))
 
         def sub(value: Any) -> fl.Flat:
             hits: set[int] = set()

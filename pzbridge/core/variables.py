@@ -51,6 +51,7 @@ from pzbridge.core.variables_kinds import (
     StateVariableSlot,
     StateVariableValue,
     kind_name,
+    scoped_auto_state_var_labels,
 )
 from pzbridge.core.variables_stateless import StatelessCallable, stateless_call
 
@@ -73,6 +74,7 @@ __all__ = [
     "freeze_state_vars",
     "freeze_variables",
     "kind_name",
+    "scoped_auto_state_var_labels",
     "stateless_call",
     "unbind_params",
     "unbind_state_vars",

@@ -61,7 +61,7 @@ def _first_index(leaves: list[Any], target: Any) -> int:
 
 @overload
 def unbind_variables(
-    tree: Any, predicate: Predicate | None = None, freeze: Literal[False] = False
+    tree: Any, predicate: Predicate | None = None, *, freeze: Literal[False] = False
 ) -> tuple[Any, tuple[LabeledVariable, ...]]: ...
 
 
@@ -72,7 +72,7 @@ def unbind_variables(
 
 
 def unbind_variables(
-    tree: Any, predicate: Predicate | None = None, freeze: bool = False
+    tree: Any, predicate: Predicate | None = None, *, freeze: bool = False
 ) -> tuple[Any, tuple[AnyVariable, ...]]:
     """Replaces the variables in ``tree`` by slots and returns them.
 
@@ -84,12 +84,15 @@ def unbind_variables(
       tree: Any pytree; variables are its leaves.
       predicate: Unbind only the variables for which this returns ``True``
         (default: all).
-      freeze: Return frozen values (``.freeze()``) instead of the variables.
+      freeze: Return frozen values (``.freeze()``) instead of the variables
+        (keyword-only).
 
     Returns:
       ``(tree_with_slots, variables)``.
 
     Raises:
+      VariableError: If ``predicate`` is not callable (e.g. ``True`` meant
+        as ``freeze``).
       VariableConflictError: If two different variable objects have the same
         label, or a variable has the label of a slot already in the tree
         (both paths are named).
@@ -101,6 +104,7 @@ def unbind_variables(
         >>> slots[1], values[1]
         (StateVariableSlot(label='n'), StateVariableValue(value=0, label='n', metadata=FrozenMetadata({})))
     """
+    _check_predicate("unbind_variables", predicate)
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_slot)
     found: dict[str, LabeledVariable] = {}
     slot_for: dict[str, AbstractVariableSlot] = {}
@@ -148,43 +152,60 @@ def _raise_conflict(tree: Any, leaves: list[Any], first: LabeledVariable, second
     )
 
 
-def _reject_positional(name: str, extra: tuple[Any, ...]) -> None:
-    """``unbind_params(tree, predicate)`` used to take the predicate as ``freeze``: say so instead."""
-    if extra:
+def _check_predicate(name: str, predicate: Any) -> None:
+    """A bool where the predicate goes is ``freeze`` passed positionally: say so instead of failing later."""
+    if predicate is not None and not callable(predicate):
         raise VariableError(
-            f"{name}: takes one positional argument (the tree), found {len(extra)} more "
-            f"({type(extra[0]).__name__} {extra[0]!r:.40}); expected freeze= as a keyword. Fix: call "
-            f"{name}(tree, freeze=True), or pzb.unbind_variables(tree, predicate) to choose variables yourself."
+            f"{name}: the second argument is a predicate (a function from a variable to bool), found "
+            f"{type(predicate).__name__} {predicate!r:.40}; pass freeze= as a keyword (`freeze` is keyword-only). "
+            f"Fix: call {name}(tree, freeze=True), or {name}(tree, lambda v: ..., freeze=True)."
         )
 
 
-def unbind_params(tree: Any, *extra: Any, freeze: bool = False) -> tuple[Any, tuple[AnyVariable, ...]]:
-    """Unbinds only the :class:`Parameter` variables (see :func:`unbind_variables`).
+def _both(kind: type, predicate: Predicate | None) -> Predicate:
+    if predicate is None:
+        return lambda v: isinstance(v, kind)
+    return lambda v: isinstance(v, kind) and predicate(v)
 
-    ``freeze`` is keyword-only: a second positional argument (e.g. a
-    predicate meant for :func:`unbind_variables`) raises instead of being
-    taken as ``freeze``.
+
+def unbind_params(
+    tree: Any, predicate: Callable[[Parameter], bool] | None = None, *, freeze: bool = False
+) -> tuple[Any, tuple[AnyVariable, ...]]:
+    """Unbinds the :class:`Parameter` variables (those ``predicate`` accepts; see :func:`unbind_variables`).
+
+    ``freeze`` is keyword-only: a bool passed as the second positional
+    argument raises instead of being taken as a predicate.
+
+    Args:
+      tree: Any pytree.
+      predicate: Unbind only the parameters for which this returns ``True``.
+      freeze: Return frozen values instead of the parameters.
 
     Raises:
-      VariableError: If more than one positional argument is given.
+      VariableError: If ``predicate`` is not callable.
 
     Example:
         >>> from pzbridge.core.variables_kinds import Parameter, StateVariable
-        >>> slots, params = unbind_params([Parameter(1.0, "w"), StateVariable(0, "n")])
-        >>> [p.label for p in params], type(slots[1]).__name__
-        (['w'], 'StateVariable')
+        >>> tree = [Parameter(1.0, "w"), Parameter(2.0, "b"), StateVariable(0, "n")]
+        >>> slots, params = unbind_params(tree)
+        >>> [p.label for p in params], type(slots[2]).__name__
+        (['w', 'b'], 'StateVariable')
+        >>> [p.label for p in unbind_params(tree, lambda p: p.label == "b", freeze=True)[1]]
+        ['b']
     """
-    _reject_positional("unbind_params", extra)
-    return unbind_variables(tree, lambda v: isinstance(v, Parameter), freeze=freeze)
+    _check_predicate("unbind_params", predicate)
+    return unbind_variables(tree, _both(Parameter, predicate), freeze=freeze)
 
 
-def unbind_state_vars(tree: Any, *extra: Any, freeze: bool = False) -> tuple[Any, tuple[AnyVariable, ...]]:
-    """Unbinds only the :class:`StateVariable` variables (see :func:`unbind_variables`).
+def unbind_state_vars(
+    tree: Any, predicate: Callable[[StateVariable], bool] | None = None, *, freeze: bool = False
+) -> tuple[Any, tuple[AnyVariable, ...]]:
+    """Unbinds the :class:`StateVariable` variables (those ``predicate`` accepts; see :func:`unbind_variables`).
 
     ``freeze`` is keyword-only, as for :func:`unbind_params`.
 
     Raises:
-      VariableError: If more than one positional argument is given.
+      VariableError: If ``predicate`` is not callable.
 
     Example:
         >>> from pzbridge.core.variables_kinds import Parameter, StateVariable
@@ -192,8 +213,8 @@ def unbind_state_vars(tree: Any, *extra: Any, freeze: bool = False) -> tuple[Any
         >>> [s.label for s in state], slots[1]
         (['n'], StateVariableSlot(label='n'))
     """
-    _reject_positional("unbind_state_vars", extra)
-    return unbind_variables(tree, lambda v: isinstance(v, StateVariable), freeze=freeze)
+    _check_predicate("unbind_state_vars", predicate)
+    return unbind_variables(tree, _both(StateVariable, predicate), freeze=freeze)
 
 
 def _kind_class(entry: AnyVariable) -> type[LabeledVariable]:
@@ -318,23 +339,28 @@ def freeze_variables(tree: Any, predicate: Predicate | None = None) -> Any:
     return treedef.unflatten(leaves)
 
 
-def freeze_params(tree: Any) -> Any:
-    """Freezes only the :class:`Parameter` variables (see :func:`freeze_variables`).
+def freeze_params(tree: Any, predicate: Callable[[Parameter], bool] | None = None) -> Any:
+    """Freezes the :class:`Parameter` variables (those ``predicate`` accepts; see :func:`freeze_variables`).
 
     Example:
         >>> from pzbridge.core.variables_kinds import Parameter, StateVariable
-        >>> [type(x).__name__ for x in freeze_params([Parameter(1.0, "w"), StateVariable(0, "n")])]
-        ['ParameterValue', 'StateVariable']
+        >>> tree = [Parameter(1.0, "w"), Parameter(2.0, "b"), StateVariable(0, "n")]
+        >>> [type(x).__name__ for x in freeze_params(tree)]
+        ['ParameterValue', 'ParameterValue', 'StateVariable']
+        >>> [type(x).__name__ for x in freeze_params(tree, lambda p: p.label == "w")]
+        ['ParameterValue', 'Parameter', 'StateVariable']
     """
-    return freeze_variables(tree, lambda v: isinstance(v, Parameter))
+    _check_predicate("freeze_params", predicate)
+    return freeze_variables(tree, _both(Parameter, predicate))
 
 
-def freeze_state_vars(tree: Any) -> Any:
-    """Freezes only the :class:`StateVariable` variables (see :func:`freeze_variables`).
+def freeze_state_vars(tree: Any, predicate: Callable[[StateVariable], bool] | None = None) -> Any:
+    """Freezes the :class:`StateVariable` variables (those ``predicate`` accepts; see :func:`freeze_variables`).
 
     Example:
         >>> from pzbridge.core.variables_kinds import Parameter, StateVariable
         >>> [type(x).__name__ for x in freeze_state_vars([Parameter(1.0, "w"), StateVariable(0, "n")])]
         ['Parameter', 'StateVariableValue']
     """
-    return freeze_variables(tree, lambda v: isinstance(v, StateVariable))
+    _check_predicate("freeze_state_vars", predicate)
+    return freeze_variables(tree, _both(StateVariable, predicate))

@@ -31,8 +31,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Iterator, Mapping
+import itertools
+import types
+from collections.abc import Hashable, Iterator, Mapping
 from typing import Any, ClassVar
 
 from pzbridge.core.errors import VariableError, format_path
@@ -51,6 +55,55 @@ class FrozenVariableError(VariableError, dataclasses.FrozenInstanceError):
         ...     print(type(e).__name__)
         FrozenVariableError
     """
+
+
+AUTO_LABEL_PREFIX = "auto:"
+"""Labels of state variables made without one start with this (``auto:3``)."""
+
+_auto_counter = itertools.count()
+# The innermost scoped_auto_state_var_labels scope: (group, counter), or None.
+_label_scope: contextvars.ContextVar[tuple[Hashable, Iterator[int]] | None] = contextvars.ContextVar(
+    "pzbridge_label_scope", default=None)
+
+
+def _auto_label() -> str:
+    """A fresh label for a state variable built without one (scoped if a scope is open)."""
+    scope = _label_scope.get()
+    if scope is None:
+        return f"{AUTO_LABEL_PREFIX}{next(_auto_counter)}"
+    group, counter = scope
+    prefix = "scoped:" if group is None else f"scoped:{group}:"
+    return f"{prefix}{next(counter)}"
+
+
+@contextlib.contextmanager
+def scoped_auto_state_var_labels(group: Hashable = None) -> Iterator[None]:
+    """Within this context, state variables made without a label are numbered from 0 in this scope.
+
+    Outside any scope, an unlabelled :class:`StateVariable` gets a
+    process-wide unique label (``auto:17``), which differs between runs and
+    between two builds of one model. In a scope the labels are
+    ``scoped:0``, ``scoped:1``, ... (``scoped:GROUP:0`` with a group), so
+    rebuilding the same model gives the same labels, and ``jax.jit`` of its
+    unbound form is not retraced. Two scopes with one group can give equal
+    labels to different variables; unbinding then raises
+    :class:`~pzbridge.core.errors.VariableConflictError`. Parameters always
+    need an explicit label.
+
+    Args:
+      group: Optional tag put in the labels to tell scopes apart.
+
+    Example:
+        >>> with scoped_auto_state_var_labels("cache"):
+        ...     a, b = StateVariable(0), StateVariable(1)
+        >>> a.label, b.label
+        ('scoped:cache:0', 'scoped:cache:1')
+    """
+    token = _label_scope.set((group, itertools.count()))
+    try:
+        yield
+    finally:
+        _label_scope.reset(token)
 
 
 def _check_label(label: Any, where: str) -> str:
@@ -152,14 +205,26 @@ class LabeledVariable(AbstractVariable):
     __eq__ = object.__eq__
     __hash__ = object.__hash__
 
-    def __init__(self, value: Any, label: str, metadata: Mapping[Any, Any] | None = None) -> None:
+    # `Parameter[jax.Array]` in annotations (the value's type; not checked).
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+    def __init__(self, value: Any, label: str | None = None, metadata: Mapping[Any, Any] | None = None) -> None:
         if type(self) is LabeledVariable:
             raise VariableError("LabeledVariable is abstract. Fix: build a Parameter or a StateVariable.")
+        if label is None:
+            label = self._default_label()
         self._label = _check_label(label, type(self).__name__)
         # Read-only identity of the slot this binds to; variable_jit keys on it.
         self._kind_and_label = (type(self), label)
         self.metadata: dict[Any, Any] = dict(metadata or {})
         self.value = value
+
+    def _default_label(self) -> str:
+        raise VariableError(
+            f"{type(self).__name__}: a label is required (a non-empty string; labels bind values back to their places). "
+            f"Fix: pass one, e.g. {type(self).__name__}(value, label='blocks.0.attn.query.kernel'); only a "
+            "StateVariable may omit it (see scoped_auto_state_var_labels)."
+        )
 
     @property
     def label(self) -> str:
@@ -233,6 +298,7 @@ class AbstractVariableValue(Struct):
     label: str = static_field()
     metadata: FrozenMetadata = static_field(default=FrozenMetadata())
     variable_class: ClassVar[type[LabeledVariable]]
+    __class_getitem__ = classmethod(types.GenericAlias)
 
     def __post_init__(self) -> None:
         if type(self) is AbstractVariableValue:
@@ -326,20 +392,27 @@ class StateVariable(LabeledVariable):
 
     Args:
       value: The initial value (any pytree of arrays).
-      label: A non-empty unique name, usually the model path.
+      label: A non-empty unique name, usually the model path. When omitted,
+        a unique one is generated (``auto:N``, or numbered within a
+        :func:`scoped_auto_state_var_labels` scope).
       metadata: Optional extra information kept through freeze/unfreeze.
 
     Raises:
-      VariableError: If the label is not a non-empty string.
+      VariableError: If the label is given but is not a non-empty string.
 
     Example:
         >>> count = StateVariable(0, label="count")
         >>> count.value += 1
         >>> count.value
         1
+        >>> StateVariable(0).label.startswith("auto:")
+        True
     """
 
     __slots__ = ()
+
+    def _default_label(self) -> str:
+        return _auto_label()
 
 
 @pytree_dataclass

@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray
 
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError
@@ -146,7 +147,7 @@ def _norm(config: GPTConfig, name: str, init_base_rng: jax.Array | None, dtype: 
 
 def build_gpt(
     name: str = "gpt",
-    init_base_rng: jax.Array | None = None,
+    init_base_rng: PRNGKeyArray | None = None,
     vocab_size: int = 256,
     num_layers: int = 2,
     num_heads: int = 4,

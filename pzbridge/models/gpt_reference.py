@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
 
 def _norm(x: jax.Array, p: dict[str, jax.Array], kind: str, epsilon: float) -> jax.Array:
@@ -68,7 +69,8 @@ def _attention(x: jax.Array, b: dict[str, jax.Array], positions: jax.Array, conf
     return out + b["bo"] if "bo" in b else out
 
 
-def gpt_forward(params: dict[str, Any], tokens: jax.Array, config: Any) -> jax.Array:
+def gpt_forward(params: dict[str, Any], tokens: Int[Array, "batch seq"], config: Any
+                ) -> Float[Array, "batch seq vocab"]:
     """Logits ``[B, T, V]`` of the GPT model for token ids ``[B, T]``.
 
     Args:

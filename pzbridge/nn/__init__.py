@@ -28,7 +28,12 @@ from pzbridge.nn.conv import Conv
 from pzbridge.nn.conv_transpose import ConvTranspose
 from pzbridge.nn.foreign import Foreign, ForeignTemplate
 from pzbridge.nn.kv_cache import KVCachingAttention
-from pzbridge.nn.layer_stack import LayerStack
+from pzbridge.nn.layer_stack import LayerStack, stack_layers
+from pzbridge.nn.check_structure import CheckStructure  # noqa: F811 - its own module (combinators re-exports it).
+from pzbridge.nn.grouping import NamedGroup, inline_anonymous_sequentials, inline_groups
+from pzbridge.nn.named_einsum import InputEinsum, named_einsum
+from pzbridge.nn.parameter_checks import assert_no_parameter_slots
+from pzbridge.nn.standardize import Standardize
 from pzbridge.nn.switch import Switch
 from pzbridge.nn.masks import ApplyCausalMask, ApplyExplicitMask, ApplySlidingWindowMask
 from pzbridge.nn.pooling import (

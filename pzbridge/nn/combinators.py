@@ -23,14 +23,10 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Mapping
 from typing import Any
 
-import jax
-
-from pzbridge.core import named_axes as nx
-from pzbridge.core.errors import NamedAxisError
-from pzbridge.core.struct import pytree_dataclass, static_field
+from pzbridge.core.struct import pytree_dataclass
+from pzbridge.nn.check_structure import CheckStructure  # noqa: F401 - re-exported; it lives in its own module.
 from pzbridge.nn.layer import Layer
 
 
@@ -119,49 +115,3 @@ class BranchAndMultiplyTogether(Layer):
 
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
         return functools.reduce(operator.mul, (branch(x, **side_inputs) for branch in self.branches))
-
-
-@pytree_dataclass
-class CheckStructure(Layer):
-    """Asserts (at trace time, for free at run time) the named shape of its input.
-
-    Axes listed in ``named_shape`` must be present with those sizes (a size of
-    ``None`` accepts any size); other named axes are allowed unless
-    ``exact=True``. The input is returned unchanged.
-
-    Attributes:
-      named_shape: Required axis names and sizes (static).
-      exact: If True, no other named axes are allowed (static).
-      where: A description for the error message, e.g. the model path (static).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> x = nx.wrap(jnp.ones((2, 3)), "batch", "features")
-        >>> CheckStructure({"features": 3})(x) is x
-        True
-    """
-
-    named_shape: Mapping[str, int | None] = static_field()
-    exact: bool = static_field(default=False)
-    where: str = static_field(default="")
-
-    def __post_init__(self) -> None:
-        # Stored as a tuple of pairs: hashable (static) and order-preserving.
-        object.__setattr__(self, "named_shape", tuple(dict(self.named_shape).items()))
-
-    def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
-        expected = dict(self.named_shape)
-        for leaf in jax.tree_util.tree_leaves(x, is_leaf=nx.is_namedarray):
-            if not nx.is_namedarray(leaf):
-                continue
-            found = dict(leaf.named_shape)
-            bad = {n: s for n, s in expected.items() if n not in found or (s is not None and found[n] != s)}
-            extra = sorted(set(found) - set(expected)) if self.exact else []
-            if bad or extra:
-                place = f" at {self.where}" if self.where else ""
-                raise NamedAxisError(
-                    f"CheckStructure{place}: expected named axes {expected}{' exactly' if self.exact else ''}, "
-                    f"found {found} (positional shape {leaf.positional_shape}). "
-                    "Fix: check the layer before this point, or rename axes with pzb.nn.RenameAxes."
-                )
-        return x

@@ -25,12 +25,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray
 
 from pzbridge.core import named_axes as nx
 from pzbridge.core.variables import Parameter, ParameterSlot
 
 
-def key_for_label(init_base_rng: jax.Array, label: str) -> jax.Array:
+def key_for_label(init_base_rng: PRNGKeyArray, label: str) -> PRNGKeyArray:
     """Derives a parameter's random key from the base key and its label.
 
     A stable hash (CRC-32 of the UTF-8 label) is folded into the base key, so

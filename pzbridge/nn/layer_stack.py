@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -34,6 +35,8 @@ import jax.numpy as jnp
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError
 from pzbridge.core.struct import pytree_dataclass, static_field
+from pzbridge.core.tree_util import tree_equal
+from pzbridge.core.variables_binding import bind_variables, unbind_variables
 from pzbridge.core.variables_kinds import (
     AbstractVariableValue,
     LabeledVariable,
@@ -102,6 +105,76 @@ def with_slices(tree: Any, variables: list[Any], slices: list[Any]) -> Any:
     return jax.tree_util.tree_map(lambda leaf: by_id.get(id(leaf), leaf), tree, is_leaf=_is_variable)
 
 
+def _stack_values(values: list[Any], axis: str, label: str) -> Any:
+    """Stacks one variable's per-layer values (pytrees of arrays) along ``axis``, leaf by leaf."""
+    def stack(*leaves: Any) -> nx.NamedArrayBase:
+        named = [leaf if nx.is_namedarray(leaf) else nx.wrap(jnp.asarray(leaf)) for leaf in leaves]
+        if any(axis in leaf.named_shape for leaf in named):
+            raise NamedAxisError(
+                f"stack_layers: variable {label!r} already has the stack axis {axis!r}. "
+                "Fix: build unstacked layers, or stack along another axis name."
+            )
+        return nx.stack(named, axis)
+
+    try:
+        return jax.tree_util.tree_map(stack, *values, is_leaf=nx.is_namedarray)
+    except ValueError as exc:
+        raise NamedAxisError(
+            f"stack_layers: variable {label!r} has values of different structures across layers ({exc}). "
+            "Fix: build every layer with the same configuration."
+        ) from None
+
+
+def stack_layers(layers: Sequence[Any], axis: str = STACK_AXIS) -> Any:
+    """Merges identically-built layers into one block whose variables carry ``axis``.
+
+    Variable ``label`` of the result holds layer ``i``'s value at index ``i``
+    of ``axis`` (a new Parameter / StateVariable with the first layer's label
+    and metadata). Slots stay slots; everything else must be equal across
+    layers, since only variables can differ per layer.
+
+    Args:
+      layers: Layers with one structure and one set of labels.
+      axis: The new axis name.
+
+    Returns:
+      One block, the body of a :class:`LayerStack`.
+
+    Raises:
+      NamedAxisError: If the layers differ in structure, labels or
+        non-variable content, or a value already carries ``axis``.
+
+    Example:
+        >>> a = pzb.nn.AddBias(pzb.Parameter(pzb.nx.wrap(jnp.array([1.0, 2.0]), "f"), "b"))
+        >>> b = pzb.nn.AddBias(pzb.Parameter(pzb.nx.wrap(jnp.array([3.0, 4.0]), "f"), "b"))
+        >>> stack_layers([a, b]).bias.value.untag("layers", "f").unwrap().tolist()
+        [[1.0, 2.0], [3.0, 4.0]]
+    """
+    if not layers:
+        raise NamedAxisError("stack_layers: no layers given. Fix: pass at least one layer.")
+    unbound = [unbind_variables(layer) for layer in layers]
+    first_tree, first_vars = unbound[0]
+    labels = [v.label for v in first_vars]
+    for i, (tree, variables) in enumerate(unbound[1:], start=1):
+        if [v.label for v in variables] != labels or [type(v) for v in variables] != [type(v) for v in first_vars]:
+            raise NamedAxisError(
+                f"stack_layers: layer {i} has variables {[v.label for v in variables]}, layer 0 has {labels}. "
+                "Fix: build every layer with the same name, so each label exists once per layer."
+            )
+        if not tree_equal(tree, first_tree):
+            raise NamedAxisError(
+                f"stack_layers: layer {i} differs from layer 0 outside its variables (configuration or constant "
+                "arrays), which a stack cannot hold per layer. Fix: build the layers with one configuration, or "
+                "make the differing arrays Parameters."
+            )
+    stacked = [
+        type(var)(_stack_values([variables[j].value for _, variables in unbound], axis, var.label), var.label,
+                  dict(var.metadata))
+        for j, var in enumerate(first_vars)
+    ]
+    return bind_variables(first_tree, stacked, allow_missing=True)  # slots (no rng) stay slots
+
+
 class _Plan:
     """What one step of a stack sees: per-step slices of everything carrying the axis, fresh state variables.
 
@@ -125,19 +198,17 @@ class _Plan:
             value = leaf.value if _is_variable(leaf) else leaf
             if _carries(value, axis) and not isinstance(leaf, StateVariable):
                 self.sliced.append(position)
+        # A state's value may be any pytree (a dict, a cache Struct, ...): its named-array leaves that carry
+        # the axis are per-layer and sliced; every other leaf is the same at every step.
+        self.state_parts: list[tuple[list[Any], Any, list[bool]]] = []
         for position in self.states:
-            state = self.leaves[position]
-            if state.value is not None and not nx.is_namedarray(state.value) and jax.tree_util.tree_leaves(
-                    state.value):
-                raise NotImplementedError(
-                    f"LayerStack over {axis!r}: state variable {state.label!r} holds a "
-                    f"{type(state.value).__name__}; only named arrays (or None) can be carried through a stack."
-                )
+            parts, treedef = jax.tree_util.tree_flatten(self.leaves[position].value, is_leaf=nx.is_namedarray)
+            self.state_parts.append((parts, treedef, [_carries(part, axis) for part in parts]))
 
     def scanned(self) -> tuple[list[Any], list[Any]]:
-        """The values sliced per step: ``(sliced leaves' values, stacked states' values)``."""
+        """The values sliced per step: ``(sliced leaves' values, per state: its leaves carrying the axis)``."""
         values = [self.leaves[p].value if _is_variable(self.leaves[p]) else self.leaves[p] for p in self.sliced]
-        states = [self.leaves[p].value for p in self.states if _carries(self.leaves[p].value, self.axis)]
+        states = [tuple(part for part, sliced in zip(parts, mask) if sliced) for parts, _, mask in self.state_parts]
         return values, states
 
     def body(self, slices: list[Any], state_slices: list[Any]) -> tuple[Any, list[StateVariable], list[Any]]:
@@ -147,11 +218,11 @@ class _Plan:
             leaf = self.leaves[position]
             replace[id(leaf)] = ParameterValue(piece, leaf.label, dict(leaf.metadata)) if _is_variable(
                 leaf) else piece
-        pieces = iter(state_slices)
         fresh, initial = [], []
-        for position in self.states:
+        for position, (parts, treedef, mask), piece in zip(self.states, self.state_parts, state_slices):
             state = self.leaves[position]
-            value = next(pieces) if _carries(state.value, self.axis) else state.value
+            own = iter(piece)
+            value = treedef.unflatten([next(own) if sliced else part for part, sliced in zip(parts, mask)])
             replace[id(state)] = StateVariable(value, state.label, dict(state.metadata))
             fresh.append(replace[id(state)])
             initial.append(value)
@@ -210,6 +281,54 @@ class LayerStack(Layer):
     unroll: int = static_field(default=1)
     convention: Any = static_field(default=None)
     length: int | None = static_field(default=None)
+
+    @classmethod
+    def from_sublayer_builder(
+        cls,
+        builder: Callable[..., Layer],
+        stack_axis: str,
+        stack_axis_size: int,
+        init_base_rng: jax.Array | None,
+        builder_kwargs: Mapping[str, Any] | None = None,
+    ) -> LayerStack:
+        """Builds ``stack_axis_size`` layers with ``builder`` and stacks their variables along ``stack_axis``.
+
+        Layer ``i`` is ``builder(init_base_rng=jax.random.fold_in(init_base_rng, i), **builder_kwargs)``,
+        so each layer gets its own weights; with ``init_base_rng=None`` the
+        builder makes slots and the stack holds one slot per label (bind
+        stacked values later).
+
+        Args:
+          builder: Makes one layer; takes ``init_base_rng`` as a keyword (a
+            ``from_config`` with its other arguments in ``builder_kwargs``).
+          stack_axis: The stack axis name.
+          stack_axis_size: The number of layers.
+          init_base_rng: Base key, or None for slots.
+          builder_kwargs: Other keyword arguments of ``builder``.
+
+        Returns:
+          The stack.
+
+        Raises:
+          NamedAxisError: If the size is not positive or the built layers
+            cannot be stacked (see :func:`stack_layers`).
+
+        Example:
+            >>> stack = LayerStack.from_sublayer_builder(pzb.nn.Affine.from_config, "layers", 3, jax.random.key(0),
+            ...     {"name": "block", "input_axes": {"features": 2}, "output_axes": {"features": 2}})
+            >>> stack.size, dict(stack.body.sublayers[0].weights.value.named_shape)
+            (3, {'features': 2, 'features_out': 2, 'layers': 3})
+        """
+        if not isinstance(stack_axis_size, int) or stack_axis_size < 1:
+            raise NamedAxisError(
+                f"LayerStack.from_sublayer_builder: stack_axis_size must be a positive int, found "
+                f"{stack_axis_size!r}. Fix: pass the number of layers."
+            )
+        kwargs = dict(builder_kwargs or {})
+        keys = [None if init_base_rng is None else jax.random.fold_in(init_base_rng, i)
+                for i in range(stack_axis_size)]
+        layers = [builder(init_base_rng=key, **kwargs) for key in keys]
+        return cls(stack_layers(layers, stack_axis), stack_axis)
 
     @property
     def size(self) -> int:

@@ -50,6 +50,25 @@ def weight_output_name(name: str, in_axis_names: tuple[str, ...]) -> str:
     return name + OUT_SUFFIX if name in in_axis_names else name
 
 
+def _check_axis_groups(name: str, groups: Mapping[str, Mapping[str, int]], rename: bool) -> None:
+    """One axis name may appear in one group only (except an output sharing an input's name, when renamed)."""
+    seen: dict[str, str] = {}
+    for group, axes in groups.items():
+        for axis in axes:
+            if axis in seen and not (rename and {seen[axis], group} == {"input_axes", "output_axes"}):
+                if {seen[axis], group} == {"input_axes", "output_axes"}:
+                    raise NamedAxisError(
+                        f"Linear {name!r}: output axis {axis!r} is also an input axis and "
+                        "rename_outputs_if_necessary=False. Fix: give the output another name, or allow the "
+                        f"rename (the weight then stores it as {axis + OUT_SUFFIX!r})."
+                    )
+                raise NamedAxisError(
+                    f"Linear {name!r}: axis {axis!r} is listed in both {seen[axis]} and {group}. "
+                    "Fix: list each axis in one group."
+                )
+            seen.setdefault(axis, group)
+
+
 @pytree_dataclass
 class Linear(Layer):
     """A linear map contracting ``in_axis_names`` into ``out_axis_names``.
@@ -115,6 +134,9 @@ class Linear(Layer):
         parallel_axes: Mapping[str, int] | None = None,
         initializer: Callable[..., nx.NamedArray] = variance_scaling,
         dtype: Any = jnp.float32,
+        *,
+        parallel_broadcast_axes: Mapping[str, int] | None = None,
+        rename_outputs_if_necessary: bool = True,
     ) -> Linear:
         """Builds a Linear layer with a deterministically initialised weight.
 
@@ -123,21 +145,42 @@ class Linear(Layer):
           init_base_rng: Base key, or None for a ``ParameterSlot``.
           input_axes: Names and sizes contracted over.
           output_axes: Names and sizes produced.
-          parallel_axes: Names and sizes mapped independently (e.g. heads).
+          parallel_axes: Names and sizes mapped independently (e.g. heads);
+            the input has them.
           initializer: ``f(key, named_shape, fan_in_axes, dtype)``.
           dtype: Weight dtype.
+          parallel_broadcast_axes: Names and sizes of independent maps the
+            input does *not* have: the weight carries them and the output
+            gains them (one projection per entry, e.g. per head from a shared
+            input).
+          rename_outputs_if_necessary: Store an output axis that has an input
+            axis's name as ``name + "_out"`` inside the weight and rename it
+            back (default). With False, such a clash is an error.
 
         Returns:
           The layer.
 
+        Raises:
+          NamedAxisError: If an axis is listed twice across the axis groups,
+            or an output name clashes with an input name and
+            ``rename_outputs_if_necessary`` is False.
+
         Example:
             >>> Linear.from_config("q", None, {"features": 4}, {"heads": 2, "projection": 3}).weights
             ParameterSlot(label='q.weights')
+            >>> q = Linear.from_config("q", jax.random.key(0), {"features": 4}, {"projection": 3},
+            ...                        parallel_broadcast_axes={"heads": 2})
+            >>> sorted(q(pzb.nx.ones({"seq": 5, "features": 4})).named_shape.items())
+            [('heads', 2), ('projection', 3), ('seq', 5)]
         """
         in_names = tuple(input_axes)
+        groups = {"input_axes": dict(input_axes), "output_axes": dict(output_axes),
+                  "parallel_axes": dict(parallel_axes or {}), "parallel_broadcast_axes": dict(parallel_broadcast_axes or {})}
+        _check_axis_groups(name, groups, rename_outputs_if_necessary)
         weight_shape = dict(input_axes)
         weight_shape.update({weight_output_name(n, in_names): s for n, s in output_axes.items()})
-        weight_shape.update(dict(parallel_axes or {}))
+        weight_shape.update(groups["parallel_axes"])
+        weight_shape.update(groups["parallel_broadcast_axes"])
         weights = make_parameter(
             f"{name}.weights", init_base_rng, lambda key: initializer(key, weight_shape, in_names, dtype)
         )
@@ -164,15 +207,43 @@ class AddBias(Layer):
 
     @classmethod
     def from_config(
-        cls, name: str, init_base_rng: jax.Array | None, biased_axes: Mapping[str, int], dtype: Any = jnp.float32
+        cls,
+        name: str,
+        init_base_rng: jax.Array | None,
+        biased_axes: Mapping[str, int],
+        dtype: Any = jnp.float32,
+        *,
+        new_output_axes: Mapping[str, int] | None = None,
     ) -> AddBias:
         """Builds a zero-initialised bias labelled ``f"{name}.bias"``.
+
+        Args:
+          name: Layer name.
+          init_base_rng: Base key, or None for a ``ParameterSlot``.
+          biased_axes: Axes of the input the bias varies along.
+          dtype: Bias dtype.
+          new_output_axes: Axes the input lacks; the bias carries them, so
+            the output gains them (broadcast by name).
+
+        Raises:
+          NamedAxisError: If an axis is in both ``biased_axes`` and ``new_output_axes``.
 
         Example:
             >>> AddBias.from_config("b", jax.random.key(0), {"features": 3}).bias.value.named_shape["features"]
             3
+            >>> b = AddBias.from_config("b", jax.random.key(0), {"features": 3}, new_output_axes={"heads": 2})
+            >>> sorted(b(pzb.nx.ones({"features": 3})).named_shape.items())
+            [('features', 3), ('heads', 2)]
         """
-        return cls(make_parameter(f"{name}.bias", init_base_rng, lambda _: constant(biased_axes, 0.0, dtype)))
+        new_axes = dict(new_output_axes or {})
+        both = sorted(set(new_axes) & set(biased_axes))
+        if both:
+            raise NamedAxisError(
+                f"AddBias {name!r}: axes {both} are in both biased_axes and new_output_axes. "
+                "Fix: list an axis the input has in biased_axes, a new one in new_output_axes."
+            )
+        shape = {**dict(biased_axes), **new_axes}
+        return cls(make_parameter(f"{name}.bias", init_base_rng, lambda _: constant(shape, 0.0, dtype)))
 
 
 @pytree_dataclass
@@ -195,13 +266,22 @@ class Affine(Sequential):
         parallel_axes: Mapping[str, int] | None = None,
         initializer: Callable[..., nx.NamedArray] = variance_scaling,
         dtype: Any = jnp.float32,
+        *,
+        parallel_broadcast_axes: Mapping[str, int] | None = None,
+        rename_outputs_if_necessary: bool = True,
     ) -> Affine:
         """Builds ``Linear`` (labelled ``f"{name}.weights"``) and ``AddBias`` (``f"{name}.bias"``).
+
+        The options are :meth:`Linear.from_config`'s; the bias spans the
+        output, parallel and parallel-broadcast axes.
 
         Example:
             >>> Affine.from_config("a", None, {"features": 2}, {"features": 3}).sublayers[1].bias
             ParameterSlot(label='a.bias')
         """
-        linear = Linear.from_config(name, init_base_rng, input_axes, output_axes, parallel_axes, initializer, dtype)
-        bias = AddBias.from_config(name, init_base_rng, {**dict(output_axes), **dict(parallel_axes or {})}, dtype)
+        linear = Linear.from_config(name, init_base_rng, input_axes, output_axes, parallel_axes, initializer, dtype,
+                                    parallel_broadcast_axes=parallel_broadcast_axes,
+                                    rename_outputs_if_necessary=rename_outputs_if_necessary)
+        biased = {**dict(output_axes), **dict(parallel_axes or {}), **dict(parallel_broadcast_axes or {})}
+        bias = AddBias.from_config(name, init_base_rng, biased, dtype)
         return cls([linear, bias])

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Real
 
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError
@@ -41,7 +41,8 @@ from pzbridge.nn.layer import Layer
 CONVENTIONS = ("rotate_half", "interleaved")
 
 
-def rope_positional(x: jax.Array, position: jax.Array, max_wavelength: float, convention: str) -> jax.Array:
+def rope_positional(x: Float[Array, "*batch d"], position: Real[Array, ""], max_wavelength: float,
+                    convention: str) -> Float[Array, "*batch d"]:
     """RoPE along the last axis of ``x`` (even size ``d``) at a scalar position.
 
     Example:

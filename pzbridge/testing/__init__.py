@@ -25,6 +25,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+try:
+    import hypothesis  # noqa: F401 - every strategy below is built on it
+except ImportError as error:  # An optional dependency: say which extra brings it.
+    raise ImportError(
+        "pzbridge.testing needs hypothesis, which is installed with pzbridge's test extra. "
+        "Fix: pip install 'pzbridge[test]' (in a clone: pip install -e '.[test]'), or pip install hypothesis."
+    ) from error
+
 from pzbridge.testing.named_arrays import (
     axis_names,
     broadcastable_named_array_cases,

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
+from jaxtyping import Shaped
 
 from pzbridge.core.named_axes_core import AxisMap, NamedArray, NamedArrayBase, NamedArrayView
 
@@ -128,8 +129,8 @@ class NamedArrayCase:
     names: tuple[str, ...]
 
 
-def build_named_array(reference: np.ndarray, names: Sequence[str], permutation: Sequence[int] | None = None
-                      ) -> NamedArrayBase:
+def build_named_array(reference: Shaped[np.ndarray, "*shape"], names: Sequence[str],
+                      permutation: Sequence[int] | None = None) -> NamedArrayBase:
     """Builds a named array from a canonical reference ``(positional..., names...)``.
 
     With a ``permutation`` of the data axes the result is a

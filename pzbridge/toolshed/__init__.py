@@ -5,7 +5,7 @@ package"); framework-specific pieces (lowering LoRA to ``nnx.LoRALinear``,
 the Equinox LoRA module) live in :mod:`pzbridge.bridge`.
 """
 
-from pzbridge.toolshed import checkpointing, intermediates, interventions, lora, training
+from pzbridge.toolshed import checkpoint_manager, checkpointing, intermediates, interventions, lora, training
 from pzbridge.toolshed.intermediates import capture_intermediates
 from pzbridge.toolshed.interventions import (
     Ablate,
@@ -17,4 +17,12 @@ from pzbridge.toolshed.interventions import (
     patch_activations,
 )
 from pzbridge.toolshed.lora import LowRankAdapter, loraify_linears_in_selection, merge_lora
-from pzbridge.toolshed.training import Checkpointed, Trainer, build_train_step
+from pzbridge.toolshed.checkpoint_manager import CheckpointManager
+from pzbridge.toolshed.training import (
+    CheckpointEvery,
+    Checkpointed,
+    EvaluateEvery,
+    FitResult,
+    Trainer,
+    build_train_step,
+)

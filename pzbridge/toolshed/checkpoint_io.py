@@ -15,7 +15,7 @@ Example:
     >>> write_version(root, {}, description).name
     '1'
     >>> path, marker = find_version(root, None, "read from")
-    >>> read_description_at(path, marker, "read from") == description
+    >>> read_description_at(path, marker, "read from")["variables"] == description["variables"]
     True
 """
 
@@ -31,8 +31,11 @@ import numpy as np
 from pzbridge.core.errors import CheckpointError
 from pzbridge.toolshed import checkpoint_store as store
 
-FORMAT = "pzbridge-checkpoint/1"
+FORMAT_NAME = "pzbridge-checkpoint"
+FORMAT_VERSION = 2  # 2: arrays keyed by label, optimizer state, lowered modules; 1: keys v<i>_<j>
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 KIND_NAMES = ("Parameter", "StateVariable")
+MODEL_KINDS = ("pzbridge", "equinox", "nnx")
 # Files a description read needs; the arrays are checked when they are read.
 _DESCRIPTION_FILES = ("description/", "_CHECKPOINT_METADATA")
 
@@ -118,15 +121,28 @@ def write_version(root: pathlib.Path, arrays: Mapping[str, Any], description: Ma
     Example:
         >>> import tempfile, pathlib, numpy as np
         >>> root = pathlib.Path(tempfile.mkdtemp())
-        >>> write_version(root, {"v0_0": np.ones(2)}, {"format": FORMAT, "variables": [], "structure": []}).name
+        >>> write_version(root, {"arrays": {"w": np.ones(2)}}, {"format": FORMAT, "variables": [], "structure": []}).name
         '1'
+    """
+    return write_step(root, None, arrays, description)
+
+
+def write_step(root: pathlib.Path, step: int | None, arrays: Mapping[str, Mapping[str, Any]],
+               description: Mapping[str, Any]) -> pathlib.Path:
+    """:func:`write_version` at a chosen step number (``None``: the next free one).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> write_step(root, 0, {}, {"format": FORMAT, "variables": [], "structure": []}).name
+        '0'
     """
     staging = store.new_staging(root)
     try:
         store.clean(root)  # Leftovers of killed saves: hidden, never listed, removed here.
         _write_with_orbax(staging, arrays, description)
         store.seal(staging)
-        return store.publish(staging, root)
+        return store.publish(staging, root, step)
     except BaseException as exception:
         store.remove_staging(staging)
         if isinstance(exception, Exception) and not isinstance(exception, CheckpointError):
@@ -142,8 +158,11 @@ def write_version(root: pathlib.Path, arrays: Mapping[str, Any], description: Ma
 def _write_with_orbax(staging: pathlib.Path, arrays: Mapping[str, Any], description: Mapping[str, Any]) -> None:
     ocp, checkpointer = _checkpointer()
     items = {"description": ocp.args.JsonSave(dict(description))}
-    if arrays:  # orbax refuses an empty item ("Found empty item"): values without leaves have no arrays.
-        items["arrays"] = ocp.args.StandardSave(dict(arrays))
+    # ``arrays`` maps an orbax item name ("arrays", "opt_state") to its key -> array mapping. orbax refuses an
+    # empty item ("Found empty item"): values without leaves have no arrays.
+    for item, contents in arrays.items():
+        if contents:
+            items[item] = ocp.args.StandardSave(dict(contents))
     checkpointer.save(staging.absolute(), args=ocp.args.Composite(**items))
 
 
@@ -174,7 +193,7 @@ def prune(root: pathlib.Path, target: pathlib.Path, keep: int) -> None:
 
 
 def find_version(directory: str | pathlib.Path, version: int | None, action: str) -> tuple[pathlib.Path, store.Marker]:
-    """The committed version to read (``None``: the latest) and its commit marker.
+    """The committed step to read (``None``: the latest) and its commit marker.
 
     Example:
         >>> import tempfile
@@ -197,21 +216,21 @@ def find_version(directory: str | pathlib.Path, version: int | None, action: str
         found = ", ".join(f"{n}/ ({why})" for n, why in ignored.items()) or "no numbered directory"
         raise error(
             action, root,
-            f"expected a committed version (a numbered directory holding {store.COMMIT_FILE}, which save writes "
+            f"expected a committed step (a numbered directory holding {store.COMMIT_FILE}, which save writes "
             f"last), found {found}",
             "check the path, or save one with pzb.checkpoint.save(path, model); numbered directories without a "
             "valid commit marker are unfinished saves (or not pzbridge's) and are ignored",
         )
     chosen = committed[-1] if version is None else version
     if chosen not in committed:
-        found = f"version {chosen!r} uncommitted ({ignored[chosen]})" if chosen in ignored else f"no version {chosen!r}"
-        raise error(action, root, f"expected one of the committed versions {committed}, found {found}",
-                    f"pass version= one of {committed}, or leave it out for the latest")
+        found = f"step {chosen!r} uncommitted ({ignored[chosen]})" if chosen in ignored else f"no step {chosen!r}"
+        raise error(action, root, f"expected one of the committed steps {committed}, found {found}",
+                    f"pass step= one of {committed}, or leave it out for the latest")
     path = root / str(chosen)
     marker = store.read_marker(path)
     if isinstance(marker, str):  # Removed or damaged since it was listed.
-        raise error(action, path, f"expected a committed version, found {marker}",
-                    "list the versions again (pzb.checkpoint.versions(directory)) and retry")
+        raise error(action, path, f"expected a committed step, found {marker}",
+                    "list the steps again (pzb.checkpoint.all_steps(directory)) and retry")
     return path, marker
 
 
@@ -221,12 +240,12 @@ def _check_files(path: pathlib.Path, marker: store.Marker, action: str, *, conte
     if not problems:
         return
     older = [v for v in store.committed_versions(path.parent) if v < int(path.name)]
-    other = f"restore the previous version (version={older[-1]})" if older else "save the model again"
+    other = f"restore the previous step (step={older[-1]})" if older else "save the model again"
     raise error(
         action, path,
-        f"the version is damaged: its files differ from what its save recorded in {store.COMMIT_FILE} "
+        f"the step is damaged: its files differ from what its save recorded in {store.COMMIT_FILE} "
         "(nothing was loaded, no file was changed):\n" + "".join(f"  - {p}\n" for p in problems),
-        f"{other}, or copy this version back from a backup",
+        f"{other}, or copy this step back from a backup",
     )
 
 
@@ -237,29 +256,41 @@ def _orbax_restore(path: pathlib.Path, action: str, **items: Any) -> dict[str, A
     except Exception as exception:  # tensorstore, orbax and json raise many unrelated types
         raise error(
             action, path, f"expected orbax data pzbridge can read, found {summary(exception)}",
-            "restore another version (pzb.checkpoint.versions(directory) lists them) or save again; no file was "
+            "restore another step (pzb.checkpoint.all_steps(directory) lists them) or save again; no file was "
             "changed",
         ) from exception
 
 
 def read_description_at(path: pathlib.Path, marker: store.Marker, action: str) -> dict[str, Any]:
-    """Checks (sha256) and reads the description of the version at ``path``, and checks its form.
+    """Checks (sha256) and reads the description of the step at ``path``, and checks its form and version.
+
+    Format 1 (arrays keyed ``v<i>_<j>``, no optimizer state) is read as
+    format 2: the description names every array's key, so only the missing
+    fields are filled in.
 
     Example:
         >>> import tempfile, pathlib
         >>> root = pathlib.Path(tempfile.mkdtemp())
         >>> path = write_version(root, {}, {"format": FORMAT, "variables": [], "structure": []})
         >>> read_description_at(path, store.read_marker(path), "read from")["format"]
-        'pzbridge-checkpoint/1'
+        'pzbridge-checkpoint/2'
     """
     import orbax.checkpoint as ocp
 
     _check_files(path, marker, action, contents=True, under=_DESCRIPTION_FILES)  # Small: always hashed.
     description = _orbax_restore(path, action, description=ocp.args.JsonRestore())["description"]
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        found = description.get("format") if isinstance(description, dict) else type(description).__name__
+    found = description.get("format") if isinstance(description, dict) else type(description).__name__
+    version = format_version(found)
+    if version is None:
         raise error(action, path, f"expected a pzbridge checkpoint (format {FORMAT!r}), found format {found!r}",
                     "restore it with the tool that wrote it")
+    if version > FORMAT_VERSION:
+        raise error(
+            action, path,
+            f"expected a checkpoint format this pzbridge reads (versions 1 to {FORMAT_VERSION}), found format "
+            f"{found!r}, written by a newer pzbridge",
+            "upgrade pzbridge (pip install -U pzbridge) to restore it",
+        )
     try:
         _check_schema(description)
     except (KeyError, IndexError, TypeError, ValueError) as exception:
@@ -267,9 +298,23 @@ def read_description_at(path: pathlib.Path, marker: store.Marker, action: str) -
             action, path,
             f"expected a description as pzb.checkpoint.describe writes it, found a malformed one "
             f"({summary(exception)})",
-            "save the model again, or restore another version",
+            "save the model again, or restore another step",
         ) from exception
-    return description
+    # The directory's number is the step (orbax's layout); older descriptions lack the newer fields.
+    return {"model": "pzbridge", "opt_state": None, "metadata": None, **description, "step": int(path.name)}
+
+
+def format_version(text: Any) -> int | None:
+    """The version number of a ``pzbridge-checkpoint/<n>`` format string (``None``: not pzbridge's).
+
+    Example:
+        >>> format_version("pzbridge-checkpoint/1"), format_version("pzbridge-checkpoint/17"), format_version("x/1")
+        (1, 17, None)
+    """
+    name, _, number = text.partition("/") if isinstance(text, str) else ("", "", "")
+    if name != FORMAT_NAME or not (number.isascii() and number.isdigit()) or int(number) < 1:
+        return None
+    return int(number)
 
 
 def _check_schema(description: Mapping[str, Any]) -> None:
@@ -279,51 +324,78 @@ def _check_schema(description: Mapping[str, Any]) -> None:
         if not ok:
             raise ValueError(what)
 
+    model = description.get("model", "pzbridge")
+    need(model in MODEL_KINDS, f"unknown model kind {model!r}")
     need(isinstance(description["variables"], list), "'variables' is not a list")
     for entry in description["variables"]:
         need(isinstance(entry["label"], str) and isinstance(entry["treedef"], str), f"bad entry {entry!r}")
-        need(entry["kind"] in KIND_NAMES, f"{entry['label']!r}: unknown kind {entry['kind']!r}")
-        for leaf in entry["leaves"]:
-            np.dtype(leaf["dtype"])
-            need(isinstance(leaf["key"], str) and all(isinstance(s, int) for s in leaf["shape"]), f"bad leaf {leaf!r}")
-            if leaf["named_axes"] is not None:
-                need(len(leaf["named_axes"]) == len(leaf["named_sizes"]), f"bad named axes {leaf!r}")
-                need(all(isinstance(s, int) for s in leaf["positional_shape"]), f"bad positional shape {leaf!r}")
+        need(entry["kind"] in KIND_NAMES or model != "pzbridge", f"{entry['label']!r}: unknown kind {entry['kind']!r}")
+        _check_leaves(entry["leaves"], need)
     need(all(len(item) == 2 for item in description["structure"]), "bad 'structure'")
+    opt_state = description.get("opt_state")
+    if opt_state is not None:
+        need(isinstance(opt_state["treedef"], str) and isinstance(opt_state["trainable"], list), "bad 'opt_state'")
+        need(len(opt_state["names"]) == len(opt_state["leaves"]), "bad 'opt_state' names")
+        _check_leaves(opt_state["leaves"], need)
+
+
+def _check_leaves(leaves: Any, need: Any) -> None:
+    need(isinstance(leaves, list), f"bad leaves {leaves!r}")
+    for leaf in leaves:
+        np.dtype(leaf["dtype"])
+        need(isinstance(leaf["key"], str) and all(isinstance(s, int) for s in leaf["shape"]), f"bad leaf {leaf!r}")
+        if leaf["named_axes"] is not None:
+            need(len(leaf["named_axes"]) == len(leaf["named_sizes"]), f"bad named axes {leaf!r}")
+            need(all(isinstance(s, int) for s in leaf["positional_shape"]), f"bad positional shape {leaf!r}")
+
+
+def model_leaf_specs(description: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every leaf spec of the model's variables (what ``read_arrays_at(..., "arrays")`` reads).
+
+    Example:
+        >>> model_leaf_specs({"variables": [{"leaves": [{"key": "w"}]}, {"leaves": []}]})
+        [{'key': 'w'}]
+    """
+    return [leaf for entry in description["variables"] for leaf in entry["leaves"]]
 
 
 def read_arrays_at(
-    path: pathlib.Path, marker: store.Marker, description: Mapping[str, Any], action: str, verify: bool
+    path: pathlib.Path, marker: store.Marker, specs: list[Mapping[str, Any]], action: str, verify: bool,
+    item: str = "arrays",
 ) -> dict[str, Any]:
-    """Checks the version's files (sha256 with ``verify``), reads its arrays and checks them against ``description``.
+    """Checks the step's files (sha256 with ``verify``), reads one item's arrays and checks them against ``specs``.
+
+    Args:
+      path: The step directory.
+      marker: Its commit marker.
+      specs: The leaf specs (``key``, ``shape``, ``dtype``) of the arrays to read.
+      action: For messages ("restore from").
+      verify: Hash every file first.
+      item: The orbax item: ``"arrays"`` (the model) or ``"opt_state"``.
 
     Example:
         >>> import tempfile, pathlib, numpy as np
         >>> root = pathlib.Path(tempfile.mkdtemp())
-        >>> leaf = {"key": "v0_0", "dtype": "float32", "shape": [2], "named_axes": None}
+        >>> leaf = {"key": "w", "dtype": "float32", "shape": [2], "named_axes": None}
         >>> d = {"format": FORMAT, "structure": [],
         ...      "variables": [{"label": "w", "kind": "Parameter", "treedef": "PyTreeDef(*)", "leaves": [leaf]}]}
-        >>> path = write_version(root, {"v0_0": np.ones(2, np.float32)}, d)
-        >>> read_arrays_at(path, store.read_marker(path), d, "read from", True)["v0_0"].tolist()
+        >>> path = write_version(root, {"arrays": {"w": np.ones(2, np.float32)}}, d)
+        >>> read_arrays_at(path, store.read_marker(path), [leaf], "read from", True)["w"].tolist()
         [1.0, 1.0]
     """
     import orbax.checkpoint as ocp
 
     _check_files(path, marker, action, contents=verify)
-    expected = {
-        leaf["key"]: jax.ShapeDtypeStruct(tuple(leaf["shape"]), np.dtype(leaf["dtype"]))
-        for entry in description["variables"]
-        for leaf in entry["leaves"]
-    }
+    expected = {leaf["key"]: jax.ShapeDtypeStruct(tuple(leaf["shape"]), np.dtype(leaf["dtype"])) for leaf in specs}
     if not expected:
         return {}
-    arrays = dict(_orbax_restore(path, action, arrays=ocp.args.StandardRestore(expected))["arrays"])
+    arrays = dict(_orbax_restore(path, action, **{item: ocp.args.StandardRestore(expected)})[item])
     problems = [_array_problem(key, want, arrays.get(key)) for key, want in expected.items()]
     problems = [p for p in problems if p]
     if problems:
         listed = "".join(f"  - {p}\n" for p in problems)
         raise error(action, path, f"the arrays read differ from the description:\n{listed}",
-                    "save the model again, or restore another version")
+                    "save the model again, or restore another step")
     return arrays
 
 
@@ -338,6 +410,10 @@ def _array_problem(key: str, want: jax.ShapeDtypeStruct, found: Any) -> str | No
 
 __all__ = [
     "FORMAT",
+    "FORMAT_VERSION",
+    "format_version",
+    "model_leaf_specs",
+    "write_step",
     "error",
     "find_version",
     "prepare_root",

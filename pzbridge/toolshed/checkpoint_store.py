@@ -1,6 +1,7 @@
 """How checkpoint versions appear on disk and disappear from it, each step safe to interrupt.
 
-A checkpoint root holds numbered version directories (``root/3``). Only a
+A checkpoint root holds numbered step directories (``root/3``), as orbax's
+``CheckpointManager`` lays them out. Only a
 *committed* version counts: one holding a valid commit marker
 (:data:`COMMIT_FILE`: every file of the version with its size and sha256).
 A save goes through these steps; a SIGKILL between any two leaves the
@@ -225,8 +226,12 @@ def seal(staging: pathlib.Path) -> None:
     _fsync_directory(staging)
 
 
-def publish(staging: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
-    """Renames the sealed ``staging`` directory to the next free version number (atomic).
+def publish(staging: pathlib.Path, root: pathlib.Path, step: int | None = None) -> pathlib.Path:
+    """Renames the sealed ``staging`` directory to ``root/<step>`` (default: the next free number); atomic.
+
+    The caller has checked that ``root/<step>`` does not exist (one process
+    saves into a root at a time): ``os.rename`` would replace an empty
+    directory of that name.
 
     Example:
         >>> import tempfile, pathlib
@@ -235,7 +240,7 @@ def publish(staging: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
         >>> publish(staging, root).name
         '5'
     """
-    target = root / str(max(numbered(root), default=0) + 1)
+    target = root / str(max(numbered(root), default=0) + 1 if step is None else step)
     os.rename(staging, target)
     _fsync_directory(root)
     return target

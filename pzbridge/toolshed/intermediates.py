@@ -19,8 +19,9 @@ the ``Foreign``'s original code never calls) is reported as an error instead
 of silently returning nothing.
 
 Selections are given as a :class:`~pzbridge.core.selectors.Selection` of the
-model, a layer class (or tuple of classes), or a predicate on subtrees; see
-:func:`resolve_selection`. Only core and nn are imported (docs/architecture.md,
+model, a layer class (or tuple of classes), a predicate on subtrees, or a
+:class:`~pzbridge.toolshed.where.Where` (plain data: class, path, label,
+module, side and a named-axis index); see :func:`resolve_selection`. Only core and nn are imported (docs/architecture.md,
 "Layers of the package").
 
 Example:
@@ -38,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Union
 
+import jax
 import jax.numpy as jnp  # noqa: F401  (used by doctests)
 
 from pzbridge.core.errors import PzbridgeError, SelectionError, format_path
@@ -53,6 +55,7 @@ from pzbridge.core.variables import (
 )
 from pzbridge.nn.combinators import Sequential
 from pzbridge.nn.layer import Layer
+from pzbridge.toolshed.where import Where
 
 __all__ = [
     "CAPTURE_LABEL_PREFIX",
@@ -62,10 +65,11 @@ __all__ = [
     "collect_saved",
     "insert_layers",
     "resolve_selection",
+    "side_of",
 ]
 
-LayerSelector = Union[Selection, type, tuple, Callable[[Any], bool]]
-"""What the toolshed accepts to say *where*: a Selection, a class (or tuple of classes), or a predicate."""
+LayerSelector = Union[Where, Selection, type, tuple, Callable[[Any], bool]]
+"""What the toolshed accepts to say *where*: a Where, a Selection, a class (or tuple of classes), or a predicate."""
 
 CAPTURE_LABEL_PREFIX = "captured:"
 """Prefix of the labels of the savers :func:`capture_intermediates` inserts (kept apart from model labels)."""
@@ -80,9 +84,10 @@ def resolve_selection(model: Any, selection: LayerSelector, *, what: str = "the 
 
     Args:
       model: The model to select in.
-      selection: A ``Selection`` (of ``model`` or of a tree with the same
-        structure), a class or tuple of classes (``at_instances_of``), or a
-        predicate on subtrees (``at_subtrees_where``).
+      selection: A :class:`~pzbridge.toolshed.where.Where`, a ``Selection``
+        (of ``model`` or of a tree with the same structure), a class or tuple
+        of classes (``at_instances_of``), or a predicate on subtrees
+        (``at_subtrees_where``).
       what: How the caller names the argument, for error messages.
 
     Returns:
@@ -98,6 +103,8 @@ def resolve_selection(model: Any, selection: LayerSelector, *, what: str = "the 
         >>> resolve_selection(model, pzb.nn.Identity).count()
         2
     """
+    if isinstance(selection, Where):
+        return selection.select(model)
     if isinstance(selection, Selection):
         paths = selection.get_keypaths()
         resolved = select(model).at_keypaths(paths, allow_missing=True)  # Reported below, naming `what`.
@@ -117,7 +124,7 @@ def resolve_selection(model: Any, selection: LayerSelector, *, what: str = "the 
         resolved = select(model).at_subtrees_where(selection)
     else:
         raise SelectionError(
-            f"{what} must be a pzb.Selection, a layer class (or tuple of classes), or a predicate, "
+            f"{what} must be a Where, a pzb.Selection, a layer class (or tuple of classes), or a predicate, "
             f"found {type(selection).__name__} {selection!r:.60}. Fix: pass e.g. pzb.nn.Linear or "
             "pzb.select(model).at_instances_of(pzb.nn.Linear)."
         )
@@ -129,6 +136,38 @@ def resolve_selection(model: Any, selection: LayerSelector, *, what: str = "the 
             "pzb.select(model).at_instances_of(pzb.nn.Layer).get_keypaths()."
         )
     return resolved
+
+
+def side_of(selection: LayerSelector, where: str | None) -> str:
+    """The side (``"after"`` / ``"before"``) to act on: ``where``, or the ``Where``'s own side.
+
+    Args:
+      selection: What the caller selects with; a ``Where`` carries a side.
+      where: The side the caller passed (None: the ``Where``'s, else ``"after"``).
+
+    Returns:
+      ``"after"`` or ``"before"``.
+
+    Raises:
+      SelectionError: If ``where`` is invalid or contradicts the ``Where``'s side.
+
+    Example:
+        >>> side_of(Where(layer="Linear", side="before"), None)
+        'before'
+    """
+    if where is not None and where not in ("after", "before"):
+        raise SelectionError(
+            f"where must be 'after' or 'before', found {where!r}. Fix: pass where='after' to act on the "
+            "selected layer's output, or where='before' to act on its input."
+        )
+    if isinstance(selection, Where):
+        if where is not None and where != selection.side:
+            raise SelectionError(
+                f"{selection.describe()} has side={selection.side!r} but where={where!r} was passed too. "
+                "Fix: give the side once, in the Where (side=...) or as where=..."
+            )
+        return selection.side
+    return where or "after"
 
 
 def _describe_selector(selection: Any) -> str:
@@ -146,15 +185,15 @@ def insert_layers(
     selection: LayerSelector,
     make_layer: Callable[[KeyPath, Any], Layer],
     *,
-    where: str = "after",
+    where: str | None = None,
 ) -> Any:
     """Returns a copy of ``model`` with ``make_layer(keypath, node)`` run after (or before) each selected node.
 
-    When every selected node is an element of a list (a ``Sequential``'s
-    ``sublayers``) each new layer is spliced into that list next to its
-    node, so the model stays flat; otherwise (some node is a struct field or
-    the root) every selected node is replaced by ``Sequential([node, new])``
-    (or ``[new, node]``).
+    A selected node that is an element of a ``sublayers`` list (a
+    ``Sequential``'s) gets the new layer spliced into that list next to it,
+    so the model stays flat; any other node (a struct field, the root, one
+    of a ``Branch``'s parallel ``branches``) is replaced by
+    ``Sequential([node, new])`` (or ``[new, node]``).
 
     Args:
       model: The model (not modified).
@@ -162,7 +201,8 @@ def insert_layers(
       make_layer: Builds the layer to insert from the selected node's
         keypath and the node itself.
       where: ``"after"`` (the new layer sees the node's output) or
-        ``"before"`` (it sees the node's input).
+        ``"before"`` (it sees the node's input); default: the ``Where``'s
+        side, else ``"after"``.
 
     Returns:
       The edited model.
@@ -177,22 +217,31 @@ def insert_layers(
         >>> [type(l).__name__ for l in new.sublayers]
         ['Elementwise', 'Identity']
     """
-    if where not in ("after", "before"):
-        raise SelectionError(
-            f"where must be 'after' or 'before', found {where!r}. Fix: pass where='after' to act on the "
-            "selected layer's output, or where='before' to act on its input."
-        )
+    where = side_of(selection, where)
     sel = resolve_selection(model, selection)
 
     def pair(path: KeyPath, node: Any) -> tuple[Any, Any]:
         new = make_layer(path, node)
         return (node, new) if where == "after" else (new, node)
 
-    try:
-        return sel.apply_and_inline(pair, with_keypath=True)
-    except SelectionError:
-        # Some selected node is not a list element: wrap every one in place instead.
-        return sel.apply(lambda path, node: Sequential(list(pair(path, node))), with_keypath=True)
+    # Splice only into lists that run in order (a ``sublayers`` list); an element of a parallel list
+    # (a Branch's ``branches``) or a struct field is wrapped in place, so no branch is added.
+    paths = sel.get_keypaths()
+    spliced = [p for p in paths if _runs_in_order(p)]
+    wrapped = [p for p in paths if not _runs_in_order(p)]
+    edited = model
+    if wrapped:  # First: wrapping in place keeps every other keypath valid.
+        edited = select(edited).at_keypaths(wrapped).apply(
+            lambda path, node: Sequential(list(pair(path, node))), with_keypath=True)
+    if spliced:
+        edited = select(edited).at_keypaths(spliced).apply_and_inline(pair, with_keypath=True)
+    return edited
+
+
+def _runs_in_order(path: KeyPath) -> bool:
+    """Whether ``path`` names an element of a ``sublayers`` list (Sequential, NamedGroup, Affine, ...)."""
+    return (len(path) >= 2 and isinstance(path[-1], jax.tree_util.SequenceKey)
+            and isinstance(path[-2], jax.tree_util.GetAttrKey) and path[-2].name == "sublayers")
 
 
 @pytree_dataclass
@@ -288,7 +337,7 @@ def collect_saved(model: Any, x: Any, /, **side_inputs: Any) -> tuple[Any, dict[
 
 
 def capture_intermediates(
-    model: Any, selection: LayerSelector, x: Any, /, *, where: str = "after", **side_inputs: Any
+    model: Any, selection: LayerSelector, x: Any, /, *, where: str | None = None, **side_inputs: Any
 ) -> tuple[Any, dict[str, Any]]:
     """Runs ``model`` on ``x`` and returns the activations at the selected layers.
 
@@ -303,13 +352,15 @@ def capture_intermediates(
       selection: Which layers (see :func:`resolve_selection`).
       x: The input.
       where: ``"after"`` captures each selected layer's output, ``"before"``
-        its input.
+        its input (default: the ``Where``'s side, else ``"after"``).
       **side_inputs: Forwarded to the model.
 
     Returns:
       ``(output, {path: activation})`` keyed by the selected layers' paths
       in ``model`` (e.g. ``"body.sublayers[2]"``), in model order. The
-      output equals ``model(x, **side_inputs)``.
+      output equals ``model(x, **side_inputs)``. With a ``Where`` that has
+      an ``index``, each activation is its indexed part (an int index drops
+      its axis, positions and slices keep it).
 
     Raises:
       SelectionError: If the selection is empty or ``where`` is invalid.
@@ -334,5 +385,10 @@ def capture_intermediates(
     output, saved = collect_saved(instrumented, x, **side_inputs)
     captured = {label[len(CAPTURE_LABEL_PREFIX):]: value for label, value in saved.items()
                 if label.startswith(CAPTURE_LABEL_PREFIX)}
-    return output, {path: captured[path] for path in paths}
+    # Model (keypath) order: the order savers were built in depends on how insert_layers placed them.
+    ordered = [format_path(p) for p in resolve_selection(model, selection).get_keypaths()]
+    ordered += [path for path in paths if path not in set(ordered)]
+    if isinstance(selection, Where) and selection.index:
+        return output, {path: selection.take(captured[path], path) for path in ordered}
+    return output, {path: captured[path] for path in ordered}
 

@@ -9,7 +9,10 @@ inserted next to the layer whose output (or input) it changes:
 - :class:`AddVector`: add a (steering) vector, broadcast by name;
 - :class:`Patch`: replace the activation by stored values (activation
   patching), optionally only where a mask is true;
-- :class:`InterveneWith`: any function of the activation.
+- :class:`InterveneWith`: any function of the activation;
+- :class:`AtIndex`: runs any of these only at the units a
+  :class:`~pzbridge.toolshed.where.Where` index names (``{"heads": 2}``),
+  so unit locations need no hand-built masks.
 
 Because interventions are layers, the edited model is still plain data:
 selectors see them, ``pzb.lower`` turns each into a small adapter module of
@@ -24,7 +27,7 @@ Every intervention checks that its data fits the activation *by name*: a
 vector or patch with an axis the activation lacks would silently broadcast
 the activation to a new shape, so it is an error instead.
 
-:func:`insert_intervention` places a layer at a selection and
+:func:`insert_intervention` places a layer at a selection (or a ``Where``) and
 :func:`patch_activations` does source-to-target activation patching in one
 call. Only core and nn are imported (docs/architecture.md, "Layers of the
 package").
@@ -40,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -52,11 +56,13 @@ from pzbridge.core.selectors import KeyPath
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.core.variables import AbstractVariable, AbstractVariableSlot, AbstractVariableValue, stateless_call
 from pzbridge.nn.layer import Layer
-from pzbridge.toolshed.intermediates import LayerSelector, capture_intermediates, insert_layers
+from pzbridge.toolshed.intermediates import LayerSelector, capture_intermediates, insert_layers, side_of
+from pzbridge.toolshed.where import Where
 
 __all__ = [
     "Ablate",
     "AddVector",
+    "AtIndex",
     "InterveneWith",
     "Patch",
     "ZeroAblation",
@@ -282,17 +288,78 @@ class InterveneWith(Layer):
         return self.fn(x, **side_inputs) if self.pass_side_inputs else self.fn(x)
 
 
-def insert_intervention(model: Any, selection: LayerSelector, intervention: Layer, *, where: str = "after") -> Any:
+@pytree_dataclass
+class AtIndex(Layer):
+    """Runs ``intervention`` and keeps its result only at the units ``at.index`` names.
+
+    Elsewhere the activation passes through unchanged (bitwise: a
+    ``where`` with a constant mask), so an index that names no unit (e.g.
+    ``{"heads": ()}``) is an exact no-op. The mask is built from the
+    activation's sizes at call time, so negative positions and slices work
+    on any sequence length, and under ``jax.jit`` it is a constant.
+
+    Attributes:
+      intervention: Any layer that returns an activation of the input's shape.
+      at: The ``Where`` whose ``index`` names the units (static; only the index is used).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import pzbridge as pzb
+        >>> knock = AtIndex(ZeroAblation(), Where(layer="Layer", index={"heads": [0, 2]}))
+        >>> knock(pzb.nx.ones({"heads": 3})).unwrap("heads").tolist()
+        [0.0, 1.0, 0.0]
+    """
+
+    intervention: Layer
+    at: Where = static_field()
+
+    def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
+        new = self.intervention(x, **side_inputs)
+        if not nx.is_namedarray(x):
+            raise NamedAxisError(
+                f"AtIndex: {self.at.describe()} indexes named axes, but the activation is "
+                f"{type(x).__name__} without names. Fix: select a layer whose output (or input) is a NamedArray."
+            )
+        mask = self.at.index_mask(x, f"AtIndex({type(self.intervention).__name__})")
+        if not nx.is_namedarray(new) or dict(new.named_shape) != dict(x.named_shape):
+            raise NamedAxisError(
+                f"AtIndex: {type(self.intervention).__name__} returned named shape "
+                f"{dict(getattr(new, 'named_shape', {}))}, expected the activation's {dict(x.named_shape)}. "
+                "Fix: an indexed intervention must keep the activation's shape."
+            )
+        return nx.where(mask, new, x)
+
+
+def _indexed(intervention: Layer, selection: LayerSelector) -> Layer:
+    """``intervention`` restricted to the ``Where``'s index (itself when there is none)."""
+    if isinstance(selection, Where) and selection.index:
+        return AtIndex(intervention, selection)
+    return intervention
+
+
+def _unindexed(selection: LayerSelector) -> LayerSelector:
+    """The same places without the index (to capture whole activations)."""
+    if isinstance(selection, Where) and selection.index:
+        return dataclasses.replace(selection, index=())
+    return selection
+
+
+def insert_intervention(
+    model: Any, selection: LayerSelector, intervention: Layer, *, where: str | None = None
+) -> Any:
     """Returns a copy of ``model`` with ``intervention`` after (or before) every selected layer.
 
     Args:
       model: The model (not modified).
-      selection: Where (a ``Selection`` of ``model``, a layer class, or a
-        predicate; see :func:`~pzbridge.toolshed.intermediates.resolve_selection`).
+      selection: Where (a :class:`~pzbridge.toolshed.where.Where`, a
+        ``Selection`` of ``model``, a layer class, or a predicate; see
+        :func:`~pzbridge.toolshed.intermediates.resolve_selection`). A
+        ``Where`` with an ``index`` restricts the intervention to those units
+        (an :class:`AtIndex` around it).
       intervention: A layer, e.g. ``ZeroAblation()``; the same layer goes
         to every selected place.
       where: ``"after"`` changes the selected layer's output, ``"before"``
-        its input.
+        its input (default: the ``Where``'s side, else ``"after"``).
 
     Returns:
       The edited model (list parents get the layer spliced in; other
@@ -314,7 +381,8 @@ def insert_intervention(model: Any, selection: LayerSelector, intervention: Laye
             f"insert_intervention: the intervention must be a pzbridge layer, found "
             f"{type(intervention).__name__}. Fix: wrap a function as InterveneWith(fn)."
         )
-    return insert_layers(model, selection, lambda path, node: intervention, where=where)
+    placed = _indexed(intervention, selection)
+    return insert_layers(model, selection, lambda path, node: placed, where=where)
 
 
 def patch_activations(
@@ -324,7 +392,7 @@ def patch_activations(
     *,
     at: LayerSelector,
     mask: Any = None,
-    where: str = "after",
+    where: str | None = None,
     **side_inputs: Any,
 ) -> Any:
     """Runs ``model`` on ``target_inputs`` with the activations at ``at`` taken from a run on ``source_inputs``.
@@ -341,7 +409,7 @@ def patch_activations(
       source_inputs: The input whose activations are patched in.
       target_inputs: The input the patched model runs on (same named shape
         at the patched places).
-      at: Which layers (selection, class or predicate).
+      at: Which layers (a Where, selection, class or predicate); a Where's index patches only those units.
       mask: Optional boolean ``NamedArray`` choosing which positions to patch.
       where: ``"after"`` or ``"before"`` the selected layers.
       **side_inputs: Forwarded to both runs.
@@ -361,10 +429,11 @@ def patch_activations(
         >>> patch_activations(model, src, tgt, at=lambda l: l is model.sublayers[0]).unwrap("f")
         Array([-9.], dtype=float32)
     """
-    _, captured = capture_intermediates(model, at, source_inputs, where=where, **side_inputs)
+    where = side_of(at, where)
+    _, captured = capture_intermediates(model, _unindexed(at), source_inputs, where=where, **side_inputs)
 
-    def make_patch(path: KeyPath, node: Any) -> Patch:
-        return Patch(captured[format_path(path)], mask=mask)
+    def make_patch(path: KeyPath, node: Any) -> Layer:
+        return _indexed(Patch(captured[format_path(path)], mask=mask), at)
 
     patched = insert_layers(model, at, make_patch, where=where)
     output, _ = stateless_call(patched, (), target_inputs, **side_inputs)

@@ -59,8 +59,8 @@ def test_forgetting_the_decorator_raises_a_helpful_error():
         Undecorated(1, 2)
 
 
-def test_decorating_a_non_struct_raises():
-    with pytest.raises(StructError, match="subclass of pzbridge.Struct"):
+def test_decorating_a_non_struct_without_flatten_methods_raises():
+    with pytest.raises(StructError, match=r"not a pzbridge.Struct: it must define `tree_flatten_with_keys"):
 
         @pytree_dataclass
         class NotAStruct:  # noqa: F841

@@ -401,9 +401,9 @@ def unbind_label_conflict() -> tuple[Any, Callable[[], Any]]:
     return tree, lambda: pzb.unbind_variables(tree)
 
 
-def unbind_params_with_predicate() -> tuple[Any, Callable[[], Any]]:
+def unbind_params_with_non_callable_predicate() -> tuple[Any, Callable[[], Any]]:
     model = _pzb_linear()
-    return model, lambda: pzb.unbind_params(model, lambda v: True)
+    return model, lambda: pzb.unbind_params(model, "weights")
 
 
 def unbind_state_vars_with_positional_freeze() -> tuple[Any, Callable[[], Any]]:
@@ -683,8 +683,8 @@ CASES: list[Case] = [
          "two entries labelled 'w'"),
     Case("unbind/label-conflict", unbind_label_conflict, VariableConflictError, "Parameter at [0]", "unique",
          "Parameter at [1]"),
-    Case("unbind/params-with-predicate", unbind_params_with_predicate, VariableError, "unbind_params",
-         "freeze= as a keyword", "function"),
+    Case("unbind/params-non-callable-predicate", unbind_params_with_non_callable_predicate, VariableError,
+         "unbind_params", "freeze= as a keyword", "str 'weights'"),
     Case("unbind/state-vars-positional-freeze", unbind_state_vars_with_positional_freeze, VariableError,
          "unbind_state_vars", "freeze= as a keyword", "bool True"),
     Case("variable/empty-label", variable_empty_label, VariableError, "Parameter", "non-empty string", "''"),

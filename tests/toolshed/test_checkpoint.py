@@ -183,6 +183,7 @@ def test_save_killed_midway_leaves_the_previous_checkpoint_restorable(tmp_path):
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
+        process.stdout.close()
     leftovers = [p.name for p in tmp_path.iterdir() if not p.name.isdigit()]
     assert leftovers and all("tmp" in name for name in leftovers)  # The killed save's unfinished directory.
     assert checkpoint.versions(tmp_path) == [1]

@@ -186,7 +186,7 @@ def test_selection_with_paths_missing_from_the_model_raises() -> None:
 
 
 def test_invalid_selector_and_where_raise() -> None:
-    with pytest.raises(SelectionError, match="must be a pzb.Selection"):
+    with pytest.raises(SelectionError, match="must be a Where, a pzb.Selection"):
         resolve_selection(make_mlp(0), 3)
     with pytest.raises(SelectionError, match="'after' or 'before'"):
         capture_intermediates(make_mlp(0), Affine, named(batch_input(0, 1)), where="inside")

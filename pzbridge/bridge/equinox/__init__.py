@@ -23,5 +23,6 @@ from pzbridge.bridge.equinox.state import lower_with_state
 from pzbridge.bridge.equinox.lora import LoRALinear, lora_filter
 from pzbridge.bridge.equinox import stack, tracing  # noqa: F401  (layer stacks, traced lifting of custom modules)
 from pzbridge.bridge.equinox import lower_specs  # noqa: F401  (what native modules built by lowering need)
+from pzbridge.bridge.equinox import from_nnx  # noqa: F401  (layers lifted from NNX -> eqx.nn; last: imports NNX rules)
 
 __all__ = ["EQUINOX", "EquinoxAdapter", "LoRALinear", "equinox_rule", "lora_filter", "lower_with_state"]

@@ -34,11 +34,18 @@ import equinox as eqx
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox.foreign_state import report_state
 from pzbridge.bridge.equinox.signatures import StandIn, bind_like
-from pzbridge.bridge.equinox.traversal import equinox_rule, is_array
+from pzbridge.bridge.equinox.traversal import EQUINOX, equinox_rule, is_array
 from pzbridge.bridge.lifted import CallingConvention
+from pzbridge.bridge.native_calls import NativeCall, fill_native_slots, native_lowerer, split_natives, \
+    wants_native_children
 from pzbridge.bridge.naming import AxisNaming
+from pzbridge.core.errors import LowerError
+from pzbridge.core.random_stream import RandomStream
+from pzbridge.core.selectors import select
 from pzbridge.core.variables import (
     AbstractVariableValue,
+    StateVariable,
+    StateVariableValue,
     bind_variables,
     stateless_call,
     unbind_variables,
@@ -68,6 +75,8 @@ class EquinoxAdapter(eqx.Module):
     structure: Any = eqx.field(static=True)
     convention: CallingConvention = eqx.field(static=True)
     calls_like: type | None = eqx.field(static=True, default=None)
+    # Native Equinox children (a converted model's eqx.nn.Linear, ...), called from NativeSlots.
+    natives: tuple[Any, ...] = ()
 
     @classmethod
     def wrap(cls, layer: Any, ctx: LowerContext, convention: CallingConvention | None = None,
@@ -83,13 +92,24 @@ class EquinoxAdapter(eqx.Module):
           calls_like: The class whose call signature the adapter takes (see
             :meth:`__call__`); None takes ``(x, *args, key=None, **side_inputs)``.
         """
+        natives: list[Any] = []
+        if wants_native_children(ctx):
+            # Inside a conversion, sub-layers with an Equinox counterpart become native children;
+            # stateful or random ones stay lifted (an Equinox call would need state / key arguments).
+            lower_native = native_lowerer(ctx, EQUINOX.convention_of, lambda m: not isinstance(m, EquinoxAdapter),
+                                          accept=_is_pure)
+            layer, natives = split_natives(layer, lower_native, ctx.where)
         structure, values = unbind_variables(layer, freeze=True)
         # Arrays held directly by the layer (not in variables) must be leaves, not static data.
         arrays, structure = eqx.partition(structure, is_array)
-        return cls(tuple(values), arrays, structure, convention or CallingConvention(), calls_like)
+        return cls(tuple(values), arrays, structure, convention or CallingConvention(), calls_like, tuple(natives))
 
-    def _layer_with_slots(self) -> Any:
-        return eqx.combine(self.arrays, self.structure)
+    def _layer_with_slots(self, native: bool = True) -> Any:
+        layer = eqx.combine(self.arrays, self.structure)
+        if not native or not self.natives:
+            return layer
+        return fill_native_slots(layer, lambda slot: NativeCall(self.natives[slot.index], slot.convention,
+                                                                batched=False, path=slot.path))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the layer on the positional inputs (named by the convention); keywords are side inputs.
@@ -122,8 +142,17 @@ class EquinoxAdapter(eqx.Module):
             >>> EquinoxAdapter.wrap(pzb.nn.Identity(), new_lower_context()).lifted_layer()
             Identity()
         """
+        if self.natives:
+            raise LowerError(
+                "<root>: this adapter holds native Equinox children; re-lift it with pzb.lift(adapter) (found "
+                f"{len(self.natives)} native children). Fix: call pzb.lift on the adapter instead.")
         layer = self._layer_with_slots()
         return bind_variables(layer, self.values, unfreeze_as_copy=True) if self.values else layer
+
+
+def _is_pure(layer: Any) -> bool:
+    """Whether a lifted layer holds neither state nor randomness (so its Equinox native needs no extra arguments)."""
+    return not select(layer).at_instances_of((StateVariable, StateVariableValue, RandomStream)).count()
 
 
 def _default_convention(x: Any) -> CallingConvention:
@@ -153,7 +182,9 @@ class EquinoxAdapterRule:
         return module.calls_like or type(module)
 
     def lift(self, module: EquinoxAdapter, ctx: LiftContext) -> Any:
-        structure, values = module._layer_with_slots(), module.values
+        natives = [ctx.lift_node(native, ctx.child("natives", i)) for i, native in enumerate(module.natives)]
+        structure = fill_native_slots(module._layer_with_slots(native=False), lambda slot: natives[slot.index])
+        values = module.values
         if not values:
             return structure
         fresh = []

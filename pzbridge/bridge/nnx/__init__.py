@@ -22,5 +22,6 @@ from pzbridge.bridge.nnx import conv, group_norm, prelu, recurrent  # noqa: F401
 from pzbridge.bridge.nnx import lora, lora_general  # noqa: F401
 from pzbridge.bridge.nnx import stack, tracing  # noqa: F401  (layer stacks, traced lifting of custom modules)
 from pzbridge.bridge.nnx import lower_specs  # noqa: F401  (what native modules built by lowering need)
+from pzbridge.bridge.nnx import from_equinox  # noqa: F401  (layers lifted from Equinox lower natively)
 
 __all__ = ["NNX", "NnxAdapter", "nnx_rule"]

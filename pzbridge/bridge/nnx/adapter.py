@@ -30,7 +30,10 @@ from flax import nnx
 
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.lifted import CallingConvention
-from pzbridge.bridge.nnx.traversal import new_lift_context, nnx_rule
+from pzbridge.bridge.naming import AxisNaming
+from pzbridge.bridge.native_calls import NativeCall, conventions_chain, fill_native_slots, native_lowerer, split_natives, \
+    wants_native_children
+from pzbridge.bridge.nnx.traversal import convention_of, new_lift_context, nnx_rule
 from pzbridge.bridge.nnx.variables import is_array, nnx_variable, storage_names
 from pzbridge.core import named_axes as nx
 from pzbridge.core.variables import (
@@ -134,13 +137,15 @@ class NnxAdapter(nnx.Module):
     """
 
     def __init__(self, structure: Any, variables: Sequence[nnx.Variable], specs: Sequence[VariableSpec],
-                 convention: CallingConvention | None = None) -> None:
+                 convention: CallingConvention | None = None, natives: Sequence[nnx.Module] = ()) -> None:
         stripped, arrays = split_arrays(structure)
         self.structure = nnx.static(stripped)
         self.arrays = nnx.List(arrays)
         self.variables = nnx.List(list(variables))
         self.specs = tuple(specs)
         self.convention = convention
+        # Native NNX children (a converted model's nnx.Linear, nnx.Conv, ...), called from NativeSlots.
+        self.natives = nnx.List(list(natives))
 
     @classmethod
     def wrap(cls, layer: Any, ctx: LowerContext, convention: CallingConvention | None = None) -> NnxAdapter:
@@ -150,7 +155,13 @@ class NnxAdapter(nnx.Module):
           layer: A lifted layer with no NNX rule.
           ctx: The lower context (shared variables stay shared).
           convention: How positional inputs are named (default: trailing ``features``).
+
+        Inside a conversion (:func:`pzbridge.bridge.convert.convert`) every
+        sub-layer with an NNX counterpart becomes a native child module.
         """
+        natives: list[Any] = []
+        if wants_native_children(ctx):
+            layer, natives = split_natives(layer, native_lowerer(ctx, convention_of, _is_native_module), ctx.where)
         structure, variables = unbind_variables(layer)
         lowered, specs = [], []
         for variable in variables:
@@ -163,7 +174,7 @@ class NnxAdapter(nnx.Module):
                                         else None))
             specs.append(VariableSpec(variable.label, kind, storage_names(variable),
                                       tuple(dict(variable.metadata).items())))
-        return cls(structure, lowered, specs, convention)
+        return cls(structure, lowered, specs, convention, natives)
 
     def frozen_values(self) -> list[AbstractVariableValue]:
         """The variables as pzbridge frozen values (named as the layer expects).
@@ -207,15 +218,18 @@ class NnxAdapter(nnx.Module):
             Identity()
         """
         ctx = ctx or new_lift_context()
+        natives = [ctx.lift_node(native, ctx.child("natives", i)) for i, native in enumerate(self.natives)]
         fresh = []
         for spec, var, value in zip(self.specs, self.variables, self.frozen_values()):
             kind = Parameter if spec.kind == "Parameter" else StateVariable
             fresh.append(ctx.variable(kind, var, lambda v=value: v.value, spec.label, dict(spec.metadata)))
-        layer = self.layer_with_slots()
+        layer = fill_native_slots(self.layer_with_slots(native=False), lambda slot: natives[slot.index])
         return bind_variables(layer, fresh) if fresh else layer
 
-    def layer_with_slots(self) -> Any:
+    def layer_with_slots(self, native: bool = True) -> Any:
         """The pzbridge layer with its arrays back in place and its variables as unbound slots.
+
+        Native children are called in their slots (``native=False`` keeps the slots).
 
         Example:
             >>> import pzbridge as pzb
@@ -224,7 +238,24 @@ class NnxAdapter(nnx.Module):
             >>> NnxAdapter.wrap(bias, new_lower_context()).layer_with_slots().bias.unwrap("features")
             Array([1., 1.], dtype=float32)
         """
-        return fill_arrays(self.structure, list(self.arrays))
+        layer = fill_arrays(self.structure, list(self.arrays))
+        if not native or not len(self.natives):
+            return layer
+        return fill_native_slots(layer, lambda slot: NativeCall(self.natives[slot.index], slot.convention,
+                                                                batched=True, path=slot.path))
+
+
+def _is_native_module(module: Any) -> bool:
+    """A module a conversion can call as a native child: no adapter, and a Sequential only when its layouts chain."""
+    if isinstance(module, NnxAdapter):
+        return False
+    if isinstance(module, nnx.Sequential):
+        items = list(module.layers)
+        if any(isinstance(item, nnx.Module) and not _is_native_module(item) for item in items):
+            return False
+        naming = AxisNaming()
+        return conventions_chain([convention_of(i, naming) if isinstance(i, nnx.Module) else None for i in items])
+    return True
 
 
 @nnx_rule(source=NnxAdapter, lifted=(object,))

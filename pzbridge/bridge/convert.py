@@ -1,0 +1,277 @@
+"""``pzb.convert``: an Equinox model as an NNX module, or an NNX module as an Equinox model.
+
+A lifted model is framework-neutral data, so lowering it into the *other*
+framework converts it. :func:`convert` lifts the model (traced, with the
+example inputs, so custom ``__call__`` code opens up), lowers every layer that
+has a counterpart to the target's native class, wraps what has none (glue of
+custom modules, pzbridge-only layers) in the target's adapter module, and
+converts the calling convention:
+
+- Equinox -> NNX: the model was called per example (batched by the caller's
+  ``jax.vmap``); the NNX module is called on a batch,
+  ``converted(*batched) == jax.vmap(model)(*batched)``.
+- NNX -> Equinox: the module was called on a batch; the Equinox model is
+  called per example, ``jax.vmap(converted)(*batch) == model(*batch)``.
+
+The converted model is checked on the examples (outputs equal within 1e-5)
+before it is returned, so a conversion that would compute something else is
+an error, not a silent difference. :func:`convert_with_report` also says, by
+path, what became native and what became an adapter.
+
+Example:
+    >>> import jax, jax.numpy as jnp, equinox as eqx
+    >>> mlp = eqx.nn.MLP(3, 2, width_size=4, depth=1, key=jax.random.key(0))
+    >>> module, report = convert_with_report(mlp, jnp.ones(3), to="nnx")
+    >>> [part.module for part in report.natives]
+    ['Sequential', 'Linear', 'Linear']
+    >>> xs = jax.random.normal(jax.random.key(1), (5, 3))
+    >>> bool(jnp.allclose(module(xs), jax.vmap(mlp)(xs), atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pzbridge.bridge.api import lift
+from pzbridge.bridge.cross_lowering import adapter_runs, lower_with_convention, root_convention
+from pzbridge.bridge.frameworks import FRAMEWORKS, framework_of
+from pzbridge.bridge.lifted import LiftedModel
+from pzbridge.bridge.naming import AxisNaming, checked_naming
+from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import LowerError
+from pzbridge.core.variables import stateless_call, unbind_variables
+
+__all__ = ["ConversionReport", "ConvertedPart", "convert", "convert_with_report"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertedPart:
+    """One module of a converted model.
+
+    Attributes:
+      path: Where it sits in the converted module (``""`` for the root).
+      module: The target-framework class name (``Linear``, ``NnxAdapter``, ...).
+      kind: ``"native"`` (the target's own class) or ``"adapter"`` (runs
+        pzbridge layers that have no counterpart).
+      runs: For an adapter, what it runs (e.g. ``Traced(Block)``, ``Elementwise``).
+
+    Example:
+        >>> ConvertedPart("layers.0", "Linear", "native").kind
+        'native'
+    """
+
+    path: str
+    module: str
+    kind: str
+    runs: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionReport:
+    """What a conversion made: every module of the result, native or adapter.
+
+    Attributes:
+      source: The framework converted from.
+      target: The framework converted to.
+      parts: One entry per module of the result, root first.
+
+    Example:
+        >>> report = ConversionReport("equinox", "nnx", (ConvertedPart("", "Linear", "native"),))
+        >>> [p.module for p in report.natives], report.adapters
+        (['Linear'], [])
+    """
+
+    source: str
+    target: str
+    parts: tuple[ConvertedPart, ...]
+
+    @property
+    def natives(self) -> list[ConvertedPart]:
+        """The parts that are the target framework's own classes."""
+        return [p for p in self.parts if p.kind == "native"]
+
+    @property
+    def adapters(self) -> list[ConvertedPart]:
+        """The parts that are adapters (pzbridge layers with no counterpart)."""
+        return [p for p in self.parts if p.kind == "adapter"]
+
+    def __str__(self) -> str:
+        lines = [f"{self.source} -> {self.target}: {len(self.natives)} native, {len(self.adapters)} adapter"]
+        for part in self.parts:
+            runs = f" runs {part.runs}" if part.runs else ""
+            lines.append(f"  {part.path or '<root>'}: {part.module} ({part.kind}){runs}")
+        return "\n".join(lines)
+
+
+def convert(model: Any, *example_args: Any, to: str, example_kwargs: Mapping[str, Any] | None = None,
+            naming: AxisNaming | None = None, verify: bool = True) -> Any:
+    """Converts an Equinox model to an NNX module or an NNX module to an Equinox model.
+
+    Args:
+      model: An ``eqx.Module`` or ``nnx.Module`` (never mutated).
+      *example_args: Example inputs, as the model is called (Equinox: one
+        example; NNX: a batch). Arrays or ``jax.ShapeDtypeStruct`` s; custom
+        modules are traced with them.
+      to: ``"nnx"`` or ``"equinox"`` (the other framework).
+      example_kwargs: Example keyword inputs (passed unbatched to both).
+      naming: Axis-naming policy of the lift.
+      verify: Check the converted model against the original on the examples
+        (when they are concrete arrays).
+
+    Returns:
+      The converted module.
+
+    Raises:
+      LiftError: A module cannot be traced (the message names it and why).
+      LowerError: ``to`` is not the other framework, a part cannot be
+        converted, or the converted model computes something else on the examples.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, equinox as eqx
+        >>> linear = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+        >>> type(convert(linear, jnp.ones(3), to="nnx")).__name__
+        'Linear'
+    """
+    return convert_with_report(model, *example_args, to=to, example_kwargs=example_kwargs, naming=naming,
+                               verify=verify)[0]
+
+
+def convert_with_report(model: Any, *example_args: Any, to: str, example_kwargs: Mapping[str, Any] | None = None,
+                        naming: AxisNaming | None = None, verify: bool = True) -> tuple[Any, ConversionReport]:
+    """Like :func:`convert`, also returning the :class:`ConversionReport`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, equinox as eqx
+        >>> _, report = convert_with_report(eqx.nn.Linear(3, 2, key=jax.random.key(0)), jnp.ones(3), to="nnx")
+        >>> print(report)
+        equinox -> nnx: 1 native, 0 adapter
+          <root>: Linear (native)
+    """
+    source = framework_of(model)
+    if to not in FRAMEWORKS or to == source:
+        other = [f for f in FRAMEWORKS if f != source][0]
+        raise LowerError(
+            f"<root>: pzb.convert converts between frameworks; the model is a {source} module and to={to!r}. "
+            f"Fix: pass to={other!r} (for the same framework use pzb.lower(pzb.lift(model)))."
+        )
+    naming = checked_naming(naming)
+    # Strict: a module kept Foreign runs its own framework's code, which cannot run in the other one.
+    lifted = lift(model, *example_args, example_kwargs=example_kwargs, naming=naming, strict=True)
+    converted = _lower_converted(lifted, source, to, naming, example_args, dict(example_kwargs or {}))
+    if verify and example_args:
+        _verify(model, lifted, converted, source, example_args, dict(example_kwargs or {}))
+    return converted, _report(converted, source, to)
+
+
+def _lower_converted(lifted: LiftedModel, source: str, target: str, naming: AxisNaming, args: Sequence[Any],
+                     kwargs: Mapping[str, Any]) -> Any:
+    root = root_convention(lifted, source, naming, _output_names(lifted, args, kwargs))
+    return lower_with_convention(lifted.body, target, root, naming)
+
+
+def _output_names(lifted: LiftedModel, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The names of the original output's axes in positional order (as ``lifted.positional`` lays them out)."""
+    convention = lifted.convention
+    if not args or convention.output is None:
+        return convention.output
+
+    structure, values = unbind_variables(lifted.body, freeze=True)
+
+    def run(*arrays: Any) -> Any:
+        # Stateless: running the lifted model would write traced values into its StateVariables.
+        x, side = convention.split_call(arrays, kwargs)
+        return stateless_call(structure, values, x, **side)[0]
+
+    structs = [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in args]
+    try:
+        out = jax.eval_shape(run, *structs)
+    except Exception:  # noqa: BLE001 - the verification step reports a failing model with context
+        return convention.output
+    if not nx.is_namedarray(out) or out.positional_shape:
+        return convention.output
+    present = [n for n in convention.output if n in out.named_shape]
+    return (*[n for n in out.named_shape if n not in present], *present)
+
+
+def _report(converted: Any, source: str, target: str) -> ConversionReport:
+    parts = []
+    for path, module in _modules(converted, target):
+        runs = adapter_runs(module)
+        parts.append(ConvertedPart(path, type(module).__name__, "adapter" if runs is not None else "native",
+                                   runs or ""))
+    return ConversionReport(source, target, tuple(parts))
+
+
+def _modules(root: Any, target: str) -> list[tuple[str, Any]]:
+    """Every module of the converted model with its path, root first."""
+    if target == "nnx":
+        from flax import nnx
+
+        # Containers (an adapter's lists of arrays, Variables and natives; a Sequential's layer list) are not parts.
+        found = [(".".join(map(str, path)), module) for path, module in nnx.iter_modules(root)
+                 if not isinstance(module, (nnx.List, nnx.Dict))]
+        return sorted(found, key=lambda item: (item[0].count(".") + bool(item[0]), item[0]))
+    import equinox as eqx
+
+    found: list[tuple[str, Any]] = []
+
+    def walk(path: str, node: Any) -> None:
+        found.append((path, node))
+        leaves = jax.tree_util.tree_leaves_with_path(
+            node, is_leaf=lambda x: x is not node and isinstance(x, eqx.Module))
+        for keypath, leaf in leaves:
+            if isinstance(leaf, eqx.Module) and leaf is not node:
+                walk(_join(path, jax.tree_util.keystr(keypath, simple=True, separator=".")), leaf)
+
+    walk("", root)
+    return found
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a and b else a or b
+
+
+def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, args: Sequence[Any],
+            kwargs: dict[str, Any]) -> None:
+    """Raises when the converted model does not compute what the original computes on the examples."""
+    leaves = jax.tree_util.tree_leaves((args, kwargs))
+    if not leaves or not all(isinstance(leaf, (jax.Array, np.ndarray)) or np.isscalar(leaf) for leaf in leaves):
+        return  # Abstract examples (ShapeDtypeStructs): nothing to compare numerically.
+    want = lifted.positional(*args, **kwargs)
+    if source == "equinox":
+        from flax import nnx
+
+        probe = nnx.clone(converted)  # Running may update state (batch statistics, RNG counts): not the user's.
+        batched = [jnp.asarray(a)[None] for a in args]
+        got = jax.tree_util.tree_map(lambda y: y[0], probe(*batched, **kwargs))
+    else:
+        got = jax.vmap(lambda *a: converted(*a, **kwargs))(*args)
+    want_leaves, got_leaves = jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)
+    if len(want_leaves) != len(got_leaves):
+        raise LowerError(
+            f"<root>: the converted model returns {len(got_leaves)} arrays where the original returns "
+            f"{len(want_leaves)}. Fix: report this with the model's code (pass verify=False to inspect it)."
+        )
+    for index, (w, g) in enumerate(zip(want_leaves, got_leaves)):
+        w, g = np.asarray(w), np.asarray(g)
+        if w.shape != g.shape:
+            raise LowerError(
+                f"<root>: output {index} of the converted model has shape {g.shape}, the original's has "
+                f"{w.shape}. Fix: report this with the model's code (pass verify=False to inspect it)."
+            )
+        if w.dtype.kind in "fc" and not np.allclose(g, w, atol=1e-5, rtol=1e-5):
+            raise LowerError(
+                f"<root>: the converted model differs from the original on the examples (output {index}, max "
+                f"abs difference {float(np.max(np.abs(g - w))):.3g}, expected <= 1e-5). Fix: report this with "
+                "the model's code (pass verify=False to inspect the converted model)."
+            )
+        if w.dtype.kind not in "fc" and not np.array_equal(g, w):
+            raise LowerError(f"<root>: output {index} of the converted model differs from the original's "
+                             "(integer outputs). Fix: report this with the model's code.")

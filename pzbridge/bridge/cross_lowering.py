@@ -1,0 +1,176 @@
+"""Lowering a lifted model into the other framework: native layers, an adapter root, a converted convention.
+
+:func:`lower_with_convention` is what ``pzb.lower(lifted, framework=other)``
+and :func:`pzbridge.bridge.convert.convert` run: every sub-layer with a
+counterpart in the target becomes its native class (see
+:mod:`pzbridge.bridge.native_calls`), and the root is native when the whole
+model has a counterpart laid out as the calling convention says, else an
+adapter that names positional inputs by that convention.
+:func:`converted_convention` is the lifted model's convention in the other
+framework: NNX modules take a batch axis, Equinox models are called per
+example.
+
+Example:
+    >>> import jax, jax.numpy as jnp, equinox as eqx
+    >>> import pzbridge as pzb
+    >>> lifted = pzb.lift(eqx.nn.Linear(3, 2, key=jax.random.key(0)))
+    >>> module = lower_with_convention(lifted.body, "nnx", converted_convention(lifted, "nnx"))
+    >>> type(module).__name__, module(jnp.ones((4, 3))).shape
+    ('Linear', (4, 2))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pzbridge.bridge.frameworks import FRAMEWORKS, traversal_of
+from pzbridge.bridge.lifted import CallingConvention, LiftedModel
+from pzbridge.bridge.naming import AxisNaming, checked_naming
+from pzbridge.bridge.native_calls import NATIVE_CHILDREN, conventions_chain
+from pzbridge.core.errors import LowerError
+
+__all__ = ["adapter_runs", "converted_convention", "lower_with_convention", "root_convention"]
+
+
+def root_convention(lifted: LiftedModel, source: str, naming: AxisNaming,
+                     output: tuple[str, ...] | None) -> CallingConvention:
+    """The converted root's convention: the source's, with the batch axis added (to NNX) or removed (to Equinox).
+
+    Example:
+        >>> import jax, equinox as eqx
+        >>> import pzbridge as pzb
+        >>> lifted = pzb.lift(eqx.nn.Linear(3, 2, key=jax.random.key(0)))
+        >>> root_convention(lifted, "equinox", AxisNaming(), ("features",)).output
+        ('batch', 'features')
+    """
+    convention = CallingConvention(lifted.convention.inputs, output, lifted.convention.side_names)
+    if not convention.inputs:
+        raise LowerError(
+            f"<root>: {lifted.body.__class__.__name__} has no recorded calling convention (found none: the root "
+            "was not traced). Fix: pass example inputs to pzb.convert so the model is traced."
+        )
+    batch = naming.batch
+    if source == "equinox":
+        used = {n for names in convention.inputs for n in names} | set(convention.output or ())
+        if batch in used:
+            raise LowerError(
+                f"<root>: the Equinox model already names an axis {batch!r} (found convention "
+                f"{convention.inputs}), so the NNX batch axis needs another name. "
+                "Fix: pass naming=AxisNaming(batch='examples') to pzb.convert."
+            )
+        add = lambda names: (batch, *names)  # noqa: E731
+        output = None if convention.output is None else add(convention.output)
+        return CallingConvention(tuple(add(n) for n in convention.inputs), output, convention.side_names)
+    drop = lambda names: tuple(n for n in names if n != batch)  # noqa: E731
+    output = None if convention.output is None else drop(convention.output)
+    return CallingConvention(tuple(drop(n) for n in convention.inputs), output, convention.side_names)
+
+
+def converted_convention(lifted: LiftedModel, target: str, naming: AxisNaming | None = None) -> CallingConvention:
+    """The calling convention ``lifted`` gets in ``target``: a batch axis added (to NNX) or dropped (to Equinox).
+
+    Example:
+        >>> import jax, equinox as eqx
+        >>> import pzbridge as pzb
+        >>> lifted = pzb.lift(eqx.nn.Linear(3, 2, key=jax.random.key(0)))
+        >>> converted_convention(lifted, "nnx").inputs
+        (('batch', 'features'),)
+    """
+    naming = checked_naming(naming)
+    if target == lifted.framework:
+        return lifted.convention
+    return root_convention(lifted, lifted.framework, naming, lifted.convention.output)
+
+
+def lower_with_convention(body: Any, target: str, convention: CallingConvention,
+                          naming: AxisNaming | None = None) -> Any:
+    """Lowers ``body`` into ``target`` as a module called positionally by ``convention``.
+
+    Every sub-layer with a counterpart becomes the target's native class;
+    glue and pzbridge-only layers run in an adapter root that names the
+    positional inputs by ``convention`` (NNX: include the batch axis name, e.g.
+    ``("batch", "seq")``; Equinox: per example). The root is native itself
+    when the whole body has a counterpart laid out as ``convention`` says.
+
+    Args:
+      body: A lifted layer (for example ``lifted.body`` or a pzbridge model).
+      target: ``"nnx"`` or ``"equinox"``.
+      convention: Names of the positional axes of each input and of the output.
+      naming: The axis naming of the natives' conventions.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import pzbridge as pzb
+        >>> from pzbridge.bridge.lifted import CallingConvention
+        >>> conv = CallingConvention((("batch", "f"),), ("batch", "f"))
+        >>> module = lower_with_convention(pzb.nn.Softmax("f"), "nnx", conv)
+        >>> module(jnp.zeros((3, 2))).tolist()[0]
+        [0.5, 0.5]
+    """
+    naming = checked_naming(naming)
+    if target not in FRAMEWORKS:
+        raise LowerError(f"<root>: cannot lower to framework {target!r}. Fix: pass 'equinox' or 'nnx'.")
+    traversal = traversal_of(target)
+    ctx = traversal.new_lower_context()
+    ctx.shared.extras[NATIVE_CHILDREN] = naming
+    native = _native_root(body, traversal, ctx, convention, naming)
+    if native is not None:
+        return native
+    if target == "nnx":
+        from pzbridge.bridge.nnx.adapter import NnxAdapter
+
+        return NnxAdapter.wrap(body, ctx, convention)
+    from pzbridge.bridge.equinox.adapter import EquinoxAdapter
+
+    return EquinoxAdapter.wrap(body, ctx, convention)
+
+
+def _native_root(body: Any, traversal: Any, ctx: Any, root: CallingConvention,
+                 naming: AxisNaming) -> Any | None:
+    """The lowered root when it is native and takes the converted convention as it is, else None."""
+    try:
+        module = ctx.lower_node(body, ctx)
+    except LowerError:
+        return None
+    if adapter_runs(module) is not None:
+        return None
+    own = traversal.RULES.convention_of(module, naming)
+    if own is None or not _same_layout(own, root, naming):
+        return None
+    if type(module).__name__ == "Sequential" and not _chains(module, traversal, naming):
+        return None
+    return module
+
+
+def _same_layout(own: CallingConvention, root: CallingConvention, naming: AxisNaming) -> bool:
+    # Native modules take (NNX) or need (Equinox) no batch name: compare without it.
+    strip = lambda names: tuple(n for n in names if n != naming.batch)  # noqa: E731
+    if own.output is None or root.output is None or len(own.inputs) != len(root.inputs):
+        return False
+    return strip(own.output) == strip(root.output) and all(
+        strip(a) == strip(b) for a, b in zip(own.inputs, root.inputs))
+
+
+def _chains(module: Any, traversal: Any, naming: AxisNaming) -> bool:
+    items = list(getattr(module, "layers", ()))
+    if any(adapter_runs(item) is not None for item in items):
+        return False
+    return conventions_chain([traversal.RULES.convention_of(item, naming) if hasattr(item, "__dict__") and
+                              not callable(getattr(item, "__wrapped__", None)) else None for item in items])
+
+
+def adapter_runs(module: Any) -> str | None:
+    """What an adapter module runs (``None`` when ``module`` is not an adapter).
+
+    Example:
+        >>> adapter_runs(object()) is None
+        True
+    """
+    name = type(module).__name__
+    if name not in ("NnxAdapter", "EquinoxAdapter"):
+        return None
+    structure = module.structure if name == "EquinoxAdapter" else module.layer_with_slots(native=False)
+    inner = type(structure).__name__
+    template = getattr(structure, "template", None)
+    original = getattr(template, "class_name", None)
+    return f"{inner}({original})" if original else inner

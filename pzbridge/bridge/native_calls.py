@@ -1,0 +1,324 @@
+"""Native children inside adapters: the named-to-positional bridge a converted model runs on.
+
+When a lifted model is lowered into the *other* framework
+(:func:`pzbridge.bridge.convert.convert`), glue that has no counterpart (a
+traced module's own computation, a pzbridge-only layer) becomes an adapter
+module, but every layer inside it that does have a counterpart should become
+that framework's native class, so the converted model is built from the
+target's own ``nnx.Linear`` / ``eqx.nn.Conv2d`` / ... and trains there like
+one written by hand.
+
+:func:`split_natives` walks a layer and replaces each outermost sub-layer
+that lowers natively by a :class:`NativeSlot` (a placeholder in the
+adapter's static structure, holding the native's calling convention); the
+adapter keeps the native modules as real children. At call time
+:func:`fill_native_slots` puts a :class:`NativeCall` in each slot, which
+turns the named arrays the glue passes into the positional layout the native
+expects (its convention), calls it and names the result again. Extra named
+axes (a batch, a worlds axis) become leading positional axes for modules that
+broadcast over them (NNX: ``batched=True``) or are mapped over with
+:func:`~pzbridge.core.named_axes.nmap` for modules called per example
+(Equinox).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> import pzbridge as pzb
+    >>> from pzbridge.bridge.lifted import CallingConvention
+    >>> call = NativeCall(lambda x: x * 2, CallingConvention((("f",),), ("f",)), batched=True)
+    >>> dict(call(pzb.nx.wrap(jnp.ones((3, 2)), "b", "f")).named_shape)
+    {'b': 3, 'f': 2}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pzbridge.bridge.lifted import CallingConvention
+from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import LowerError, NamedAxisError, PzbridgeError
+from pzbridge.core.selectors import select
+from pzbridge.core.struct import pytree_dataclass, static_field
+from pzbridge.nn.combinators import BranchAndAddTogether, BranchAndMultiplyTogether, Residual, Sequential
+from pzbridge.nn.dataflow import BindSideInputs, Branch, CallChild, Traced
+from pzbridge.nn.layer import Layer
+from pzbridge.nn.switch import Switch
+
+__all__ = [
+    "NATIVE_CHILDREN",
+    "NativeCall",
+    "NativeSlot",
+    "conventions_chain",
+    "fill_native_slots",
+    "is_glue",
+    "native_lowerer",
+    "native_slots",
+    "split_natives",
+    "wants_native_children",
+]
+
+# Key of LowerContext.shared.extras: set (to the AxisNaming) while converting between frameworks.
+NATIVE_CHILDREN = "native_children"
+
+
+def wants_native_children(ctx: Any) -> bool:
+    """Whether adapters made in this lowering should hold native children (only inside a conversion).
+
+    Example:
+        >>> from pzbridge.bridge.context import LowerContext
+        >>> wants_native_children(LowerContext(framework="toy", lower_node=lambda l, c: l))
+        False
+    """
+    return NATIVE_CHILDREN in ctx.shared.extras
+
+
+def native_lowerer(ctx: Any, convention_of: Callable[[Any, Any], CallingConvention | None],
+                   is_native: Callable[[Any], bool],
+                   accept: Callable[[Any], bool] = lambda layer: True
+                   ) -> Callable[[Any, str], tuple[Any, CallingConvention] | None]:
+    """The ``lower_native`` function :func:`split_natives` needs, for one framework's lowering ``ctx``.
+
+    A sub-layer counts as native when ``accept`` takes it, it lowers without
+    error to a module ``is_native`` accepts (not an adapter), and that
+    module's lift rule records a convention with named inputs and one output.
+
+    Example:
+        >>> from pzbridge.bridge.context import LowerContext
+        >>> ctx = LowerContext(framework="toy", lower_node=lambda l, c: "native")
+        >>> conv = CallingConvention((("f",),), ("f",))
+        >>> native_lowerer(ctx, lambda m, naming: conv, lambda m: True)("layer", "a.b")[0]
+        'native'
+    """
+    naming = ctx.shared.extras.get(NATIVE_CHILDREN)
+
+    def lower_native(layer: Any, where: str) -> tuple[Any, CallingConvention] | None:
+        if not accept(layer):
+            return None
+        try:
+            module = ctx.lower_node(layer, ctx.child(*[p for p in where.split(".") if p]))
+        except PzbridgeError:
+            return None
+        if not is_native(module):
+            return None
+        convention = convention_of(module, naming)
+        if convention is None or convention.output is None or not convention.inputs:
+            return None
+        return module, convention
+
+    return lower_native
+
+
+@pytree_dataclass
+class NativeSlot(Layer):
+    """Where an adapter calls its native child ``index`` (a placeholder in the adapter's static structure).
+
+    Attributes:
+      index: Which of the adapter's native children runs here (static).
+      convention: The native's calling convention (names of its positional axes, static).
+      path: Where the child sat in the lifted model, for messages and reports (static).
+
+    Example:
+        >>> NativeSlot(0, CallingConvention((("f",),), ("f",)), "blocks.0.mlp").index
+        0
+    """
+
+    index: int = static_field()
+    convention: CallingConvention = static_field()
+    path: str = static_field(default="")
+
+    def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
+        raise LowerError(
+            f"{self.path or '<root>'}: this native slot is not bound to a module (found an empty slot). "
+            "Fix: call the adapter module that holds it, not its static structure."
+        )
+
+
+@pytree_dataclass
+class NativeCall(Layer):
+    """Runs a native framework module on named arrays, through the module's calling convention.
+
+    Each input's axes named in ``convention.inputs[i]`` become its trailing
+    positional axes; other named axes are vectorised over: as leading
+    positional axes when ``batched`` (the module broadcasts over leading
+    axes, as NNX layers do), else by :func:`~pzbridge.core.named_axes.nmap`
+    (the module is called per example, as Equinox layers are). The output's
+    trailing axes get ``convention.output``'s names back.
+
+    Attributes:
+      module: The native module, or any callable on positional arrays (static).
+      convention: How its positional axes are named (static).
+      batched: Whether it takes leading batch axes itself (static).
+      path: Where it sits in the lifted model, for messages (static).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import pzbridge as pzb
+        >>> double = NativeCall(lambda x: x * 2, CallingConvention((("f",),), ("f",)), batched=False)
+        >>> double(pzb.nx.wrap(jnp.ones((3, 2)), "b", "f")).unwrap("b", "f").tolist()
+        [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
+    """
+
+    module: Any = static_field()
+    convention: CallingConvention = static_field()
+    batched: bool = static_field(default=True)
+    path: str = static_field(default="")
+
+    def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
+        names = self.convention.inputs
+        inputs = tuple(x) if len(names) > 1 else (x,)
+        if len(inputs) != len(names):
+            raise NamedAxisError(
+                f"{self.path or '<root>'}: the native {type(self.module).__name__} takes {len(names)} inputs "
+                f"named {[list(n) for n in names]}, found {len(inputs)}. Fix: check the converted model's glue."
+            )
+        inputs = tuple(nx.wrap(v) if not nx.is_namedarray(v) else v for v in inputs)
+        for value, own in zip(inputs, names):
+            missing = [n for n in own if n not in value.named_shape]
+            if missing:
+                raise NamedAxisError(
+                    f"{self.path or '<root>'}: the native {type(self.module).__name__} needs input axes "
+                    f"{list(own)}; axes {missing} are missing (found named shape {dict(value.named_shape)}). "
+                    "Fix: name the input's axes as the lifted layer expects."
+                )
+        if self.batched:
+            return self._call_batched(inputs)
+        positional = [value.untag(*own) for value, own in zip(inputs, names)]
+        out = nx.nmap(lambda *arrays: self.module(*arrays))(*positional)
+        return self._name_output(out)
+
+    def _call_batched(self, inputs: Sequence[nx.NamedArrayBase]) -> Any:
+        extras: list[str] = []
+        for value, own in zip(inputs, self.convention.inputs):
+            extras += [n for n in value.named_shape if n not in own and n not in extras]
+        arrays = []
+        for value, own in zip(inputs, self.convention.inputs):
+            sizes = dict(value.named_shape)
+            # An input lacking an extra axis (a key without the worlds axis) is broadcast to it.
+            for name in extras:
+                if name not in sizes:
+                    size = next(dict(v.named_shape)[name] for v in inputs if name in v.named_shape)
+                    value = value + nx.zeros({name: size}, dtype=value.dtype)
+            arrays.append(value.unwrap(*extras, *own))
+        out = self.module(*arrays)
+        return nx.wrap(out, *extras, *(self.convention.output or ()))
+
+    def _name_output(self, out: Any) -> Any:
+        names = self.convention.output or ()
+        return out.tag(*names) if names else out
+
+
+def conventions_chain(conventions: Sequence[CallingConvention | None]) -> bool:
+    """Whether modules with these conventions can run one after another positionally (a native Sequential).
+
+    ``None`` marks an elementwise step (a plain function), which keeps the layout.
+
+    Example:
+        >>> f = CallingConvention((("f",),), ("f",))
+        >>> conventions_chain([f, None, f]), conventions_chain([f, CallingConvention((("c", "h"),), ("c", "h"))])
+        (True, False)
+    """
+    previous = None
+    for convention in conventions:
+        if convention is None:
+            continue
+        if len(convention.inputs) != 1 or convention.output is None:
+            return False
+        if previous is not None and tuple(convention.inputs[0]) != tuple(previous):
+            return False
+        previous = convention.output
+    return True
+
+
+def native_slots(structure: Any) -> list[NativeSlot]:
+    """The native slots of an adapter's structure, in order of their index.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> slot = NativeSlot(0, CallingConvention((("f",),), ("f",)))
+        >>> [s.index for s in native_slots(pzb.nn.Sequential([slot]))]
+        [0]
+    """
+    return sorted(select(structure).at_instances_of(NativeSlot).get_sequence(), key=lambda s: s.index)
+
+
+def fill_native_slots(structure: Any, fill: Callable[[NativeSlot], Any]) -> Any:
+    """``structure`` with each :class:`NativeSlot` replaced by ``fill(slot)``.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> slot = NativeSlot(0, CallingConvention((("f",),), ("f",)))
+        >>> fill_native_slots(pzb.nn.Sequential([slot]), lambda s: pzb.nn.Identity())
+        Sequential(sublayers=[Identity()])
+    """
+    selection = select(structure).at_instances_of(NativeSlot)
+    return selection.apply(fill) if selection.count() else structure
+
+
+_GLUE = (Sequential, Residual, BranchAndAddTogether, BranchAndMultiplyTogether, Branch, BindSideInputs, CallChild,
+         Traced, Switch)
+
+
+def is_glue(layer: Any) -> bool:
+    """Whether ``layer`` is glue a conversion opens up (combinators, traced bodies, child calls).
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> is_glue(pzb.nn.Sequential([])), is_glue(pzb.nn.Identity())
+        (True, False)
+    """
+    return isinstance(layer, _GLUE)
+
+
+def split_natives(layer: Any, lower_native: Callable[[Any, str], tuple[Any, CallingConvention] | None],
+                  path: str = "", is_glue: Callable[[Any], bool] = is_glue) -> tuple[Any, list[Any]]:
+    """Replaces each outermost sub-layer of ``layer`` that lowers natively by a :class:`NativeSlot`.
+
+    Only children called by glue are candidates: the glue itself (a traced
+    module's body, combinators such as :class:`~pzbridge.nn.Sequential`) is
+    opened up, while a layer made by a framework rule (an attention layer with
+    its projections) is native as a whole or stays lifted as a whole.
+
+    Args:
+      layer: The lifted layer an adapter will run (never replaced itself).
+      lower_native: ``(sub_layer, path) -> (native_module, convention)``, or
+        None when the sub-layer has no native form (then its own sub-layers
+        are tried).
+      path: The layer's path in the model (for messages).
+
+    Returns:
+      The structure with slots, and the native modules in slot order.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> conv = CallingConvention((("f",),), ("f",))
+        >>> seq = pzb.nn.Sequential([pzb.nn.Identity(), pzb.nn.Softmax("f")])
+        >>> native = lambda sub, where: ("softmax", conv) if isinstance(sub, pzb.nn.Softmax) else None
+        >>> structure, natives = split_natives(seq, native)
+        >>> natives, type(structure.sublayers[1]).__name__
+        (['softmax'], 'NativeSlot')
+    """
+    natives: list[Any] = []
+
+    def visit(node: Any, where: str) -> Any:
+        glue = is_glue(node)
+        if not glue or isinstance(node, Sequential):  # A Sequential may have a native container.
+            found = lower_native(node, where)
+            if found is not None:
+                natives.append(found[0])
+                return NativeSlot(len(natives) - 1, found[1], where)
+        # Glue is opened up; any other layer without a native form stays lifted as a whole (its
+        # parts are named by its own rule, not as the target's layers name them).
+        return descend(node, where) if glue else node
+
+    def descend(node: Any, where: str) -> Any:
+        selection = select(node).at_subtrees_where(lambda t: isinstance(t, Layer) and t is not node)
+        if not selection.count():
+            return node
+        return selection.apply(lambda keypath, sub: visit(sub, _join(where, keypath)), with_keypath=True)
+
+    return (descend(layer, path) if is_glue(layer) else layer), natives
+
+
+def _join(where: str, keypath: Any) -> str:
+    parts = [str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in keypath]
+    return ".".join([p for p in (where, *parts) if p])
