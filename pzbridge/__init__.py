@@ -61,7 +61,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "lower": ("pzbridge.bridge.api", "lower"),
 }
 
-__all__ = sorted(_EXPORTS)
+# ``slice`` stays out of ``__all__``: ``from pzbridge import *`` must not hide the builtin.
+__all__ = sorted(name for name in _EXPORTS if name != "slice")
 
 if TYPE_CHECKING:
     # What type checkers and IDEs see: the same names as _EXPORTS, imported

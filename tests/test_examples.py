@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -16,11 +18,37 @@ def test_examples_folder_has_the_documented_scripts() -> None:
     assert {"inspect_equinox_model.py", "ablate_and_patch.py"} <= names
 
 
+@functools.cache
+def run_example(script: pathlib.Path) -> subprocess.CompletedProcess:
+    """Runs one example once per test session (the RESULT checks below reuse the run)."""
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=script.parent.parent,
+        check=False,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES, ids=[path.stem for path in EXAMPLES])
 def test_example_runs_and_reports_ok(script: pathlib.Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=script.parent.parent
-    )
+    result = run_example(script)
     assert result.returncode == 0, f"{script.name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     assert "OK" in result.stdout
+
+
+def result_line(script_name: str) -> dict[str, float]:
+    """The figures of an example's last line, ``RESULT name: key=value key=value``."""
+    script = next(path for path in EXAMPLES if path.name == script_name)
+    result = run_example(script)
+    assert result.returncode == 0, f"{script_name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    last = result.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(rf"RESULT {script.stem}: ((?:\w+=\S+ ?)+)", last)
+    assert match, f"{script_name}: the last line is not a RESULT line: {last!r}"
+    return {key: float(value) for key, value in (pair.split("=") for pair in match.group(1).split())}
+
+
+@pytest.mark.slow
+def test_induction_heads_knockout_meets_the_targets() -> None:
+    figures = result_line("induction_heads.py")
+    assert set(figures) == {"knockout_fraction", "other_heads_max_fraction"}
+    assert figures["knockout_fraction"] >= 0.7
+    assert figures["other_heads_max_fraction"] <= 0.3

@@ -56,3 +56,15 @@ def test_checkpoint_and_training_names():
     assert all(name in pzb.checkpoint.__all__ and hasattr(pzb.checkpoint, name) for name in CHECKPOINT_NAMES)
     assert all(name in training.__all__ and hasattr(training, name) for name in TRAINING_NAMES)
     assert pzb.toolshed.CheckpointManager is pzb.checkpoint.CheckpointManager
+
+
+INTERVENTION_NAMES = [
+    "Where", "capture_intermediates", "capture_shapes", "capture_all", "isolate", "Isolated", "ablate",
+    "knockout_heads", "insert_intervention", "patch_activations", "AtIndex", "Ablate", "ZeroAblation",
+    "AddVector", "Patch", "InterveneWith", "patch_worlds", "stack_worlds", "unstack_worlds", "RouteWorlds",
+]
+
+
+@pytest.mark.parametrize("name", INTERVENTION_NAMES)
+def test_toolshed_intervention_names_resolve(name):
+    assert getattr(pzb.toolshed, name) is not None

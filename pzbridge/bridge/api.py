@@ -102,7 +102,7 @@ def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | No
     if overrides is not None:
         overrides.check_used()
     convention = body.convention if isinstance(body, (Traced, LayerStack)) else None
-    convention = convention or traversal.RULES.convention_of(module, naming)
+    convention = convention or getattr(body, "traced_convention", None) or traversal.RULES.convention_of(module, naming)
     return LiftedModel(body, framework, convention or CallingConvention())
 
 
@@ -145,7 +145,10 @@ def lower(lifted: Any, *, framework: str | None = None, convention: CallingConve
     if framework in ("equinox", "nnx") and (convention is not None or crossing):
         from pzbridge.bridge.cross_lowering import converted_convention, lower_with_convention
 
-        return lower_with_convention(body, framework, convention or converted_convention(lifted, framework))
+        if convention is not None:
+            return lower_with_convention(body, framework, convention)
+        return lower_with_convention(body, framework, converted_convention(lifted, framework),
+                                     unit_batch=framework == "equinox")
     if framework in ("equinox", "nnx"):
         ctx = traversal_of(framework).new_lower_context()
         return ctx.lower_node(body, ctx)

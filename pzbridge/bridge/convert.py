@@ -9,7 +9,8 @@ converts the calling convention:
 
 - Equinox -> NNX: the model was called per example (batched by the caller's
   ``jax.vmap``); the NNX module is called on a batch,
-  ``converted(*batched) == jax.vmap(model)(*batched)``.
+  ``converted(*batched) == jax.vmap(model)(*batched)``; array keyword
+  arguments (a mask) get the batch axis in front too.
 - NNX -> Equinox: the module was called on a batch; the Equinox model is
   called per example, ``jax.vmap(converted)(*batch) == model(*batch)``.
 
@@ -173,7 +174,7 @@ def convert_with_report(model: Any, *example_args: Any, to: str, example_kwargs:
 def _lower_converted(lifted: LiftedModel, source: str, target: str, naming: AxisNaming, args: Sequence[Any],
                      kwargs: Mapping[str, Any]) -> Any:
     root = root_convention(lifted, source, naming, _output_names(lifted, args, kwargs))
-    return lower_with_convention(lifted.body, target, root, naming)
+    return lower_with_convention(lifted.body, target, root, naming, unit_batch=source == "nnx")
 
 
 def _output_names(lifted: LiftedModel, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[str, ...] | None:
@@ -238,6 +239,10 @@ def _join(a: str, b: str) -> str:
     return f"{a}.{b}" if a and b else a or b
 
 
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) > 0
+
+
 def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, args: Sequence[Any],
             kwargs: dict[str, Any]) -> None:
     """Raises when the converted model does not compute what the original computes on the examples."""
@@ -250,7 +255,8 @@ def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, args: 
 
         probe = nnx.clone(converted)  # Running may update state (batch statistics, RNG counts): not the user's.
         batched = [jnp.asarray(a)[None] for a in args]
-        got = jax.tree_util.tree_map(lambda y: y[0], probe(*batched, **kwargs))
+        batched_kwargs = {k: jnp.asarray(v)[None] if _is_array(v) else v for k, v in kwargs.items()}
+        got = jax.tree_util.tree_map(lambda y: y[0], probe(*batched, **batched_kwargs))
     else:
         got = jax.vmap(lambda *a: converted(*a, **kwargs))(*args)
     want_leaves, got_leaves = jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)

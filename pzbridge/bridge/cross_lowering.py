@@ -34,7 +34,11 @@ __all__ = ["adapter_runs", "converted_convention", "lower_with_convention", "roo
 
 def root_convention(lifted: LiftedModel, source: str, naming: AxisNaming,
                      output: tuple[str, ...] | None) -> CallingConvention:
-    """The converted root's convention: the source's, with the batch axis added (to NNX) or removed (to Equinox).
+    """The converted root's convention: the source's, with the batch axis added (Equinox to NNX).
+
+    An NNX source keeps its convention (batched, possibly naming ``batch``):
+    the Equinox root adds a unit batch axis around each per-example call
+    (``lower_with_convention(..., unit_batch=True)``).
 
     Example:
         >>> import jax, equinox as eqx
@@ -60,14 +64,13 @@ def root_convention(lifted: LiftedModel, source: str, naming: AxisNaming,
             )
         add = lambda names: (batch, *names)  # noqa: E731
         output = None if convention.output is None else add(convention.output)
-        return CallingConvention(tuple(add(n) for n in convention.inputs), output, convention.side_names)
-    drop = lambda names: tuple(n for n in names if n != batch)  # noqa: E731
-    output = None if convention.output is None else drop(convention.output)
-    return CallingConvention(tuple(drop(n) for n in convention.inputs), output, convention.side_names)
+        return CallingConvention(tuple(add(n) for n in convention.inputs), output, convention.side_names,
+                                 batched_keywords=batch)
+    return convention
 
 
 def converted_convention(lifted: LiftedModel, target: str, naming: AxisNaming | None = None) -> CallingConvention:
-    """The calling convention ``lifted`` gets in ``target``: a batch axis added (to NNX) or dropped (to Equinox).
+    """The calling convention ``lifted`` gets in ``target`` (a batch axis added from Equinox to NNX).
 
     Example:
         >>> import jax, equinox as eqx
@@ -83,7 +86,7 @@ def converted_convention(lifted: LiftedModel, target: str, naming: AxisNaming | 
 
 
 def lower_with_convention(body: Any, target: str, convention: CallingConvention,
-                          naming: AxisNaming | None = None) -> Any:
+                          naming: AxisNaming | None = None, unit_batch: bool = False) -> Any:
     """Lowers ``body`` into ``target`` as a module called positionally by ``convention``.
 
     Every sub-layer with a counterpart becomes the target's native class;
@@ -97,6 +100,9 @@ def lower_with_convention(body: Any, target: str, convention: CallingConvention,
       target: ``"nnx"`` or ``"equinox"``.
       convention: Names of the positional axes of each input and of the output.
       naming: The axis naming of the natives' conventions.
+      unit_batch: Equinox only: ``convention`` describes a batched call (an
+        NNX model's); the Equinox root, called per example, adds a batch axis
+        of size one around the call (exact for per-example computations).
 
     Example:
         >>> import jax.numpy as jnp
@@ -122,7 +128,7 @@ def lower_with_convention(body: Any, target: str, convention: CallingConvention,
         return NnxAdapter.wrap(body, ctx, convention)
     from pzbridge.bridge.equinox.adapter import EquinoxAdapter
 
-    return EquinoxAdapter.wrap(body, ctx, convention)
+    return EquinoxAdapter.wrap(body, ctx, convention, unit_batch=unit_batch)
 
 
 def _native_root(body: Any, traversal: Any, ctx: Any, root: CallingConvention,

@@ -47,6 +47,9 @@ class CallingConvention(Struct):
     inputs: tuple[tuple[str, ...], ...] = static_field(default=())
     output: tuple[str, ...] | None = static_field(default=None)
     side_names: tuple[str, ...] = static_field(default=())
+    # Set on a converted model's root (an Equinox model called on a batch): array keyword arguments
+    # and extra positional ones carry a leading batch axis of this name, the rest stay as the model takes them.
+    batched_keywords: str = static_field(default="")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(tuple(names) for names in self.inputs))
@@ -71,6 +74,9 @@ class CallingConvention(Struct):
         """
         named = self.name_inputs(list(args))
         side = dict(kwargs)
+        if self.batched_keywords:
+            side = {k: nx.wrap(v).tag_prefix(self.batched_keywords) if _is_plain_array(v) else v
+                    for k, v in side.items()}
         if self.side_names:
             side.update(zip(self.side_names, named[1:]))
             return named[0], side
@@ -88,6 +94,9 @@ class CallingConvention(Struct):
         named = []
         for index, arg in enumerate(args):
             names = self.inputs[index] if index < len(self.inputs) else ()
+            if not names and self.batched_keywords and _is_plain_array(arg):
+                named.append(nx.wrap(arg).tag_prefix(self.batched_keywords))  # An extra argument (a mask).
+                continue
             if not names or not hasattr(arg, "shape"):
                 named.append(nx.wrap(arg) if hasattr(arg, "shape") else arg)
                 continue
@@ -115,6 +124,10 @@ class CallingConvention(Struct):
             return leaf.untag(*remaining, *names).unwrap() if (names or remaining) else leaf.unwrap()
 
         return jax.tree_util.tree_map(unname, out, is_leaf=nx.is_namedarray)
+
+
+def _is_plain_array(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not nx.is_namedarray(value) and value.ndim > 0
 
 
 def _tag_trailing(arg: Any, names: Sequence[str]) -> nx.NamedArrayBase:

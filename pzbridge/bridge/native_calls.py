@@ -34,7 +34,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pzbridge.bridge.lifted import CallingConvention
+import jax
+
+from pzbridge.bridge.lifted import CallingConvention, name_trailing_axes
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LowerError, NamedAxisError, PzbridgeError
 from pzbridge.core.selectors import select
@@ -183,8 +185,14 @@ class NativeCall(Layer):
         if self.batched:
             return self._call_batched(inputs)
         positional = [value.untag(*own) for value, own in zip(inputs, names)]
-        out = nx.nmap(lambda *arrays: self.module(*arrays))(*positional)
-        return self._name_output(out)
+        return self._name_output(nx.nmap(self._per_example)(*positional))
+
+    def _per_example(self, *arrays: Any) -> Any:
+        # Leading positional axes (an NNX model's unnamed batch) are mapped over too.
+        run = self.module
+        for _ in range(arrays[0].ndim - len(self.convention.inputs[0])):
+            run = jax.vmap(run)
+        return run(*arrays)
 
     def _call_batched(self, inputs: Sequence[nx.NamedArrayBase]) -> Any:
         extras: list[str] = []
@@ -200,11 +208,12 @@ class NativeCall(Layer):
                     value = value + nx.zeros({name: size}, dtype=value.dtype)
             arrays.append(value.unwrap(*extras, *own))
         out = self.module(*arrays)
-        return nx.wrap(out, *extras, *(self.convention.output or ()))
+        # Leading positional axes the input had (an NNX model's unnamed batch) stay positional, in front.
+        return name_trailing_axes(nx.wrap(out), (*extras, *(self.convention.output or ())))
 
     def _name_output(self, out: Any) -> Any:
         names = self.convention.output or ()
-        return out.tag(*names) if names else out
+        return name_trailing_axes(out, names) if names else out
 
 
 def conventions_chain(conventions: Sequence[CallingConvention | None]) -> bool:

@@ -44,13 +44,23 @@ from typing import Any
 import jax
 
 from pzbridge.core import named_axes as nx
-from pzbridge.core.errors import NamedAxisError, PzbridgeError, SelectionError, format_path
+from pzbridge.core.errors import (
+    NamedAxisError,
+    PzbridgeError,
+    SelectionError,
+    format_path,
+)
 from pzbridge.core.selectors import KeyPath, select
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.nn.attention import AttendToValues
 from pzbridge.nn.layer import Layer
 from pzbridge.nn.linear import Linear
-from pzbridge.toolshed.intermediates import LayerSelector, capture_intermediates, insert_layers, side_of
+from pzbridge.toolshed.intermediates import (
+    LayerSelector,
+    capture_intermediates,
+    insert_layers,
+    side_of,
+)
 from pzbridge.toolshed.interventions import Ablate, AtIndex, Patch, ZeroAblation
 from pzbridge.toolshed.where import IndexEntry, Where
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 
 from pzbridge.core.errors import PzbridgeError, SelectionError, format_path
 from pzbridge.core.selectors import select
@@ -41,7 +42,12 @@ from pzbridge.core.variables import (
     unbind_variables,
 )
 from pzbridge.nn.layer import Layer
-from pzbridge.toolshed.intermediates import LayerSelector, SaveIntermediate, capture_intermediates, resolve_selection
+from pzbridge.toolshed.intermediates import (
+    LayerSelector,
+    SaveIntermediate,
+    capture_intermediates,
+    resolve_selection,
+)
 
 __all__ = ["Isolated", "RecordCall", "capture_all", "capture_shapes", "isolate"]
 
@@ -184,7 +190,9 @@ class Isolated(Layer):
       layer: The submodel with its variables unbound.
       variables: Frozen values of its variables at call time.
       inputs: The input it received.
-      side_inputs: The side inputs it received.
+      array_side_inputs: The side inputs it received whose leaves are all arrays.
+      static_side_inputs: The other side inputs (``(name, value)`` pairs,
+        static: axis sizes, flags), so ``jax.jit`` can take an ``Isolated``.
       output: The output it returned.
       path: Its path in the source model (static).
 
@@ -200,9 +208,15 @@ class Isolated(Layer):
     layer: Any
     variables: tuple[AbstractVariableValue, ...]
     inputs: Any
-    side_inputs: dict[str, Any]
+    array_side_inputs: dict[str, Any]
     output: Any
+    static_side_inputs: tuple[tuple[str, Any], ...] = static_field(default=())
     path: str = static_field(default="")
+
+    @property
+    def side_inputs(self) -> dict[str, Any]:
+        """Every side input it received (array and static ones)."""
+        return {**self.array_side_inputs, **dict(self.static_side_inputs)}
 
     def __call__(self, x: Any = None, /, **side_inputs: Any) -> Any:
         return self.run(x, **side_inputs)
@@ -268,6 +282,13 @@ def isolate(model: Any, selection: LayerSelector, x: Any, /, **side_inputs: Any)
             "a child that a Foreign layer's code does not call). Fix: select a layer this input reaches."
         )
     slots, _ = unbind_variables(node)
-    return Isolated(slots, tuple(record["state"]), record["inputs"], record["side_inputs"], record["output"],
+    arrays = {name: value for name, value in record["side_inputs"].items() if _all_arrays(value)}
+    static = tuple((name, value) for name, value in record["side_inputs"].items() if name not in arrays)
+    return Isolated(slots, tuple(record["state"]), record["inputs"], arrays, record["output"], static,
                     format_path(path))
+
+
+def _all_arrays(value: Any) -> bool:
+    leaves = jax.tree_util.tree_leaves(value)
+    return bool(leaves) and all(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
 

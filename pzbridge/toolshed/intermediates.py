@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp  # noqa: F401  (used by doctests)
@@ -68,7 +68,7 @@ __all__ = [
     "side_of",
 ]
 
-LayerSelector = Union[Where, Selection, type, tuple, Callable[[Any], bool]]
+LayerSelector = Where | Selection | type | tuple | Callable[[Any], bool]
 """What the toolshed accepts to say *where*: a Where, a Selection, a class (or tuple of classes), or a predicate."""
 
 CAPTURE_LABEL_PREFIX = "captured:"

@@ -54,9 +54,19 @@ from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError, PzbridgeError, format_path
 from pzbridge.core.selectors import KeyPath
 from pzbridge.core.struct import pytree_dataclass, static_field
-from pzbridge.core.variables import AbstractVariable, AbstractVariableSlot, AbstractVariableValue, stateless_call
+from pzbridge.core.variables import (
+    AbstractVariable,
+    AbstractVariableSlot,
+    AbstractVariableValue,
+    stateless_call,
+)
 from pzbridge.nn.layer import Layer
-from pzbridge.toolshed.intermediates import LayerSelector, capture_intermediates, insert_layers, side_of
+from pzbridge.toolshed.intermediates import (
+    LayerSelector,
+    capture_intermediates,
+    insert_layers,
+    side_of,
+)
 from pzbridge.toolshed.where import Where
 
 __all__ = [

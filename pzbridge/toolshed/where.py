@@ -44,18 +44,28 @@ import dataclasses
 import fnmatch
 import re
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from pzbridge.core import named_axes as nx
-from pzbridge.core.errors import NamedAxisError, PzbridgeError, SelectionError, format_path
+from pzbridge.core.errors import (
+    NamedAxisError,
+    PzbridgeError,
+    SelectionError,
+    format_path,
+)
 from pzbridge.core.selectors import KeyPath, Selection, select
-from pzbridge.core.variables import AbstractVariable, AbstractVariableSlot, AbstractVariableValue
+from pzbridge.core.variables import (
+    AbstractVariable,
+    AbstractVariableSlot,
+    AbstractVariableValue,
+)
 from pzbridge.nn.dataflow import CallChild
 from pzbridge.nn.layer import Layer
 
-__all__ = ["AxisSlice", "IndexEntry", "Where", "WHERE_FORMAT"]
+__all__ = ["WHERE_FORMAT", "AxisSlice", "IndexEntry", "Where"]
 
 WHERE_FORMAT = 1
 """Version of the JSON form written by :meth:`Where.to_json`."""
@@ -103,7 +113,7 @@ class AxisSlice:
         return slice(self.start, self.stop, self.step)
 
 
-IndexEntry = Union[int, tuple[int, ...], AxisSlice]
+IndexEntry = int | tuple[int, ...] | AxisSlice
 """One axis's index in a :class:`Where`: a position, several positions, or a slice."""
 
 
@@ -172,8 +182,6 @@ def _collect_calls(node: Any, prefix: KeyPath, module: str, found: dict[KeyPath,
 
 
 def _attr_key(name: str) -> KeyPath:
-    import jax
-
     return (jax.tree_util.GetAttrKey(name),)
 
 
@@ -267,9 +275,7 @@ class Where:
         if self.label and not any(fnmatch.fnmatchcase(_normalized_path(text), _normalized_path(self.label))
                                   for text in _labels_held(node)):
             return False
-        if self.module and (module is None or not fnmatch.fnmatchcase(module, _normalized_path(self.module))):
-            return False
-        return True
+        return not (self.module and (module is None or not fnmatch.fnmatchcase(module, _normalized_path(self.module))))
 
     def select(self, model: Any) -> Selection:
         """The layers of ``model`` this ``Where`` names, as a non-empty :class:`Selection`.

@@ -24,11 +24,18 @@ from pzbridge.toolshed.ablation import Resample, ablate, head_sites, knockout_he
 from pzbridge.toolshed.where import Where
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from intervention_models import (  # noqa: E402
-    D_MODEL, HEAD_SIZE, HEADS, eqx_mha, lifted_tiny_lm, nnx_mha, pzb_attention, stream, tokens,
+from intervention_models import (
+    D_MODEL,
+    HEADS,
+    eqx_mha,
+    lifted_tiny_lm,
+    nnx_mha,
+    pzb_attention,
+    stream,
+    tokens,
 )
 
-TOL = dict(rtol=2e-5, atol=2e-5)
+TOL = {"rtol": 2e-5, "atol": 2e-5}
 
 
 def forward(model, toks: jax.Array, edit=None) -> jax.Array:

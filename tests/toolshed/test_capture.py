@@ -20,7 +20,14 @@ from pzbridge.toolshed.intermediates import capture_intermediates
 from pzbridge.toolshed.where import Where
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from intervention_models import D_MODEL, lifted_tiny_lm, nnx_mha, pzb_attention, stream, tokens  # noqa: E402
+from intervention_models import (
+    D_MODEL,
+    lifted_tiny_lm,
+    nnx_mha,
+    pzb_attention,
+    stream,
+    tokens,
+)
 
 
 def shape_of(value: Any) -> tuple:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +14,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pzbridge as pzb
-from pzbridge.core.errors import NamedAxisError, PzbridgeError, SelectionError, format_path
+from pzbridge.core.errors import (
+    NamedAxisError,
+    PzbridgeError,
+    SelectionError,
+    format_path,
+)
 from pzbridge.toolshed.intermediates import capture_intermediates
-from pzbridge.toolshed.interventions import AtIndex, InterveneWith, ZeroAblation, insert_intervention, patch_activations
+from pzbridge.toolshed.interventions import (
+    AtIndex,
+    InterveneWith,
+    ZeroAblation,
+    insert_intervention,
+    patch_activations,
+)
 from pzbridge.toolshed.where import AxisSlice, Where
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from intervention_models import D_MODEL, HEADS, lifted_tiny_lm, tokens  # noqa: E402
+from intervention_models import D_MODEL, HEADS, lifted_tiny_lm, tokens
 
 # -- data form ------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 from typing import Any
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox.foreign_state import report_state
@@ -77,10 +79,12 @@ class EquinoxAdapter(eqx.Module):
     calls_like: type | None = eqx.field(static=True, default=None)
     # Native Equinox children (a converted model's eqx.nn.Linear, ...), called from NativeSlots.
     natives: tuple[Any, ...] = ()
+    # A converted NNX model: the convention is batched, so each per-example call gets a batch axis of size one.
+    unit_batch: bool = eqx.field(static=True, default=False)
 
     @classmethod
     def wrap(cls, layer: Any, ctx: LowerContext, convention: CallingConvention | None = None,
-             calls_like: type | None = None) -> EquinoxAdapter:
+             calls_like: type | None = None, unit_batch: bool = False) -> EquinoxAdapter:
         """Lowers ``layer`` into an adapter (its variables frozen into leaves).
 
         Args:
@@ -91,6 +95,9 @@ class EquinoxAdapter(eqx.Module):
             (with ``calls_like``: inputs beyond the convention stay unnamed).
           calls_like: The class whose call signature the adapter takes (see
             :meth:`__call__`); None takes ``(x, *args, key=None, **side_inputs)``.
+          unit_batch: ``convention`` is batched (a converted NNX model): each
+            call adds a leading axis of size one to the inputs and removes it
+            from the outputs.
         """
         natives: list[Any] = []
         if wants_native_children(ctx):
@@ -102,7 +109,8 @@ class EquinoxAdapter(eqx.Module):
         structure, values = unbind_variables(layer, freeze=True)
         # Arrays held directly by the layer (not in variables) must be leaves, not static data.
         arrays, structure = eqx.partition(structure, is_array)
-        return cls(tuple(values), arrays, structure, convention or CallingConvention(), calls_like, tuple(natives))
+        return cls(tuple(values), arrays, structure, convention or CallingConvention(), calls_like, tuple(natives),
+                   unit_batch)
 
     def _layer_with_slots(self, native: bool = True) -> Any:
         layer = eqx.combine(self.arrays, self.structure)
@@ -128,10 +136,13 @@ class EquinoxAdapter(eqx.Module):
             convention = self.convention if self.convention.inputs else _default_convention(args[0] if args else None)
         if side.get("key", 0) is None:
             del side["key"]
+        if self.unit_batch:
+            inputs = [jnp.asarray(a)[None] if hasattr(a, "shape") else a for a in inputs]
         x, side = convention.split_call(inputs, side)
         out, new_state = stateless_call(self._layer_with_slots(), self.values, x, **side)
         report_state(new_state, self.values)
-        return convention.unname_output(out)
+        out = convention.unname_output(out)
+        return jax.tree_util.tree_map(lambda y: y[0], out) if self.unit_batch else out
 
     def lifted_layer(self) -> Any:
         """The pzbridge layer with fresh mutable variables (used when re-lifting).

@@ -29,8 +29,14 @@ Where NNX and Equinox differ beyond layout (documented per rule and pinned by
   a traced model's decode step lowers as an adapter over the same table;
 - ``nnx.Einsum`` lowered to ``eqx.nn.Linear``: positionally the same map, but
   Equinox names both axes ``features`` where the einsum named them by letter;
-- ``nnx.GroupNorm`` becomes ``eqx.nn.GroupNorm``, which takes channels first
-  (``(C, *spatial)`` per example) where NNX takes them last.
+- ``nnx.GroupNorm`` becomes ``eqx.nn.GroupNorm`` and ``nnx.BatchNorm``
+  ``eqx.nn.BatchNorm`` (its statistics in an ``eqx.nn.State``), both taking
+  channels first (``(C, *spatial)`` per example) where NNX takes them last;
+  inside a conversion (``pzb.convert``) both keep the adapter, since their
+  Equinox conventions cannot describe that layout (or thread the State);
+- NNX recurrent cells keep the adapter: they are called ``(carry, x) ->
+  (carry, y)``, Equinox's ``(x, hidden) -> hidden``, so an ``eqx.nn.GRUCell``
+  could not stand in for one positionally.
 
 See ``docs/architecture.md`` ("The lift / lower contract").
 
@@ -59,6 +65,8 @@ from pzbridge.bridge.equinox.adapter import EquinoxAdapter
 from pzbridge.bridge.equinox.state import _OUT_KEY as _STATE_OUT_KEY
 from pzbridge.bridge.equinox.traversal import EQUINOX, equinox_rule, new_module
 from pzbridge.bridge.lifted import CallingConvention
+from pzbridge.bridge.naming import AxisNaming
+from pzbridge.bridge.native_calls import wants_native_children
 from pzbridge.bridge.nnx.attention import NnxAttention, kernel_layers
 from pzbridge.bridge.nnx.containers import NnxSequential
 from pzbridge.bridge.nnx.embed import NnxEmbed
@@ -67,7 +75,6 @@ from pzbridge.bridge.nnx.linear import NnxEinsum, NnxLinear, NnxLinearGeneral
 from pzbridge.bridge.nnx.norm import NnxBatchNorm, NnxLayerNorm, NnxRMSNorm
 from pzbridge.bridge.nnx.prelu import NnxPReLU
 from pzbridge.bridge.nnx.variables import storage_names
-from pzbridge.bridge.naming import AxisNaming
 from pzbridge.core import named_axes as nx
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.nn.basic import NamedEinsum
@@ -200,7 +207,9 @@ class NnxGroupNormToEquinox:
     Equinox takes channels first (``(C, *spatial)`` per example) where NNX
     takes them last, and has scale and bias both or neither: a GroupNorm with
     only one of them, non-float32 parameters or named ``across_axes`` keeps
-    the adapter.
+    the adapter. So does one lowered inside a conversion (``pzb.convert``):
+    the convention Equinox's lift rule records for ``eqx.nn.GroupNorm``
+    names no axis, so the converter could not lay its input out.
     """
 
     def lower(self, layer: NnxGroupNorm, ctx: LowerContext) -> Any:
@@ -210,7 +219,8 @@ class NnxGroupNormToEquinox:
         channels = params[0].value.named_shape.get(c) if params else (
             config["num_groups"] * config["group_size"] if config is not None else None)
         fits = (len(params) in (0, 2) and not layer.across_axes and layer.dtype is None and _float32(*params)
-                and all(storage_names(p) == (c,) for p in params) and channels is not None)
+                and all(storage_names(p) == (c,) for p in params) and channels is not None
+                and not wants_native_children(ctx))
         if not fits:
             return EquinoxAdapter.wrap(OneExample(layer), ctx, CallingConvention(((c,),), (c,)))
         weight = None if layer.scale is None else ctx.child("weight").array(layer.scale, (c,))
@@ -252,13 +262,16 @@ class OneExample(Layer):
 
 
 def saturated_counter(momentum: float) -> int | None:
-    """The smallest step count at which Equinox's debiasing ``1 - momentum**count`` is exactly 1 in float32.
+    """A step count from which on Equinox's debiasing divisor ``1 - momentum**count`` is exactly 1 in float32.
 
     NNX's running averages are not debiased; ``eqx.nn.BatchNorm(mode="batch")``
     divides its running averages by ``1 - momentum**count``. Starting the
     Equinox counter here makes that divisor exactly 1 now and at every later
-    step, so the Equinox statistics are NNX's, update for update. None when no
-    such count fits an int32 (``momentum`` of 1 or outside ``[0, 1)``).
+    step (``momentum**count`` only shrinks), so the Equinox statistics are
+    NNX's, update for update. The count is the first one with
+    ``momentum**count <= 2**-25``, raised where float32's power rounds up.
+    None when no such count fits an int32 (``momentum`` of 1 or outside
+    ``[0, 1)``).
 
     Example:
         >>> saturated_counter(0.99), saturated_counter(0.0), saturated_counter(1.0)
@@ -300,14 +313,17 @@ class NnxBatchNormToEquinox:
     (``(C, *spatial)`` per example): call it as
     ``jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))``.
     Scale without bias (or the reverse), a compute dtype, non-float32
-    parameters or a momentum of 1 keep the adapter.
+    parameters or a momentum of 1 keep the adapter, as does a BatchNorm
+    lowered inside a conversion (``pzb.convert``): a converted model is
+    called without a State.
     """
 
     def lower(self, layer: NnxBatchNorm, ctx: LowerContext) -> Any:
         f = storage_names(layer.running_mean)
         params = [p for p in (layer.scale, layer.bias) if p is not None]
         counter = saturated_counter(float(layer.momentum))
-        fits = (len(f) == 1 and storage_names(layer.running_var) == f and len(params) in (0, 2)
+        fits = (not wants_native_children(ctx) and len(f) == 1 and storage_names(layer.running_var) == f
+                and len(params) in (0, 2)
                 and all(storage_names(p) == f for p in params) and layer.mode == "batch" and not layer.debias
                 and layer.dtype is None and _float32(*params, layer.running_mean, layer.running_var)
                 and counter is not None)

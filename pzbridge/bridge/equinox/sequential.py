@@ -32,9 +32,12 @@ from pzbridge.bridge.equinox.traversal import (
 )
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.registry import memoised
-from pzbridge.core.struct import pytree_dataclass
+from pzbridge.bridge.tracing.container_examples import item_examples
+from pzbridge.bridge.tracing.example import Example
+from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.nn.basic import Elementwise
 from pzbridge.nn.combinators import Identity, Sequential
+from pzbridge.nn.dataflow import Traced
 from pzbridge.nn.foreign import Foreign
 
 
@@ -42,11 +45,16 @@ from pzbridge.nn.foreign import Foreign
 class EqxSequential(Sequential):
     """``eqx.nn.Sequential`` lifted: a ``key`` side input is split per layer, as Equinox does.
 
+    ``traced_convention`` is the calling convention when some items were
+    traced (lifted with an example): their names come from the trace.
+
     Example:
         >>> import pzbridge as pzb
         >>> EqxSequential([pzb.nn.Identity()])(1, key=jax.random.key(0))
         1
     """
+
+    traced_convention: CallingConvention | None = static_field(default=None)
 
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
         key = side_inputs.get("key")
@@ -114,8 +122,18 @@ class SequentialRule:
     """
 
     def lift(self, module: eqx.nn.Sequential, ctx: LiftContext) -> EqxSequential:
-        layers = [ctx.lift(layer, "layers", i) for i, layer in enumerate(module.layers)]
+        # With an example, each custom item is traced with the value that reaches it.
+        examples = item_examples(module.layers, ctx.example, lambda layer, x: layer(x, key=None))
         conventions = [_convention_of(layer, ctx.naming) for layer in module.layers]
+        layers = []
+        for i, (layer, example) in enumerate(zip(module.layers, examples)):
+            before = next((c.output for c in reversed(conventions[:i]) if c and c.output is not None), None)
+            if example is not None and before is not None and len(before) == len(example.args[0].shape):
+                example = Example(example.args, example.kwargs, (tuple(before),))
+            child = ctx.child("layers", i)
+            layers.append(ctx.lift_node(layer, child.with_example(example) if example is not None else child))
+            if isinstance(layers[-1], Traced):
+                conventions[i] = layers[-1].convention
         for i, lifted in enumerate(layers):
             if isinstance(lifted, Foreign):
                 # An unknown module's own axes are named by its neighbours.
@@ -123,7 +141,13 @@ class SequentialRule:
                 after = next((c.inputs[0] for c in conventions[i + 1 :] if c and c.inputs), None)
                 inputs = before if before is not None else (after or ())
                 layers[i] = with_names(lifted, inputs, after if after is not None else inputs)
-        return EqxSequential(layers)
+        traced = None
+        if any(isinstance(layer, Traced) for layer in layers):
+            # Traced items know their names, which the original modules' rules could not say.
+            head = next((c for c in conventions if c is not None and c.inputs), None)
+            tail = next((c for c in reversed(conventions) if c is not None and c.output is not None), None)
+            traced = None if head is None or tail is None else CallingConvention(head.inputs[:1], tail.output)
+        return EqxSequential(layers, traced_convention=traced)
 
     def convention(self, module: eqx.nn.Sequential, naming: Any) -> CallingConvention | None:
         """The first named layer's input names and the last one's output names.

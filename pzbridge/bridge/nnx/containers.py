@@ -29,6 +29,7 @@ from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.lifted import CallingConvention, name_trailing_axes
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.nnx.statics import NnxStatics
+from pzbridge.bridge.tracing.container_examples import item_examples
 from pzbridge.bridge.nnx.traversal import (
     NNX,
     call_batched,
@@ -42,6 +43,7 @@ from pzbridge.core.variable_base import AbstractVariable
 from pzbridge.core.variables import AbstractVariableValue
 from pzbridge.nn.basic import Elementwise, RenameAxes
 from pzbridge.nn.combinators import Sequential
+from pzbridge.nn.dataflow import Traced
 from pzbridge.nn.foreign import Foreign
 from pzbridge.nn.layer import Layer
 
@@ -228,6 +230,14 @@ def _join(current: tuple[str, ...], ins: tuple[str, ...], outs: tuple[str, ...],
     return NnxRetag(current, ins), outs
 
 
+def _run_item(item: Any, x: Any) -> Any:
+    """Runs one ``nnx.Sequential`` item on an abstract value without touching it (a merged copy runs)."""
+    if not isinstance(item, nnx.Module):
+        return item(x)
+    graphdef, state = nnx.split(item)
+    return nnx.merge(graphdef, state)(x)
+
+
 @nnx_rule(source=nnx.Sequential, lifted=(NnxSequential, Sequential))
 class SequentialRule:
     """``nnx.Sequential`` <-> ``NnxSequential`` (layers lifted in order).
@@ -270,14 +280,24 @@ class SequentialRule:
 
     def lift(self, module: nnx.Sequential, ctx: LiftContext) -> NnxSequential:
         _, steps, _ = self._plan(module, ctx.naming)
+        # With an example, each custom item is traced with the value that reaches it.
+        examples = item_examples(module.layers, ctx.example, _run_item)
         sublayers: list[Any] = []
-        for index, (item, (join, ins, outs)) in enumerate(zip(module.layers, steps)):
+        for index, (item, (join, ins, outs), example) in enumerate(zip(module.layers, steps, examples)):
             if join is not None:
                 sublayers.append(join)
             if isinstance(item, nnx.Module):
-                lifted = ctx.lift(item, "layers", index)
+                child = ctx.child("layers", index)
+                lifted = ctx.lift_node(item, child.with_example(example) if example is not None else child)
                 if isinstance(lifted, Foreign):
                     lifted = with_names(lifted, ins, outs)
+                elif isinstance(lifted, Traced) and lifted.convention is not None and lifted.convention.inputs:
+                    # Planned as acting positionally: retag into the trace's own names and back.
+                    # Lowering drops the retags (they are the identity on positional arrays).
+                    own = lifted.convention
+                    sublayers.append(NnxRetag(tuple(ins), tuple(own.inputs[0])))
+                    sublayers.append(lifted)
+                    lifted = NnxRetag(tuple(own.output or ()), tuple(outs))
             elif item in ELEMENTWISE_FUNCTIONS:
                 lifted = Elementwise(item)
             else:

@@ -5,7 +5,7 @@ framework="nnx")`` can build the NNX counterpart instead of an adapter. The
 rules here are registered for the *generic* pzbridge classes (``LayerNorm``,
 ``Conv`` ...): lower rules match along the MRO, so they catch ``EqxLayerNorm``
 and friends, while the NNX-lifted subclasses (``NnxLayerNorm`` ...) keep their
-own rules (``lower(lift(m)) is`` the identity for NNX models).
+own rules (``lower(lift(m))`` stays the identity for NNX models).
 
 The contract every rule meets: for a lifted layer ``L`` and ``native =
 lower(L)``, calling ``native`` positionally with arrays laid out as NNX's own
@@ -22,7 +22,8 @@ declines: an Equinox ``RMSNorm`` with a bias (``nnx.RMSNorm`` has none),
 multi-axis norms, ``replicate`` padding and circular / reflect padding other
 than NNX's centred pairs, grouped or circular transposed convolutions, a
 per-channel ``PReLU`` slope (``nnx.PReLU`` has a scalar slope), a dropout that
-splits its key along an axis (Equinox attention dropout).
+splits its key along an axis (Equinox attention dropout), and the attention,
+cell, ``BatchNorm`` and sequence cases each rule names.
 
 Stochastic layers are equal in deterministic (inference) mode: an NNX
 ``Dropout`` draws its mask from its own ``RngStream`` (a lifted
@@ -31,7 +32,7 @@ from the ``key`` argument, so training-mode masks differ. Embedding lookups
 are equal for in-range ids (Equinox clamps an out-of-range id, ``jnp.take``
 in NNX fills it).
 
-See ``docs/architecture.md`` (bridges) for the rule table.
+See ``docs/architecture.md`` for how rule tables drive lowering.
 
 Example:
     >>> import jax, jax.numpy as jnp, equinox as eqx
@@ -69,7 +70,7 @@ from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.bridge.nnx.containers import ELEMENTWISE_FUNCTIONS
 from pzbridge.bridge.nnx.conv import _conv_fields, _kernel_names, _transpose_fields
-from pzbridge.bridge.nnx.recurrent import NnxCell
+from pzbridge.bridge.nnx.recurrent import CellRule, NnxCell
 from pzbridge.bridge.nnx.recurrent import _config as _cell_config
 from pzbridge.bridge.nnx.statics import NnxStatics, build_module, fresh_statics
 from pzbridge.bridge.nnx.traversal import NNX, convention_of
@@ -93,7 +94,7 @@ from pzbridge.nn.normalization import (
 from pzbridge.nn.padding import dilated_size
 from pzbridge.nn.recurrent import GRUCell, LSTMCell
 
-_FALLBACK = NNX.lower_rule_for(object)  # The adapter rule: what these layers lowered to before.
+_FALLBACK: Any = NNX.lower_rule_for(object)  # The adapter rule: what these layers lowered to before.
 
 
 def decline(layer: Any, ctx: LowerContext) -> Any:
@@ -119,11 +120,12 @@ def _once(ctx: LowerContext, tag: str, source: Any, make: Callable[[], Any]) -> 
     storage layout, and a layer to its lowered module), so an adapter lowering
     the same variable or layer elsewhere still gets its own layout.
     """
+    memo: dict[Any, Any] = ctx.shared.by_identity
     key = ("nnx-from-equinox", tag, id(source))
-    if key not in ctx.shared.by_identity:
-        ctx.shared.by_identity[key] = make()
+    if key not in memo:
+        memo[key] = make()
         ctx.shared.keep_alive.append(source)
-    return ctx.shared.by_identity[key]
+    return memo[key]
 
 
 def _flat_param(variable: Any, ctx: LowerContext, first: str) -> nnx.Param:
@@ -277,8 +279,8 @@ class ConvCrossRule:
             if not _centred(layer.padding, window, layer.strides, layer.dilation):
                 return decline(layer, ctx)
             padding = layer.padding_mode.upper()
-        elif layer.padding_mode != "zeros" or layer.padding not in ("SAME", "VALID") and isinstance(layer.padding, str):
-            return decline(layer, ctx)
+        elif layer.padding_mode != "zeros" or (isinstance(layer.padding, str) and layer.padding not in ("SAME", "VALID")):
+            return decline(layer, ctx)  # replicate padding; SAME_LOWER / CAUSAL strings
         dtype = layer.kernel.value.dtype
 
         def make() -> Any:
@@ -393,7 +395,7 @@ class PReLUCrossRule:
     """``PReLU`` with one scalar slope (e.g. ``eqx.nn.PReLU()``) -> ``nnx.PReLU``; a per-channel slope declines."""
 
     def lower(self, layer: PReLU, ctx: LowerContext) -> Any:
-        value = getattr(layer.alpha, "value", None)
+        value: Any = getattr(layer.alpha, "value", None)
         raw = value.unwrap() if nx.is_namedarray(value) and not value.named_shape else value
         if getattr(raw, "ndim", None) != 0 or layer.dtype is not None:
             return decline(layer, ctx)
@@ -516,18 +518,21 @@ class MultiheadAttentionCrossRule:
     def _build(self, layer: EqxMultiheadAttention, parts: tuple[Any, ...], ctx: LowerContext) -> Any:
         _, _, _, _, dropout = parts
         f, p = _features(layer), layer.projection_axis
-        q, k, v = (_projection_parts(getattr(layer, name).sublayers[0], f, p)
-                   for name in ("input_to_query", "input_to_key", "input_to_value"))
-        o = _projection_parts(layer.attn_value_to_output.sublayers[2], p, f)
-        split = layer.input_to_query.sublayers[1]
-        if None in (q, k, v, o) or dropout.rate != 0 or split.axis != p or split.second != p:
+        steps: dict[str, Any] = {name: getattr(layer, name).sublayers for name in (
+            "input_to_query", "input_to_key", "input_to_value", "query_key_to_logits", "attn_value_to_output")}
+        found = [_projection_parts(steps[name][0], f, p) for name in ("input_to_query", "input_to_key", "input_to_value")]
+        found.append(_projection_parts(steps["attn_value_to_output"][2], p, f))
+        projections = [part for part in found if part is not None]
+        split = steps["input_to_query"][1]
+        if len(projections) != 4 or dropout.rate != 0 or split.axis != p or split.second != p:
             return decline(layer, ctx)
+        q, k, v, o = projections
         heads = split.first_size
         shapes = {name: dict(part[0].weights.value.named_shape) for name, part in zip("qkvo", (q, k, v, o))}
         in_q, in_k, in_v = shapes["q"][f], shapes["k"][f], shapes["v"][f]
         qk, vo = shapes["q"][p], shapes["v"][p]
         use_bias = {part[1] is not None for part in (q, k, v, o)}
-        logits = layer.query_key_to_logits.sublayers
+        logits = steps["query_key_to_logits"]
         if (in_k != in_v or qk != vo or shapes["k"][p] != qk or shapes["o"][p] != vo or len(use_bias) != 1
                 or qk % heads or logits[0].by != math.sqrt(qk // heads)):
             return decline(layer, ctx)
@@ -565,7 +570,7 @@ class MultiheadAttentionCrossRule:
 
 def _all_zero(variable: Any) -> bool:
     """The variable's value is concretely all zeros (False under tracing: cannot be checked)."""
-    value = getattr(variable, "value", None)
+    value: Any = getattr(variable, "value", None)
     raw = value.unwrap(*value.named_shape) if nx.is_namedarray(value) else value
     try:
         return bool(jnp.all(raw == 0))
@@ -592,14 +597,16 @@ class EqxCellCrossRule:
 
     def lower(self, layer: EqxCell, ctx: LowerContext) -> Any:
         cell = layer.cell
+        native: Any
+        make: Callable[[int, int], Any]
         if isinstance(cell, GRUCell) and _gru_fits(cell):
             if cell.recurrent_bias is not None and not _all_zero(cell.recurrent_bias):
                 return decline(layer, ctx)
             native = dataclasses.replace(cell, update="interpolate", recurrent_bias=None)
-            make = lambda i, h, b: nnx.GRUCell(i, h, rngs=nnx.Rngs(0))
+            make = lambda i, h: nnx.GRUCell(i, h, rngs=nnx.Rngs(0))
         elif isinstance(cell, LSTMCell) and _lstm_fits(cell):
             native = dataclasses.replace(cell, carry_order=("c", "h"), bias_placement="recurrent")
-            make = lambda i, h, b: nnx.OptimizedLSTMCell(i, h, rngs=nnx.Rngs(0))
+            make = lambda i, h: nnx.OptimizedLSTMCell(i, h, rngs=nnx.Rngs(0))
         else:
             return decline(layer, ctx)
         shape = cell.input_weights.value.named_shape
@@ -607,8 +614,8 @@ class EqxCellCrossRule:
         has_bias = (native.input_bias if isinstance(native, GRUCell) else native.bias) is not None
         if cell.fused_axis != "gates" or not has_bias or cell.input_axis == cell.fused_axis:
             return decline(layer, ctx)  # NNX cells always have a bias; the gates axis is NNX's GATES.
-        abstract = nnx.eval_shape(lambda: make(int(shape[cell.input_axis]), hidden, has_bias))
-        return NNX.lower_rule_for(NnxCell).lower(NnxCell(native, config=_cell_config(abstract)), ctx)
+        abstract = nnx.eval_shape(lambda: make(int(shape[cell.input_axis]), hidden))
+        return CellRule().lower(NnxCell(native, config=_cell_config(abstract)), ctx)
 
 
 # --- Sequential / MLP -----------------------------------------------------------------------------------
