@@ -46,6 +46,7 @@ from pzbridge.core.errors import StructureMismatchError, format_path
 from pzbridge.core.named_axes_core import NamedArrayBase
 from pzbridge.core.struct import Struct, pytree_dataclass, static_field
 from pzbridge.core.tree_util import tree_equal
+from pzbridge.core.variables_kinds import FrozenMetadata
 
 VarName = str | tuple[str, Any]
 
@@ -154,29 +155,16 @@ ANY = Wildcard()
 Dim = int | DimVar | MultiDimVar | KnownDim
 
 
-class _FrozenShape(Mapping):
+class _FrozenShape(FrozenMetadata):
     """A hashable, ordered read-only mapping for an ``ArraySpec``'s named shape (it is static)."""
 
-    __slots__ = ("_dict", "_items")
-
-    def __init__(self, items: Mapping[Any, Any]) -> None:
-        object.__setattr__(self, "_dict", dict(items))
-        object.__setattr__(self, "_items", tuple(self._dict.items()))
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._dict[key]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._dict)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __eq__(self, other: object) -> bool:
-        return self._dict == dict(other) if isinstance(other, Mapping) else NotImplemented
+    __slots__ = ()
 
     def __hash__(self) -> int:
-        return hash(frozenset(self._items))
+        return hash(frozenset(self._items))  # Sizes are hashable: all of each entry counts.
+
+    def __reduce__(self) -> tuple:
+        return (_FrozenShape, (self._items,))
 
     def __repr__(self) -> str:
         return repr(self._dict)
