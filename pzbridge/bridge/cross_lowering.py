@@ -161,8 +161,8 @@ def _chains(module: Any, traversal: Any, naming: AxisNaming) -> bool:
     items = list(getattr(module, "layers", ()))
     if any(adapter_runs(item) is not None for item in items):
         return False
-    return conventions_chain([traversal.RULES.convention_of(item, naming) if hasattr(item, "__dict__") and
-                              not callable(getattr(item, "__wrapped__", None)) else None for item in items])
+    # Plain functions (activations) have no convention: they keep the layout.
+    return conventions_chain([traversal.RULES.convention_of(item, naming) for item in items])
 
 
 def adapter_runs(module: Any) -> str | None:
