@@ -59,6 +59,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "models": ("pzbridge.models", None),
     "lift": ("pzbridge.bridge.api", "lift"),
     "lower": ("pzbridge.bridge.api", "lower"),
+    "convert": ("pzbridge.bridge.convert", "convert"),
+    "convert_with_report": ("pzbridge.bridge.convert", "convert_with_report"),
 }
 
 # ``slice`` stays out of ``__all__``: ``from pzbridge import *`` must not hide the builtin.
@@ -77,6 +79,8 @@ if TYPE_CHECKING:
     from pzbridge import toolshed as toolshed
     from pzbridge.bridge.api import lift as lift
     from pzbridge.bridge.api import lower as lower
+    from pzbridge.bridge.convert import convert as convert
+    from pzbridge.bridge.convert import convert_with_report as convert_with_report
     from pzbridge.core import chk as chk
     from pzbridge.core import errors as errors
     from pzbridge.core import named_axes as nx

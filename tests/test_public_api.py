@@ -11,7 +11,7 @@ CORE_NAMES = [
     "StateVariableValue", "ParameterSlot", "StateVariableSlot", "unbind_variables", "unbind_params",
     "unbind_state_vars", "bind_variables", "freeze_params", "freeze_state_vars", "RandomStream",
     "pytree_dataclass", "static_field", "stateless_call", "variable_jit", "tree_equal",
-    "nn", "lift", "lower", "testing", "toolshed", "checkpoint", "bridge",
+    "nn", "lift", "lower", "convert", "convert_with_report", "testing", "toolshed", "checkpoint", "bridge",
     # Penzai core semantics (issue 15).
     "chk", "slice", "scoped_auto_state_var_labels", "is_pytree_dataclass_type",
 ]
