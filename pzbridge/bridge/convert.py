@@ -41,7 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from pzbridge.bridge.api import lift
-from pzbridge.bridge.cross_lowering import adapter_runs, lower_with_convention, root_convention
+from pzbridge.bridge.cross_lowering import (
+    adapter_runs,
+    converted_back,
+    lower_converted_back,
+    lower_with_convention,
+    root_convention,
+)
 from pzbridge.bridge.frameworks import FRAMEWORKS, framework_of
 from pzbridge.bridge.lifted import LiftedModel
 from pzbridge.bridge.naming import AxisNaming, checked_naming
@@ -165,16 +171,19 @@ def convert_with_report(model: Any, *example_args: Any, to: str, example_kwargs:
     naming = checked_naming(naming)
     # Strict: a module kept Foreign runs its own framework's code, which cannot run in the other one.
     lifted = lift(model, *example_args, example_kwargs=example_kwargs, naming=naming, strict=True)
-    converted = _lower_converted(lifted, source, to, naming, example_args, dict(example_kwargs or {}))
+    if converted_back(model, to):  # A converted model going home: its original classes come back.
+        converted = lower_converted_back(lifted.body, to)
+    else:
+        converted = _lower_converted(lifted, source, to, naming, example_args, dict(example_kwargs or {}))
     if verify and example_args:
-        _verify(model, lifted, converted, source, example_args, dict(example_kwargs or {}))
+        _verify(model, lifted, converted, source, to, example_args, dict(example_kwargs or {}))
     return converted, _report(converted, source, to)
 
 
 def _lower_converted(lifted: LiftedModel, source: str, target: str, naming: AxisNaming, args: Sequence[Any],
                      kwargs: Mapping[str, Any]) -> Any:
     root = root_convention(lifted, source, naming, _output_names(lifted, args, kwargs))
-    return lower_with_convention(lifted.body, target, root, naming, unit_batch=source == "nnx")
+    return lower_with_convention(lifted.body, target, root, naming, unit_batch=source == "nnx", converted_from=source)
 
 
 def _output_names(lifted: LiftedModel, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[str, ...] | None:
@@ -243,16 +252,20 @@ def _is_array(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) > 0
 
 
-def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, args: Sequence[Any],
+def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, target: str, args: Sequence[Any],
             kwargs: dict[str, Any]) -> None:
     """Raises when the converted model does not compute what the original computes on the examples."""
     leaves = jax.tree_util.tree_leaves((args, kwargs))
     if not leaves or not all(isinstance(leaf, (jax.Array, np.ndarray)) or np.isscalar(leaf) for leaf in leaves):
         return  # Abstract examples (ShapeDtypeStructs): nothing to compare numerically.
-    want = lifted.positional(*args, **kwargs)
-    if source == "equinox":
-        from flax import nnx
+    from flax import nnx
 
+    if converted_back(model, target):
+        # An adapter root: its lifted body keeps the original's (other-framework) convention, so run the adapter.
+        want = (nnx.clone(model) if source == "nnx" else model)(*args, **kwargs)
+    else:
+        want = lifted.positional(*args, **kwargs)
+    if source == "equinox":
         probe = nnx.clone(converted)  # Running may update state (batch statistics, RNG counts): not the user's.
         batched = [jnp.asarray(a)[None] for a in args]
         batched_kwargs = {k: jnp.asarray(v)[None] if _is_array(v) else v for k, v in kwargs.items()}

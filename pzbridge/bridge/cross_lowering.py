@@ -29,7 +29,8 @@ from pzbridge.bridge.naming import AxisNaming, checked_naming
 from pzbridge.bridge.native_calls import NATIVE_CHILDREN, conventions_chain
 from pzbridge.core.errors import LowerError
 
-__all__ = ["adapter_runs", "converted_convention", "lower_with_convention", "root_convention"]
+__all__ = ["adapter_runs", "converted_convention", "converted_back", "lower_converted_back", "lower_with_convention",
+           "root_convention"]
 
 
 def root_convention(lifted: LiftedModel, source: str, naming: AxisNaming,
@@ -86,7 +87,8 @@ def converted_convention(lifted: LiftedModel, target: str, naming: AxisNaming | 
 
 
 def lower_with_convention(body: Any, target: str, convention: CallingConvention,
-                          naming: AxisNaming | None = None, unit_batch: bool = False) -> Any:
+                          naming: AxisNaming | None = None, unit_batch: bool = False,
+                          converted_from: str | None = None) -> Any:
     """Lowers ``body`` into ``target`` as a module called positionally by ``convention``.
 
     Every sub-layer with a counterpart becomes the target's native class;
@@ -103,6 +105,9 @@ def lower_with_convention(body: Any, target: str, convention: CallingConvention,
       unit_batch: Equinox only: ``convention`` describes a batched call (an
         NNX model's); the Equinox root, called per example, adds a batch axis
         of size one around the call (exact for per-example computations).
+      converted_from: The framework the model came from, recorded on an
+        adapter root so converting it back restores the original classes
+        (see :func:`lower_converted_back`).
 
     Example:
         >>> import jax.numpy as jnp
@@ -125,10 +130,39 @@ def lower_with_convention(body: Any, target: str, convention: CallingConvention,
     if target == "nnx":
         from pzbridge.bridge.nnx.adapter import NnxAdapter
 
-        return NnxAdapter.wrap(body, ctx, convention)
+        return NnxAdapter.wrap(body, ctx, convention, converted_from=converted_from)
     from pzbridge.bridge.equinox.adapter import EquinoxAdapter
 
-    return EquinoxAdapter.wrap(body, ctx, convention, unit_batch=unit_batch)
+    return EquinoxAdapter.wrap(body, ctx, convention, unit_batch=unit_batch, converted_from=converted_from)
+
+
+def converted_back(module: Any, target: str) -> bool:
+    """Whether ``module`` is a converted adapter root that came from ``target`` (so converting restores it).
+
+    Example:
+        >>> converted_back(object(), "nnx")
+        False
+    """
+    return getattr(module, "converted_from", None) == target
+
+
+def lower_converted_back(body: Any, target: str) -> Any:
+    """Lowers a re-lifted converted model into the framework it came from, as an ordinary lowering.
+
+    The re-lifted layers are the original lifted ones (custom classes traced,
+    stock layers by their rules) except the native children, which lift from
+    the other framework and lower back through the cross rules; so the result
+    has the original's classes and calling convention.
+
+    Example:
+        >>> import jax, equinox as eqx
+        >>> import pzbridge as pzb
+        >>> body = pzb.lift(eqx.nn.Linear(3, 2, key=jax.random.key(0))).body
+        >>> type(lower_converted_back(body, "equinox")).__name__
+        'Linear'
+    """
+    ctx = traversal_of(target).new_lower_context()
+    return ctx.lower_node(body, ctx)
 
 
 def _native_root(body: Any, traversal: Any, ctx: Any, root: CallingConvention,

@@ -166,12 +166,14 @@ class NativeCall(Layer):
     path: str = static_field(default="")
 
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
-        names = self.convention.inputs
-        inputs = tuple(x) if len(names) > 1 else (x,)
-        if len(inputs) != len(names):
+        inputs = tuple(x) if isinstance(x, tuple) else (x,)
+        # Fewer inputs than the convention names leave the native's trailing optional ones (a mask) at their defaults.
+        names = self.convention.inputs[:len(inputs)]
+        if len(inputs) > len(self.convention.inputs):
             raise NamedAxisError(
-                f"{self.path or '<root>'}: the native {type(self.module).__name__} takes {len(names)} inputs "
-                f"named {[list(n) for n in names]}, found {len(inputs)}. Fix: check the converted model's glue."
+                f"{self.path or '<root>'}: the native {type(self.module).__name__} takes "
+                f"{len(self.convention.inputs)} inputs named {[list(n) for n in self.convention.inputs]}, found "
+                f"{len(inputs)}. Fix: check the converted model's glue."
             )
         inputs = tuple(nx.wrap(v) if not nx.is_namedarray(v) else v for v in inputs)
         for value, own in zip(inputs, names):
@@ -260,7 +262,7 @@ def fill_native_slots(structure: Any, fill: Callable[[NativeSlot], Any]) -> Any:
         Sequential(sublayers=[Identity()])
     """
     selection = select(structure).at_instances_of(NativeSlot)
-    return selection.apply(fill) if selection.count() else structure
+    return selection.apply(fill, share_state=True) if selection.count() else structure  # Lowering keeps identity.
 
 
 _GLUE = (Sequential, Residual, BranchAndAddTogether, BranchAndMultiplyTogether, Branch, BindSideInputs, CallChild,
@@ -323,7 +325,9 @@ def split_natives(layer: Any, lower_native: Callable[[Any, str], tuple[Any, Call
         selection = select(node).at_subtrees_where(lambda t: isinstance(t, Layer) and t is not node)
         if not selection.count():
             return node
-        return selection.apply(lambda keypath, sub: visit(sub, _join(where, keypath)), with_keypath=True)
+        # share_state: lowering maps variables by identity, so the lowered copy must keep the lifted ones.
+        return selection.apply(lambda keypath, sub: visit(sub, _join(where, keypath)), with_keypath=True,
+                               share_state=True)
 
     return (descend(layer, path) if is_glue(layer) else layer), natives
 

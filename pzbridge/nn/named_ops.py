@@ -325,13 +325,31 @@ class Concatenate(Layer):
     renames: tuple[tuple[tuple[str, str], ...], ...] = static_field(default=())
 
     def __call__(self, x: Any, /, **side_inputs: Any) -> nx.NamedArray:
-        operands = [_renamed(v, dict(self.renames[i]) if i < len(self.renames) else {})
+        operands = [_renamed(_named_constant(v), dict(self.renames[i]) if i < len(self.renames) else {})
                     for i, v in enumerate(_operands(x))]
-        order = [n for n in operands[0].named_shape if n != self.axis]
+        sizes: dict[str, int] = {}
+        for v in operands:
+            for name, size in v.named_shape.items():
+                if name != self.axis:
+                    sizes.setdefault(name, size)
+        order = list(sizes)
+        # An operand lacking another's axis (a constant index next to a batched one) is broadcast along it.
+        operands = [_broadcast_to(v, {n: s for n, s in sizes.items() if n not in v.named_shape}) for v in operands]
         datas = [v.order_as(*order, self.axis).data_array if self.axis in v.named_shape
                  else v.order_as(*order).data_array[..., None] for v in operands]
         data = jnp.concatenate(datas, axis=-1)
         return nx.NamedArray(data, dict(zip([*order, self.axis], data.shape[-len(order) - 1:])))
+
+
+def _named_constant(value: Any) -> Any:
+    # A traced constant whose every axis has size one arrives as a plain array: a scalar to broadcast.
+    if not nx.is_namedarray(value) and np.size(value) == 1:
+        return nx.wrap(jnp.reshape(value, ()))
+    return value
+
+
+def _broadcast_to(value: Any, extra: Mapping[str, int]) -> Any:
+    return value + nx.zeros(dict(extra), dtype=value.dtype) if extra else value
 
 
 @pytree_dataclass

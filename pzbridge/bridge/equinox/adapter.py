@@ -81,10 +81,13 @@ class EquinoxAdapter(eqx.Module):
     natives: tuple[Any, ...] = ()
     # A converted NNX model: the convention is batched, so each per-example call gets a batch axis of size one.
     unit_batch: bool = eqx.field(static=True, default=False)
+    # On a converted model's root, the framework it came from: converting back restores the original classes.
+    converted_from: str | None = eqx.field(static=True, default=None)
 
     @classmethod
     def wrap(cls, layer: Any, ctx: LowerContext, convention: CallingConvention | None = None,
-             calls_like: type | None = None, unit_batch: bool = False) -> EquinoxAdapter:
+             calls_like: type | None = None, unit_batch: bool = False,
+             converted_from: str | None = None) -> EquinoxAdapter:
         """Lowers ``layer`` into an adapter (its variables frozen into leaves).
 
         Args:
@@ -98,6 +101,7 @@ class EquinoxAdapter(eqx.Module):
           unit_batch: ``convention`` is batched (a converted NNX model): each
             call adds a leading axis of size one to the inputs and removes it
             from the outputs.
+          converted_from: On a converted model's root, the framework it came from.
         """
         natives: list[Any] = []
         if wants_native_children(ctx):
@@ -110,7 +114,7 @@ class EquinoxAdapter(eqx.Module):
         # Arrays held directly by the layer (not in variables) must be leaves, not static data.
         arrays, structure = eqx.partition(structure, is_array)
         return cls(tuple(values), arrays, structure, convention or CallingConvention(), calls_like, tuple(natives),
-                   unit_batch)
+                   unit_batch, converted_from)
 
     def _layer_with_slots(self, native: bool = True) -> Any:
         layer = eqx.combine(self.arrays, self.structure)

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from pzbridge.bridge.context import LowerContext
 from pzbridge.bridge.equinox.adapter import EquinoxAdapter
 from pzbridge.bridge.equinox.state import _OUT_KEY as _STATE_OUT_KEY
-from pzbridge.bridge.equinox.traversal import EQUINOX, equinox_rule, new_module
+from pzbridge.bridge.equinox.traversal import EQUINOX, equinox_rule, new_module, rebuild_from_origin
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.native_calls import wants_native_children
@@ -502,5 +502,24 @@ class NnxSequentialToEquinox:
                 convention = EQUINOX.convention_of(native, AxisNaming())
                 native = EquinoxAdapter.wrap(sub, ctx.child("layers", i), convention)
             lowered.append(native)
-        return new_module(eqx.nn.Sequential, layers=tuple(lowered))
+        mlp = _as_mlp(layer, lowered)
+        return mlp if mlp is not None else new_module(eqx.nn.Sequential, layers=tuple(lowered))
+
+
+def _as_mlp(layer: NnxSequential, lowered: list[Any]) -> eqx.nn.MLP | None:
+    """The ``eqx.nn.MLP`` an ``nnx.Sequential`` was converted from, while its items still follow that pattern."""
+    config = dict(layer.config.items) if layer.config is not None else {}
+    if "equinox_mlp" not in config:
+        return None
+    origin, activation, final = config["equinox_mlp"]
+    linears = [m for m in lowered if isinstance(m, eqx.nn.Linear)]
+    functions = [m.fn for m in lowered if isinstance(m, eqx.nn.Lambda)]
+    hidden = [activation] * (len(linears) - 1)
+    # The MLP's default identity final activation was dropped on the way to NNX.
+    expected = [hidden, [*hidden, final]]
+    if len(linears) + len(functions) != len(lowered) or len(linears) != origin.get("depth") + 1 \
+            or functions not in expected or not all(isinstance(m, eqx.nn.Linear) for m in lowered[0::2]):
+        return None
+    return rebuild_from_origin(origin, eqx.nn.MLP, layers=tuple(linears), activation=activation,
+                               final_activation=final)
 

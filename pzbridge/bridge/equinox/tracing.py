@@ -67,6 +67,7 @@ from pzbridge.bridge.tracing.assemble import (
     retracer,
     trace_call,
     traced_convention,
+    without_default_nones,
 )
 from pzbridge.bridge.tracing.child_calls import ChildCall, bind_proxy, proxy_class
 from pzbridge.bridge.tracing.example import Example
@@ -176,7 +177,10 @@ def _trace(parts: _Parts, example: Example) -> tuple[Any, Any, list[ChildCall], 
             run.pzb_signature = _signature(treedef, static)  # type: ignore[attr-defined]
 
             rebuilt = eqx.combine(jax.tree_util.tree_unflatten(treedef, arrays), static)
-            leaves[index] = _proxy(_key_text(keys), rebuilt, run, calls)
+            # eqx.nn.Shared's call only hands back its pytree with the ties in place (modules, not arrays):
+            # it runs inline, so the tied modules' calls are traced on the Shared child's own arrays.
+            leaves[index] = rebuilt if isinstance(rebuilt, eqx.nn.Shared) else _proxy(_key_text(keys), rebuilt, run,
+                                                                                    calls)
         traced_module = jax.tree_util.tree_unflatten(parts.treedef, leaves)
         values = list(flat_args)
         for position, value in zip(dynamic, dynamic_args):
@@ -250,6 +254,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     def child_handler(call: ChildCall, structs: Any, arg_names: Any, stack: tuple[str, int] | None = None) -> ChildSpec:
         keys, child = children_by_key[call.key]
         args, kwargs = call.rebuild_args(structs)
+        args = without_default_nones(type(child).__call__, args)
         rule = EQUINOX.lift_rule_for(type(child))
         traced_child = False
         if call.key not in lifted:

@@ -137,7 +137,8 @@ class NnxAdapter(nnx.Module):
     """
 
     def __init__(self, structure: Any, variables: Sequence[nnx.Variable], specs: Sequence[VariableSpec],
-                 convention: CallingConvention | None = None, natives: Sequence[nnx.Module] = ()) -> None:
+                 convention: CallingConvention | None = None, natives: Sequence[nnx.Module] = (),
+                 converted_from: str | None = None) -> None:
         stripped, arrays = split_arrays(structure)
         self.structure = nnx.static(stripped)
         self.arrays = nnx.List(arrays)
@@ -146,15 +147,19 @@ class NnxAdapter(nnx.Module):
         self.convention = convention
         # Native NNX children (a converted model's nnx.Linear, nnx.Conv, ...), called from NativeSlots.
         self.natives = nnx.List(list(natives))
+        # On a converted model's root, the framework it came from: converting back restores the original classes.
+        self.converted_from = converted_from
 
     @classmethod
-    def wrap(cls, layer: Any, ctx: LowerContext, convention: CallingConvention | None = None) -> NnxAdapter:
+    def wrap(cls, layer: Any, ctx: LowerContext, convention: CallingConvention | None = None,
+             converted_from: str | None = None) -> NnxAdapter:
         """Lowers ``layer`` into an adapter (its variables become NNX Variables).
 
         Args:
           layer: A lifted layer with no NNX rule.
           ctx: The lower context (shared variables stay shared).
           convention: How positional inputs are named (default: trailing ``features``).
+          converted_from: On a converted model's root, the framework it came from.
 
         Inside a conversion (:func:`pzbridge.bridge.convert.convert`) every
         sub-layer with an NNX counterpart becomes a native child module.
@@ -174,7 +179,7 @@ class NnxAdapter(nnx.Module):
                                         else None))
             specs.append(VariableSpec(variable.label, kind, storage_names(variable),
                                       tuple(dict(variable.metadata).items())))
-        return cls(structure, lowered, specs, convention, natives)
+        return cls(structure, lowered, specs, convention, natives, converted_from)
 
     def frozen_values(self) -> list[AbstractVariableValue]:
         """The variables as pzbridge frozen values (named as the layer expects).

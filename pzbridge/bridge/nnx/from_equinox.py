@@ -675,7 +675,11 @@ class EqxSequentialCrossRule:
                 return decline(layer, ctx)
             items.append(module)
             current = outs if current is None else current[:len(current) - len(ins)] + outs
-        return nnx.Sequential(*items)
+        sequential = nnx.Sequential(*items)
+        if isinstance(layer, EqxMLP) and layer.origin is not None:
+            # NNX has no MLP class: the origin rides along (static), so converting back gives eqx.nn.MLP again.
+            sequential.equinox_mlp = (layer.origin, layer.activation, layer.final_activation)
+        return sequential
 
 
 _RULES: tuple[tuple[Callable[[], Any], type], ...] = (

@@ -95,6 +95,7 @@ from pzbridge.bridge.tracing.assemble import (
     retracer,
     trace_call,
     traced_convention,
+    without_default_nones,
 )
 from pzbridge.bridge.tracing.child_calls import ChildCall, bind_proxy, proxy_class
 from pzbridge.bridge.tracing.example import Example
@@ -407,6 +408,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
         node = nodes[call.key]
         child = node.value
         args, kwargs = call.rebuild_args(structs)
+        args = without_default_nones(type(child).__call__, args)
         traced_child = False
         if call.key not in lifted:
             child_ctx = plain.child(*node.keys)

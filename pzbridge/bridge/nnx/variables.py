@@ -29,6 +29,7 @@ from flax import nnx
 
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import LowerError
 from pzbridge.core.variables import (
     Parameter,
     ParameterValue,
@@ -188,7 +189,17 @@ def nnx_variable(variable: Any, ctx: LowerContext, axis_names: Sequence[str] | N
             ctx.shared.extras.setdefault("nnx_state_pairs", []).append((variable, made, names))
         return made
 
-    return ctx.cached(variable, make)
+    made = ctx.cached(variable, make)
+    shape = getattr(made, "shape", None)
+    if array is not None and shape is not None and tuple(shape) != tuple(array.shape):
+        # One tied variable used in two storage orders (an embedding table and a Linear kernel): two NNX
+        # Variables would untie it in training, so the second use cannot be a native layer.
+        raise LowerError(
+            f"{ctx.where}: {getattr(variable, 'label', 'variable')!r} is already lowered with shape "
+            f"{tuple(shape)}; this layer needs it stored as {list(names)} {tuple(array.shape)}. Fix: keep the "
+            "layer an adapter (it shares the tied variable), or tie layers that store it in one order."
+        )
+    return made
 
 
 def _holds_none(variable: Any) -> bool:

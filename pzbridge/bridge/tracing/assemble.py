@@ -96,6 +96,28 @@ def call_names(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str,
     return names
 
 
+def without_default_nones(fn: Callable[..., Any], args: Sequence[Any]) -> list[Any]:
+    """``args`` without trailing ``None`` s that only repeat their parameter's ``None`` default.
+
+    ``attn(q, k, v, None)`` is ``attn(q, k, v)`` when ``mask=None`` is the
+    default, so the traced call passes arrays only.
+
+    Example:
+        >>> def call(self, x, mask=None): ...
+        >>> without_default_nones(call, [1, None])
+        [1]
+    """
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()][1:]
+    except (TypeError, ValueError):
+        return list(args)
+    args = list(args)
+    while args and args[-1] is None and len(args) <= len(params) and params[len(args) - 1].default is None \
+            and params[len(args) - 1].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        args.pop()
+    return args
+
+
 def input_roles(example: Example, call: Callable[..., Any], param_roles: Sequence[InputRole],
                 data_names: Sequence[str], names_fixed: bool = True) -> tuple[list[InputRole], list[int], Any, list[str]]:
     """The roles of the traced inputs: the module's arrays, then the example's array arguments.
@@ -186,7 +208,8 @@ def trace_call(fn: Callable[..., Any], *structs: Any) -> tuple[Any, Any]:
 
 def _glue_only(body: Any) -> Any:
     """``body`` with every child call's layer cut out (what the module's own code computes)."""
-    return select(body).at_instances_of(CallChild).apply(lambda call: dataclasses.replace(call, layer=_MARKER))
+    return select(body).at_instances_of(CallChild).apply(  # share_state: glue variables are compared by identity.
+        lambda call: dataclasses.replace(call, layer=_MARKER), share_state=True)
 
 
 def retracer(fn: Callable[..., Any], fixed: Sequence[Any], dynamic: Sequence[Any], calls: list[Any]) -> Any:

@@ -323,6 +323,10 @@ class _Converter(ScanConversion, CondConversion, PositionalConversion, SizeVaria
         for out, names in zip(eqn.outs, spec.output_names):
             shape = self.avals[out].shape
             own = len(shape) - len(mapped)
+            if names is None and len(eqn.outs) == 1 and views and list(shape[len(mapped):]) == shapes[0]:
+                # No convention (Identity, Dropout, a known activation): the lifted layer keeps its input's names.
+                self.set_dims(out, list(mapped) + list(views[0]))
+                continue
             tail: list[AxisClass | None] = []
             known_names = names is not None
             names = tuple(names) if names is not None else ()
