@@ -61,6 +61,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "lower": ("pzbridge.bridge.api", "lower"),
     "convert": ("pzbridge.bridge.convert", "convert"),
     "convert_with_report": ("pzbridge.bridge.convert", "convert_with_report"),
+    "diff": ("pzbridge.toolshed.diff", "diff"),
 }
 
 # ``slice`` stays out of ``__all__``: ``from pzbridge import *`` must not hide the builtin.
@@ -113,6 +114,7 @@ if TYPE_CHECKING:
     from pzbridge.core.variables import unbind_params as unbind_params
     from pzbridge.core.variables import unbind_state_vars as unbind_state_vars
     from pzbridge.core.variables import unbind_variables as unbind_variables
+    from pzbridge.toolshed.diff import diff as diff
 
 
 def __getattr__(name: str) -> Any:

@@ -14,6 +14,8 @@ CORE_NAMES = [
     "nn", "lift", "lower", "convert", "convert_with_report", "testing", "toolshed", "checkpoint", "bridge",
     # Penzai core semantics (issue 15).
     "chk", "slice", "scoped_auto_state_var_labels", "is_pytree_dataclass_type",
+    # Model diff (issue 11 point 9).
+    "diff",
 ]
 
 
@@ -62,6 +64,10 @@ INTERVENTION_NAMES = [
     "Where", "capture_intermediates", "capture_shapes", "capture_all", "isolate", "Isolated", "ablate",
     "knockout_heads", "insert_intervention", "patch_activations", "AtIndex", "Ablate", "ZeroAblation",
     "AddVector", "Patch", "InterveneWith", "patch_worlds", "stack_worlds", "unstack_worlds", "RouteWorlds",
+    "patch_paths", "interchange", "TransferWorlds", "SelectWorlds", "activation_gradients", "attribution_patching",
+    "Perturb", "linearize", "Linearized",
+    "RotatedSubspaceInterchange", "LowRankRotatedInterchange", "BoundlessMask", "train_intervention",
+    "interchange_accuracy", "InterventionFit",
 ]
 
 

@@ -49,6 +49,7 @@ from pzbridge.core import selectors_flat as fl
 from pzbridge.core.errors import SelectionError, format_path
 from pzbridge.core.selectors_flat import KeyPath, SelectionHole, SelectionQuote
 from pzbridge.core.selectors_splice import splice
+from pzbridge.core.state_copy import fresh_state
 from pzbridge.core.struct import Struct, pytree_dataclass, register_select
 from pzbridge.core.tree_util import tree_equal
 
@@ -160,6 +161,10 @@ class Selection(Struct):
         return Selection._from_flat(fl.refine(self._flat(), sub))
 
     # -- Inspecting ----------------------------------------------------------
+    def _detach(self, result: Any, share_state: bool) -> Any:
+        """An edit's result with fresh copies of the state variables it shares with the source (see state_copy)."""
+        return result if share_state else fresh_state(result, source=self._flat().rebuild())
+
     def count(self) -> int:
         """Number of selected entries (a shared variable counts once).
 
@@ -257,7 +262,8 @@ class Selection(Struct):
         return self._flat().rebuild()
 
     def apply(
-        self, fn: Callable[..., Any], *, with_keypath: bool = False, keep_selected: bool = False
+        self, fn: Callable[..., Any], *, with_keypath: bool = False, keep_selected: bool = False,
+        share_state: bool = False,
     ) -> Any:
         """Replaces each selected entry by ``fn(entry)`` (or ``fn(keypath, entry)``).
 
@@ -269,6 +275,10 @@ class Selection(Struct):
           fn: The replacement function.
           with_keypath: Pass the entry's keypath as the first argument.
           keep_selected: Return the edited :class:`Selection` instead of the tree.
+          share_state: Keep the source's ``StateVariable`` objects in the result.
+            By default the result gets fresh copies of them (same labels and
+            values), so running the edited copy never advances the source's
+            state (a KV cache, a counter); parameters are shared either way.
 
         Returns:
           The rebuilt tree, or the selection with new values.
@@ -283,10 +293,12 @@ class Selection(Struct):
         else:
             new = [fn(v) for v in flat.values]
         if keep_selected:
-            return Selection._from_flat(flat.with_values(new))
-        return flat.rebuild(new)
+            return self._detach(Selection._from_flat(flat.with_values(new)), share_state)
+        return self._detach(flat.rebuild(new), share_state)
 
-    def apply_with_selected_index(self, fn: Callable[[int, Any], Any], *, keep_selected: bool = False) -> Any:
+    def apply_with_selected_index(
+        self, fn: Callable[[int, Any], Any], *, keep_selected: bool = False, share_state: bool = False
+    ) -> Any:
         """Like :meth:`apply`, passing each entry's index in the selection.
 
         Example:
@@ -296,10 +308,10 @@ class Selection(Struct):
         flat = self._flat()
         new = [fn(i, v) for i, v in enumerate(flat.values)]
         if keep_selected:
-            return Selection._from_flat(flat.with_values(new))
-        return flat.rebuild(new)
+            return self._detach(Selection._from_flat(flat.with_values(new)), share_state)
+        return self._detach(flat.rebuild(new), share_state)
 
-    def set(self, value: Any, *, allow_empty: bool = False) -> Any:
+    def set(self, value: Any, *, allow_empty: bool = False, share_state: bool = False) -> Any:
         """Replaces every selected entry by ``value``.
 
         Setting on an empty selection is almost always a selector that
@@ -308,6 +320,7 @@ class Selection(Struct):
         Args:
           value: The replacement.
           allow_empty: Return the tree unchanged when nothing is selected.
+          share_state: Keep the source's state variables (see :meth:`apply`).
 
         Raises:
           SelectionError: If nothing is selected and not ``allow_empty``.
@@ -326,9 +339,9 @@ class Selection(Struct):
                 "selector (e.g. print pzb.select(tree).at_instances_of(object).get_keypaths()), or pass "
                 "allow_empty=True to accept an unchanged tree."
             )
-        return flat.rebuild([value] * len(flat.values))
+        return self._detach(flat.rebuild([value] * len(flat.values)), share_state)
 
-    def set_sequence(self, values: Iterable[Any]) -> Any:
+    def set_sequence(self, values: Iterable[Any], *, share_state: bool = False) -> Any:
         """Replaces the selected entries, in order, by ``values``.
 
         Raises:
@@ -345,9 +358,11 @@ class Selection(Struct):
                 f"set_sequence got {len(new)} values for {_describe(flat)}. "
                 "Fix: pass exactly one value per selected node (see .count())."
             )
-        return flat.rebuild(new)
+        return self._detach(flat.rebuild(new), share_state)
 
-    def set_by_path(self, replacement: Mapping[KeyPath, Any] | Callable[[KeyPath], Any]) -> Any:
+    def set_by_path(
+        self, replacement: Mapping[KeyPath, Any] | Callable[[KeyPath], Any], *, share_state: bool = False
+    ) -> Any:
         """Replaces each entry by ``replacement[keypath]`` or ``replacement(keypath)``.
 
         Raises:
@@ -362,7 +377,7 @@ class Selection(Struct):
         flat = self._flat()
         keys = flat.entry_keys()
         if callable(replacement):
-            return flat.rebuild([replacement(k) for k in keys])
+            return self._detach(flat.rebuild([replacement(k) for k in keys]), share_state)
         missing = [k for k in keys if k not in replacement]
         extra = [k for k in replacement if k not in set(keys)]
         if missing or extra:
@@ -372,9 +387,9 @@ class Selection(Struct):
                 f"{[format_path(k) for k in extra][:5]}. Fix: build it from .get_keypaths() "
                 "or .get_by_path()."
             )
-        return flat.rebuild([replacement[k] for k in keys])
+        return self._detach(flat.rebuild([replacement[k] for k in keys]), share_state)
 
-    def select_and_set_by_path(self, replacements_by_path: Mapping[KeyPath, Any]) -> Any:
+    def select_and_set_by_path(self, replacements_by_path: Mapping[KeyPath, Any], *, share_state: bool = False) -> Any:
         """In each selected subtree, replaces the nodes at the given relative keypaths.
 
         ``at_keypaths`` and ``set_by_path`` in one step, with keypaths relative
@@ -404,9 +419,9 @@ class Selection(Struct):
                     f"select_and_set_by_path: {[format_path(k) for k in inside][:5]} lie inside another replaced "
                     "keypath, so their replacement would be lost. Fix: replace only the outermost node."
                 )
-            return chosen.set_by_path(covered)
+            return chosen.set_by_path(covered, share_state=True)  # The outer apply copies once, keeping ties.
 
-        return self.apply(replace_in)
+        return self.apply(replace_in, share_state=share_state)
 
     # -- Narrowing -----------------------------------------------------------
     def at(self, accessor_fn: Callable[[Any], Any], multiple: bool = False) -> Selection:
@@ -740,7 +755,9 @@ class Selection(Struct):
         return self._refine(sub)
 
     # -- Structural edits (parents must be lists or tuples) ------------------
-    def apply_and_inline(self, fn: Callable[..., Sequence[Any]], *, with_keypath: bool = False) -> Any:
+    def apply_and_inline(
+        self, fn: Callable[..., Sequence[Any]], *, with_keypath: bool = False, share_state: bool = False
+    ) -> Any:
         """Replaces each selected list/tuple element by the elements ``fn`` returns.
 
         ``fn`` is called once per entry; its result is spliced into the
@@ -771,44 +788,46 @@ class Selection(Struct):
                 results[entry] = out
             return results[entry]
 
-        return splice(flat, items, "apply_and_inline")
+        return self._detach(splice(flat, items, "apply_and_inline"), share_state)
 
-    def remove_from_parent(self) -> Any:
+    def remove_from_parent(self, *, share_state: bool = False) -> Any:
         """Removes every selected node from its parent list or tuple.
 
         Example:
             >>> select([1, 2, 3]).at(lambda t: t[0]).remove_from_parent()
             [2, 3]
         """
-        return splice(self._flat(), lambda entry: (), "remove_from_parent")
+        return self._detach(splice(self._flat(), lambda entry: (), "remove_from_parent"), share_state)
 
-    def insert_before(self, value: Any, *, and_select: bool = False) -> Any:
+    def insert_before(self, value: Any, *, and_select: bool = False, share_state: bool = False) -> Any:
         """Inserts ``value`` before each selected node in its parent list or tuple.
 
         Args:
           value: The element to insert (the same object at every place).
           and_select: Return a selection of the inserted elements instead of
             the tree.
+          share_state: Keep the source's state variables (see :meth:`apply`).
 
         Example:
             >>> select((1, 2)).at(lambda t: t[1]).insert_before(9)
             (1, 9, 2)
         """
-        return self._insert(value, before=True, and_select=and_select)
+        return self._detach(self._insert(value, before=True, and_select=and_select), share_state)
 
-    def insert_after(self, value: Any, *, and_select: bool = False) -> Any:
+    def insert_after(self, value: Any, *, and_select: bool = False, share_state: bool = False) -> Any:
         """Inserts ``value`` after each selected node in its parent list or tuple.
 
         Args:
           value: The element to insert (the same object at every place).
           and_select: Return a selection of the inserted elements instead of
             the tree.
+          share_state: Keep the source's state variables (see :meth:`apply`).
 
         Example:
             >>> select([1, 2]).at(lambda t: t[0]).insert_after(9)
             [1, 9, 2]
         """
-        return self._insert(value, before=False, and_select=and_select)
+        return self._detach(self._insert(value, before=False, and_select=and_select), share_state)
 
     def _insert(self, value: Any, before: bool, and_select: bool) -> Any:
         flat = self._flat()

@@ -48,7 +48,7 @@ import numpy as np
 from pzbridge.core.errors import VariableError, format_path
 from pzbridge.core.struct import Struct, pytree_dataclass, static_field
 from pzbridge.core.variable_base import AbstractVariable
-from pzbridge.core.variables_kinds import LabeledVariable
+from pzbridge.core.variables_kinds import LabeledVariable, current_trace
 
 _FORBIDDEN_JIT_KWARGS = ("static_argnums", "static_argnames", "donate_argnums", "donate_argnames", "in_shardings")
 
@@ -188,11 +188,13 @@ class VariableJitFunction:
 
         def traced(dynamic: list[Any], values: list[Any]) -> tuple[Any, dict[int, Any], tuple | None]:
             temporaries = []
+            trace = current_trace()
             for kind_and_label, meta, value in zip(kinds_and_labels, metadata, values):
                 cls, label = kind_and_label
                 temporary = cls.__new__(cls)
                 temporary._label, temporary._kind_and_label = label, kind_and_label
                 temporary.metadata, temporary._value = dict(meta), value
+                temporary._trace = trace  # Made in this trace: assigning it traced values is fine.
                 temporaries.append(temporary)
             sources = {
                 _ARRAY: iter(dynamic),

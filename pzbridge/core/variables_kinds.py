@@ -39,6 +39,10 @@ import types
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any, ClassVar
 
+import jax
+from jax.core import Tracer
+from jax.extend.core import get_opaque_trace_state
+
 from pzbridge.core.errors import VariableError, format_path
 from pzbridge.core.struct import Struct, pytree_dataclass, static_field
 from pzbridge.core.variable_base import AbstractVariable
@@ -174,6 +178,22 @@ def _frozen_setattr(self: Any, name: str, value: Any) -> None:
     )
 
 
+def current_trace() -> Any:
+    """An opaque token of the innermost JAX trace (equal tokens: same trace)."""
+    return get_opaque_trace_state(convention="pzbridge")
+
+
+def _holds_tracer(value: Any) -> bool:
+    if isinstance(value, Tracer):
+        return True
+    data = getattr(value, "data_array", None)  # A named array: one leaf, checked without flattening.
+    if data is not None:
+        return isinstance(data, Tracer)
+    if isinstance(value, (int, float, bool, type(None))) or hasattr(value, "__array__"):
+        return False
+    return any(isinstance(leaf, Tracer) for leaf in jax.tree_util.tree_leaves(value))
+
+
 def _summarize(value: Any) -> str:
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
@@ -195,7 +215,7 @@ class LabeledVariable(AbstractVariable):
         True
     """
 
-    __slots__ = ("_value", "_label", "_kind_and_label", "metadata")
+    __slots__ = ("_value", "_label", "_kind_and_label", "metadata", "_trace")
     value_class: ClassVar[type[AbstractVariableValue]]
     slot_class: ClassVar[type[AbstractVariableSlot]]
 
@@ -217,7 +237,18 @@ class LabeledVariable(AbstractVariable):
         # Read-only identity of the slot this binds to; variable_jit keys on it.
         self._kind_and_label = (type(self), label)
         self.metadata: dict[Any, Any] = dict(metadata or {})
+        # The JAX trace this variable was made under: a traced value written from another trace would leak.
+        self._trace = current_trace()
         self.value = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The trace token holds a weak reference: not picklable, and meaningless in another process.
+        return {name: getattr(self, name) for name in ("_value", "_label", "_kind_and_label", "metadata")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        self._trace = current_trace()
 
     def _default_label(self) -> str:
         raise VariableError(
@@ -245,6 +276,15 @@ class LabeledVariable(AbstractVariable):
                 f"{type(self).__name__} '{self._label}': a value cannot be another variable "
                 f"(found {type(new_value).__name__} '{getattr(new_value, 'label', '?')}'). "
                 "Fix: assign `other.value` instead of `other`."
+            )
+        made_in = getattr(self, "_trace", None)  # None: built without __init__; not checked.
+        if made_in is not None and _holds_tracer(new_value) and current_trace() != made_in:
+            raise VariableError(
+                f"{type(self).__name__} '{self._label}' was made outside the JAX transformation (jax.jit, vmap, "
+                "grad, eval_shape, ...) that is assigning it a traced value, so the tracer would leak into the "
+                "model and break its next use. Fix: pass the model as an argument of "
+                "pzb.variable_jit(lambda model, x: model(x))(model, x) (it binds the variables inside the "
+                "trace and writes the new values back), or run it with pzb.stateless_call(model, ...)."
             )
         self._value = new_value
 

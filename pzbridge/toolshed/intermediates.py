@@ -186,6 +186,7 @@ def insert_layers(
     make_layer: Callable[[KeyPath, Any], Layer],
     *,
     where: str | None = None,
+    share_state: bool = False,
 ) -> Any:
     """Returns a copy of ``model`` with ``make_layer(keypath, node)`` run after (or before) each selected node.
 
@@ -203,6 +204,8 @@ def insert_layers(
       where: ``"after"`` (the new layer sees the node's output) or
         ``"before"`` (it sees the node's input); default: the ``Where``'s
         side, else ``"after"``.
+      share_state: Keep the model's ``StateVariable`` objects in the copy
+        (default: fresh copies, see ``Selection.apply``).
 
     Returns:
       The edited model.
@@ -232,9 +235,10 @@ def insert_layers(
     edited = model
     if wrapped:  # First: wrapping in place keeps every other keypath valid.
         edited = select(edited).at_keypaths(wrapped).apply(
-            lambda path, node: Sequential(list(pair(path, node))), with_keypath=True)
+            lambda path, node: Sequential(list(pair(path, node))), with_keypath=True, share_state=share_state)
     if spliced:
-        edited = select(edited).at_keypaths(spliced).apply_and_inline(pair, with_keypath=True)
+        edited = select(edited).at_keypaths(spliced).apply_and_inline(pair, with_keypath=True,
+                                                                      share_state=share_state)
     return edited
 
 

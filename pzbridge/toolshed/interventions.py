@@ -355,7 +355,7 @@ def _unindexed(selection: LayerSelector) -> LayerSelector:
 
 
 def insert_intervention(
-    model: Any, selection: LayerSelector, intervention: Layer, *, where: str | None = None
+    model: Any, selection: LayerSelector, intervention: Layer, *, where: str | None = None, share_state: bool = False
 ) -> Any:
     """Returns a copy of ``model`` with ``intervention`` after (or before) every selected layer.
 
@@ -370,6 +370,9 @@ def insert_intervention(
         to every selected place.
       where: ``"after"`` changes the selected layer's output, ``"before"``
         its input (default: the ``Where``'s side, else ``"after"``).
+      share_state: Let the copy keep the model's ``StateVariable`` objects.
+        By default it gets fresh copies, so running the edited model (a
+        steered decode) never advances the original's KV cache or counters.
 
     Returns:
       The edited model (list parents get the layer spliced in; other
@@ -392,7 +395,7 @@ def insert_intervention(
             f"{type(intervention).__name__}. Fix: wrap a function as InterveneWith(fn)."
         )
     placed = _indexed(intervention, selection)
-    return insert_layers(model, selection, lambda path, node: placed, where=where)
+    return insert_layers(model, selection, lambda path, node: placed, where=where, share_state=share_state)
 
 
 def patch_activations(
