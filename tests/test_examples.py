@@ -43,7 +43,13 @@ def result_line(script_name: str) -> dict[str, float]:
     last = result.stdout.strip().splitlines()[-1]
     match = re.fullmatch(rf"RESULT {script.stem}: ((?:\w+=\S+ ?)+)", last)
     assert match, f"{script_name}: the last line is not a RESULT line: {last!r}"
-    return {key: float(value) for key, value in (pair.split("=") for pair in match.group(1).split())}
+    return {key: _figure(value) for key, value in (pair.split("=") for pair in match.group(1).split())}
+
+
+def _figure(value: str) -> float:
+    """A RESULT value as a number: ``true`` / ``false`` read as 1.0 / 0.0."""
+    booleans = {"true": 1.0, "false": 0.0}
+    return booleans[value] if value in booleans else float(value)
 
 
 @pytest.mark.slow
@@ -52,3 +58,26 @@ def test_induction_heads_knockout_meets_the_targets() -> None:
     assert set(figures) == {"knockout_fraction", "other_heads_max_fraction"}
     assert figures["knockout_fraction"] >= 0.7
     assert figures["other_heads_max_fraction"] <= 0.3
+
+
+@pytest.mark.slow
+def test_das_equality_meets_the_targets() -> None:
+    figures = result_line("das_equality.py")
+    assert set(figures) == {"iia", "baseline_iia"}
+    assert figures["iia"] >= 0.9
+    assert figures["iia"] - figures["baseline_iia"] >= 0.15
+
+
+@pytest.mark.slow
+def test_causal_tracing_meets_the_target() -> None:
+    figures = result_line("causal_tracing.py")
+    assert set(figures) == {"recovered_fraction"}
+    assert figures["recovered_fraction"] >= 0.5
+
+
+@pytest.mark.slow
+def test_steering_decode_changes_tokens_and_cached_equals_recompute() -> None:
+    figures = result_line("steering_decode.py")
+    assert set(figures) == {"changed_tokens", "cached_equals_recompute"}
+    assert figures["changed_tokens"] >= 1
+    assert figures["cached_equals_recompute"] == 1.0

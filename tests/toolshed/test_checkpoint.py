@@ -23,6 +23,8 @@ from pzbridge.nn.linear import Linear
 from pzbridge.toolshed.lora import loraify_linears_in_selection
 from pzbridge.testing.numerics import assert_bitwise_reproducible
 
+pytestmark = pytest.mark.oldest  # also run against .ci/oldest-constraints.txt
+
 
 def _values(model):
     return {v.label: v.value for v in pzb.unbind_variables(model)[1]}

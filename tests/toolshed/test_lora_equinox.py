@@ -16,6 +16,8 @@ from pzbridge.nn.foreign import Foreign
 from pzbridge.nn.linear import Linear
 from pzbridge.toolshed.lora import LowRankAdapter, loraify_linears_in_selection, merge_lora
 
+pytestmark = pytest.mark.oldest  # also run against .ci/oldest-constraints.txt
+
 D, HEADS, VOCAB, SEQ = 16, 2, 11, 6
 
 
