@@ -18,15 +18,11 @@ Run: ``python benchmarks/das_bench.py``.
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
-
 import equinox as eqx
 import jax
 
 import pzbridge as pzb
+from interleaved import interleaved_medians
 from pzbridge.toolshed.trainable import (
     LowRankRotatedInterchange,
     RotatedSubspaceInterchange,
@@ -39,14 +35,6 @@ D_IN, WIDTH, DEPTH, BATCH, K_FULL, K_LOW = 32, 128, 2, 256, 64, 8
 SITE = Where(path="body.sublayers[1]")
 
 
-def _medians(calls: list[Callable[[], Any]], reps: int) -> list[float]:
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(reps):
-        for i, call in enumerate(calls):  # Interleaved, so load changes hit every row alike.
-            start = time.perf_counter()
-            jax.block_until_ready(call())
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -66,7 +54,7 @@ def main() -> None:
     calls = [lambda: run(plain, worlds), lambda: run(with_full, worlds), lambda: run(with_low, worlds)]
     for call in calls:
         jax.block_until_ready(call())
-    t_plain, t_full, t_low = _medians(calls, reps=20)
+    t_plain, t_full, t_low = interleaved_medians(calls, reps=20)
 
     print(f"{'row':58s} {'ratio':>7s}")
     print(f"{'forward, RotatedSubspaceInterchange k=64 / plain (2 worlds)':58s} {t_full / t_plain:7.2f}")

@@ -31,9 +31,7 @@ Run: ``python benchmarks/interventions_bench.py``.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 import pzbridge as pzb
+from interleaved import interleaved_medians
 from pzbridge.models.gpt import build_gpt
 from pzbridge.toolshed.capture import capture_all
 from pzbridge.toolshed.intermediates import capture_intermediates
@@ -57,19 +56,6 @@ VOCAB, D, HEADS, MLP, DEPTH, BATCH, SEQ = 512, 128, 4, 512, 4, 8, 64
 WORLD_COUNTS = (2, 4, 8)
 
 
-def _medians(calls: list[Callable[[], Any]], reps: int, inner: int) -> list[float]:
-    """Median seconds per call of each zero-argument callable, repetitions interleaved."""
-    for call in calls:
-        jax.block_until_ready(call())
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(reps):
-        for i, call in enumerate(calls):
-            start = time.perf_counter()
-            for _ in range(inner):
-                out = call()
-            jax.block_until_ready(out)
-            times[i].append((time.perf_counter() - start) / inner)
-    return [statistics.median(t) for t in times]
 
 
 _RUN = jax.jit(lambda model, x: model(x))
@@ -129,7 +115,7 @@ def rows(reps: int = 11, inner: int = 3) -> list[dict[str, Any]]:
         paths = patch_paths(model, spec["sender"], spec["receiver"], (1, 1))
         calls = [(_RUN, model, x), (_CAPTURE_ALL, model, x), (_CAPTURE_STREAM, model, x), (_RUN, model, two),
                  (_RUN, worlds, two), (_RUN, paths, two)]
-        plain, captured, stream, plain2, patched, pathed = _medians(
+        plain, captured, stream, plain2, patched, pathed = interleaved_medians(
             [lambda f=f, m=m, v=v: f(m, v) for f, m, v in calls], reps, inner)
         results += [
             dict(model=spec["name"], metric="capture everything", base=plain, new=captured, target="<=1.05"),
@@ -141,7 +127,7 @@ def rows(reps: int = 11, inner: int = 3) -> list[dict[str, Any]]:
             inputs = [_tokens(w) for w in range(n)]
             stacked = stack_worlds(inputs)
             one_pass = patch_worlds(model, spec["head"], (0,) * n)
-            separate, single, plain_n = _medians([_separate_passes(model, spec["head"], inputs[0], inputs[1:]),
+            separate, single, plain_n = interleaved_medians([_separate_passes(model, spec["head"], inputs[0], inputs[1:]),
                                                   lambda m=one_pass, s=stacked: _RUN(m, s),
                                                   lambda m=model, s=stacked: _RUN(m, s)], reps, inner)
             results += [

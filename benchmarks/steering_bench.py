@@ -16,8 +16,6 @@ Run: ``python benchmarks/steering_bench.py``.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import pzbridge as pzb
+from interleaved import interleaved_medians
 from pzbridge.models.gpt import build_gpt, make_kv_cached
 from pzbridge.toolshed.steering import steer
 from pzbridge.toolshed.where import Where
@@ -32,19 +31,6 @@ from pzbridge.toolshed.where import Where
 VOCAB, D, HEADS, MLP, DEPTH, BATCH, PREFILL, CACHE = 512, 128, 4, 512, 4, 8, 64, 128
 
 
-def _medians(calls: list[Callable[[], Any]], reps: int, inner: int) -> list[float]:
-    """Median seconds per call of each zero-argument callable, repetitions interleaved."""
-    for call in calls:
-        jax.block_until_ready(call())
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(reps):
-        for i, call in enumerate(calls):
-            start = time.perf_counter()
-            for _ in range(inner):
-                out = call()
-            jax.block_until_ready(out)
-            times[i].append((time.perf_counter() - start) / inner)
-    return [statistics.median(t) for t in times]
 
 
 def _step(model: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
@@ -70,9 +56,9 @@ def main(reps: int = 7, inner: int = 5) -> None:
     steer_call, steer_values = _step(steered)
     plain_filled = _after_prefill(plain_call, plain_values, prompt)
     steer_filled = _after_prefill(steer_call, steer_values, prompt)
-    prefill = _medians([lambda: plain_call(plain_values, prompt), lambda: steer_call(steer_values, prompt)],
+    prefill = interleaved_medians([lambda: plain_call(plain_values, prompt), lambda: steer_call(steer_values, prompt)],
                        reps, inner)
-    decode = _medians([lambda: plain_call(plain_filled, token), lambda: steer_call(steer_filled, token)],
+    decode = interleaved_medians([lambda: plain_call(plain_filled, token), lambda: steer_call(steer_filled, token)],
                       reps, inner * 4)
     print("| row | unsteered | steered | steered / unsteered |")
     print("|---|---|---|---|")

@@ -24,10 +24,12 @@ from pzbridge.bridge.context import recursion_headroom
 from pzbridge.bridge.frameworks import framework_of, traversal_of
 from pzbridge.bridge.lifted import CallingConvention, LiftedModel
 from pzbridge.bridge.naming import AxisNaming, checked_naming
+from pzbridge.bridge.output_check import check_output_shapes
 from pzbridge.bridge.registry import memo_block
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.bridge.tracing.overrides import OVERRIDES_KEY, AxisOverrides
 from pzbridge.core.errors import LiftError, LowerError
+from pzbridge.core.selectors import select
 from pzbridge.nn.dataflow import Traced
 from pzbridge.nn.layer_stack import LayerStack
 
@@ -103,7 +105,14 @@ def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | No
         overrides.check_used()
     convention = body.convention if isinstance(body, (Traced, LayerStack)) else None
     convention = convention or getattr(body, "traced_convention", None) or traversal.RULES.convention_of(module, naming)
-    return LiftedModel(body, framework, convention or CallingConvention())
+    lifted = LiftedModel(body, framework, convention or CallingConvention())
+    if (example_args or example_kwargs) and _holds_traced(body):
+        check_output_shapes(module, lifted, framework, example_args, dict(example_kwargs or {}))
+    return lifted
+
+
+def _holds_traced(body: Any) -> bool:
+    return isinstance(body, Traced) or bool(select(body).at_instances_of(Traced).count())
 
 
 @recursion_headroom()

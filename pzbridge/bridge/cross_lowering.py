@@ -162,6 +162,10 @@ def lower_converted_back(body: Any, target: str) -> Any:
         'Linear'
     """
     ctx = traversal_of(target).new_lower_context()
+    if target == "nnx":
+        from pzbridge.bridge.nnx.traversal import MERGE_EQUAL_COPIES
+
+        ctx.shared.extras[MERGE_EQUAL_COPIES] = {}  # Modules shared in the original came back as equal copies.
     return ctx.lower_node(body, ctx)
 
 

@@ -31,6 +31,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -166,7 +168,7 @@ class NativeCall(Layer):
     path: str = static_field(default="")
 
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
-        inputs = tuple(x) if isinstance(x, tuple) else (x,)
+        inputs = _self_attention_filled(tuple(x) if isinstance(x, tuple) else (x,), self.module, self.convention)
         # Fewer inputs than the convention names leave the native's trailing optional ones (a mask) at their defaults.
         names = self.convention.inputs[:len(inputs)]
         if len(inputs) > len(self.convention.inputs):
@@ -216,6 +218,35 @@ class NativeCall(Layer):
     def _name_output(self, out: Any) -> Any:
         names = self.convention.output or ()
         return name_trailing_axes(out, names) if names else out
+
+
+def _required_inputs(module: Any) -> int:
+    """How many positional arguments ``module``'s ``__call__`` cannot do without."""
+    try:
+        params = list(inspect.signature(type(module).__call__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return 0
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
+
+
+def _self_attention_filled(inputs: tuple[Any, ...], module: Any, convention: CallingConvention) -> tuple[Any, ...]:
+    """One input where the native requires keys and values too (NNX self-attention ``attn(x)``): ``x`` for each.
+
+    Each copy is renamed position by position to the names the convention gives that input (``seq`` -> ``kv_seq``).
+    """
+    required = _required_inputs(module)
+    if len(inputs) != 1 or required <= 1 or len(convention.inputs) < required or not nx.is_namedarray(inputs[0]):
+        return inputs
+    first, own = inputs[0], convention.inputs[0]
+    if any(len(names) != len(own) for names in convention.inputs[1:required]) or any(n not in first.named_shape
+                                                                                     for n in own):
+        return inputs
+    filled = [first]
+    for names in convention.inputs[1:required]:
+        renames = {a: b for a, b in zip(own, names) if a != b}
+        filled.append(first.untag(*renames).tag(*renames.values()) if renames else first)
+    return tuple(filled)
 
 
 def conventions_chain(conventions: Sequence[CallingConvention | None]) -> bool:

@@ -17,6 +17,8 @@ from pzbridge.core.errors import LiftError, LowerError
 from pzbridge.core.variables import Parameter, StateVariable
 from pzbridge.testing.equinox_strategies import assert_round_trip
 
+pytestmark = pytest.mark.oldest  # also run against .ci/oldest-constraints.txt
+
 
 def _bn(mode: str, channels: int = 3, affine: bool = True, seed: int = 0, momentum: float = 0.9):
     bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(

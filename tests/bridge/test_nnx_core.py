@@ -21,6 +21,8 @@ from pzbridge.nn.foreign import Foreign
 from pzbridge.nn.linear import Affine
 from pzbridge.testing.numerics import assert_outputs_match, assert_same_computation
 
+pytestmark = pytest.mark.oldest  # also run against .ci/oldest-constraints.txt
+
 
 class Tied(nnx.Module):
     def __init__(self):

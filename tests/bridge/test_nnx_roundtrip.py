@@ -8,12 +8,15 @@ so RNG streams and batch statistics start from the same values).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from hypothesis import given, settings
 
 import pzbridge as pzb
 from pzbridge.testing.nnx_strategies import nnx_models
 from pzbridge.testing.numerics import assert_bitwise_reproducible, assert_outputs_match
+
+pytestmark = pytest.mark.oldest  # also run against .ci/oldest-constraints.txt
 
 
 def leaf_arrays(module):

@@ -13,6 +13,8 @@ import pzbridge as pzb
 from pzbridge.core.errors import StructError
 from pzbridge.core.struct import Struct, pytree_dataclass, static_field
 
+pytestmark = pytest.mark.oldest  # also run against .ci/oldest-constraints.txt
+
 
 @pytree_dataclass
 class Pair(Struct):

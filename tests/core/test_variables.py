@@ -34,6 +34,8 @@ from pzbridge.core.variables import (
     unbind_variables,
 )
 
+pytestmark = pytest.mark.oldest  # also run against .ci/oldest-constraints.txt
+
 
 @pytree_dataclass
 class Box(Struct):

@@ -22,6 +22,8 @@ from pzbridge.nn.combinators import (
 )
 from pzbridge.nn.layer import Layer
 
+pytestmark = pytest.mark.oldest  # also run against .ci/oldest-constraints.txt
+
 FACTORS = st.lists(st.sampled_from([-2.0, 0.5, 1.0, 3.0]), min_size=1, max_size=4)
 
 

@@ -296,6 +296,9 @@ class MLPRule:
                 lowered.append(_lower_scanned(sub, ctx.child("layers", i)))
             else:
                 lowered.append(ctx.lower(sub, "layers", i))
+        if not all(isinstance(m, eqx.nn.Linear) or isinstance(sub, (EqxLinear, EqxScannedLinears))
+                   for m, sub in zip(lowered, linears)):  # A projection lifted from NNX that lowered to no Linear.
+            return ctx.lower_node(Sequential(list(layer.sublayers)), ctx)
         return rebuild_from_origin(layer.origin, eqx.nn.MLP, layers=tuple(lowered), activation=act,
                                    final_activation=final)
 
@@ -307,11 +310,11 @@ def _parse_mlp(layer: EqxMLP) -> tuple[list[Any], Any, Any] | None:
     if origin is None:
         return None
     if origin.get("depth") == 0:
-        ok = len(subs) == 1 and isinstance(subs[0], EqxLinear)
+        ok = len(subs) == 1 and _is_linear_part(subs[0])
         return (subs, layer.activation, layer.final_activation) if ok else None
     if origin.get("scan"):
-        kinds = (EqxLinear, Elementwise, EqxScannedLinears, EqxLinear, Elementwise)
-        if len(subs) != 5 or not all(isinstance(s, k) for s, k in zip(subs, kinds)):
+        kinds = (_LinearPart, Elementwise, EqxScannedLinears, _LinearPart, Elementwise)
+        if len(subs) != 5 or not all(_is_kind(s, k) for s, k in zip(subs, kinds)):
             return None
         if subs[1].fn is not subs[2].activation:
             return None
@@ -319,9 +322,23 @@ def _parse_mlp(layer: EqxMLP) -> tuple[list[Any], Any, Any] | None:
     if len(subs) % 2 or not all(isinstance(s, Elementwise) for s in subs[1::2]):
         return None
     linears = subs[0::2]
-    if not all(isinstance(s, EqxLinear) for s in linears) or len({id(s.fn) for s in subs[1:-1:2]}) != 1:
+    if not all(_is_linear_part(s) for s in linears) or len({id(s.fn) for s in subs[1:-1:2]}) != 1:
         return None
     return linears, subs[1].fn, subs[-1].fn
+
+
+class _LinearPart:
+    """Marker in :func:`_parse_mlp`'s patterns for :func:`_is_linear_part`."""
+
+
+def _is_linear_part(layer: Any) -> bool:
+    """An ``EqxLinear``, or a ``[Linear, AddBias?]`` group lifted elsewhere (a model converted from NNX and back)."""
+    subs = getattr(layer, "sublayers", None) if isinstance(layer, Sequential) else None
+    return isinstance(layer, EqxLinear) or bool(subs) and type(subs[0]) is Linear and len(subs) <= 2
+
+
+def _is_kind(layer: Any, kind: type) -> bool:
+    return _is_linear_part(layer) if kind is _LinearPart else isinstance(layer, kind)
 
 
 def _lift_scanned(hidden: eqx.nn.Linear, activation: Any, ctx: LiftContext) -> EqxScannedLinears:

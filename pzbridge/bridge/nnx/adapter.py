@@ -34,7 +34,7 @@ from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.native_calls import NativeCall, conventions_chain, fill_native_slots, native_lowerer, split_natives, \
     wants_native_children
 from pzbridge.bridge.nnx.traversal import convention_of, new_lift_context, nnx_rule
-from pzbridge.bridge.nnx.variables import is_array, nnx_variable, storage_names
+from pzbridge.bridge.nnx.variables import is_array, lowered_layout, nnx_variable, storage_names
 from pzbridge.core import named_axes as nx
 from pzbridge.core.variables import (
     AbstractVariableValue,
@@ -177,7 +177,7 @@ class NnxAdapter(nnx.Module):
             # wrt=nnx.LoRAParam (adapters only) and wrt=nnx.Param train them.
             lowered.append(nnx_variable(variable, ctx, default_type=nnx.LoRAParam if is_lora_parameter(variable)
                                         else None))
-            specs.append(VariableSpec(variable.label, kind, storage_names(variable),
+            specs.append(VariableSpec(variable.label, kind, lowered_layout(variable, ctx),
                                       tuple(dict(variable.metadata).items())))
         return cls(structure, lowered, specs, convention, natives, converted_from)
 

@@ -229,7 +229,35 @@ def lower_node(layer: Any, ctx: LowerContext) -> Any:
         return nnx_variable(layer, ctx)
     if isinstance(layer, AncestorRef):
         return layer.resolve(ctx)  # Not lowered: the ancestor it names is being built around it.
-    return ctx.cached(layer, lambda: _lower_uncached(layer, ctx))
+    copies = ctx.shared.extras.get(MERGE_EQUAL_COPIES)
+    key = None if copies is None else _copy_key(layer)
+    if key is None:
+        return ctx.cached(layer, lambda: _lower_uncached(layer, ctx))
+    if key not in copies:
+        copies[key] = ctx.cached(layer, lambda: _lower_uncached(layer, ctx))
+        ctx.shared.keep_alive.append(layer)  # The key holds ids: keep the objects alive.
+    return copies[key]
+
+
+MERGE_EQUAL_COPIES = "nnx_merge_equal_copies"
+"""``ctx.shared.extras`` key: when set (to a dict), equal lifted layers holding the same variables lower to one module.
+
+Equinox has no shared submodules: an NNX module used twice converts to two
+equal Equinox copies holding the same arrays, so converting back merges them.
+"""
+
+
+def _copy_key(layer: Any) -> Any:
+    """What makes two lifted layers the same module: class, static fields and the identity of every leaf."""
+    leaves, treedef = jax.tree_util.tree_flatten(layer, is_leaf=lambda v: isinstance(v, AbstractVariable))
+    if not any(isinstance(leaf, AbstractVariable) for leaf in leaves):
+        return None  # Layers without variables (activations, glue) may be distinct modules in the original.
+    key = (type(layer), treedef, tuple(id(leaf) for leaf in leaves))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _lower_uncached(layer: Any, ctx: LowerContext) -> Any:

@@ -169,6 +169,9 @@ def nnx_variable(variable: Any, ctx: LowerContext, axis_names: Sequence[str] | N
         >>> type(v).__name__, v.shape
         ('Param', (3, 2))
     """
+    layouts = ctx.shared.extras.setdefault(_LAYOUTS, {})
+    if axis_names is None and ("cached", id(variable)) in ctx.shared.by_identity:
+        return ctx.cached(variable, lambda: None)  # Any storage order will do (an adapter records it).
     names = storage_names(variable) if axis_names is None else tuple(axis_names)
     # A state variable may hold None until it is first written (a capture saver before it runs):
     # that is a value, unlike an unbound slot, and NNX Variables may hold None too.
@@ -187,19 +190,37 @@ def nnx_variable(variable: Any, ctx: LowerContext, axis_names: Sequence[str] | N
         if isinstance(variable, StateVariable):
             # Foreign calls write NNX's in-place updates back into the lifted variable.
             ctx.shared.extras.setdefault("nnx_state_pairs", []).append((variable, made, names))
+        layouts[id(variable)] = names
         return made
 
     made = ctx.cached(variable, make)
-    shape = getattr(made, "shape", None)
-    if array is not None and shape is not None and tuple(shape) != tuple(array.shape):
+    if layouts.get(id(variable), names) != names and array is not None:
         # One tied variable used in two storage orders (an embedding table and a Linear kernel): two NNX
         # Variables would untie it in training, so the second use cannot be a native layer.
         raise LowerError(
-            f"{ctx.where}: {getattr(variable, 'label', 'variable')!r} is already lowered with shape "
-            f"{tuple(shape)}; this layer needs it stored as {list(names)} {tuple(array.shape)}. Fix: keep the "
-            "layer an adapter (it shares the tied variable), or tie layers that store it in one order."
+            f"{ctx.where}: {getattr(variable, 'label', 'variable')!r} is already lowered stored as "
+            f"{list(layouts[id(variable)])}; this layer needs it stored as {list(names)}. Fix: keep the layer an "
+            "adapter (it shares the tied variable), or tie layers that store it in one order."
         )
     return made
+
+
+_LAYOUTS = "nnx_variable_layouts"
+"""``ctx.shared.extras`` key: ``{id(variable): axis names of its lowered NNX Variable, in storage order}``."""
+
+
+def lowered_layout(variable: Any, ctx: LowerContext) -> tuple[str, ...]:
+    """The storage order of ``variable``'s lowered NNX Variable (its own storage order before it is lowered).
+
+    Example:
+        >>> from pzbridge.core.variables import Parameter
+        >>> from pzbridge.bridge.nnx.traversal import new_lower_context
+        >>> p, ctx = Parameter(nx.wrap(np.ones((2, 3)), "a", "b"), "p"), new_lower_context()
+        >>> _ = nnx_variable(p, ctx, ("b", "a"))
+        >>> lowered_layout(p, ctx)
+        ('b', 'a')
+    """
+    return ctx.shared.extras.get(_LAYOUTS, {}).get(id(variable), storage_names(variable))
 
 
 def _holds_none(variable: Any) -> bool:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 from test_equinox_tracing import train_lora
 
 import pzbridge as pzb
 from pzbridge.testing.numerics import assert_outputs_match
 from pzbridge.toolshed.lora import loraify_linears_in_selection
+
+pytestmark = pytest.mark.oldest  # also run against .ci/oldest-constraints.txt
 
 
 class Gated(eqx.Module):

@@ -19,6 +19,8 @@ from pzbridge.testing.numerics import assert_outputs_match
 from pzbridge.toolshed.intermediates import capture_intermediates
 from pzbridge.toolshed.lora import loraify_linears_in_selection
 
+pytestmark = pytest.mark.oldest  # also run against .ci/oldest-constraints.txt
+
 D = 6
 
 

@@ -104,8 +104,9 @@ def test_residual_streams_come_back_stacked_and_equal_a_hand_written_loop(model,
         block = _block(model, i)
         mid = x + block.attn(block.attn_norm(x))
         x = mid + block.mlp(block.mlp_norm(mid))
-        assert_outputs_match(after_attention[i], mid, same_computation=False)
-        assert_outputs_match(after_mlp[i], x, same_computation=False)
+        # A scan against an unrolled loop: rounding differs per layer and adds up along the stream.
+        assert_outputs_match(after_attention[i], mid, same_computation=False, ulps=32)
+        assert_outputs_match(after_mlp[i], x, same_computation=False, ulps=32)
 
 
 def test_per_layer_lora_trains_with_nnx_optimizer_and_merges_back(model, lifted):
