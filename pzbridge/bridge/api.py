@@ -17,20 +17,26 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import jax
 
 from pzbridge.bridge.context import recursion_headroom
 from pzbridge.bridge.frameworks import framework_of, traversal_of
 from pzbridge.bridge.lifted import CallingConvention, LiftedModel
 from pzbridge.bridge.naming import AxisNaming, checked_naming
-from pzbridge.bridge.output_check import check_output_shapes
+from pzbridge.bridge.output_check import check_output_shapes, disagreement_on_examples
 from pzbridge.bridge.registry import memo_block
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.bridge.tracing.overrides import OVERRIDES_KEY, AxisOverrides
-from pzbridge.core.errors import LiftError, LowerError
+from pzbridge.bridge.tracing.trace_log import TraceLog, recording
+from pzbridge.bridge.tracing.widening import widened_examples
+from pzbridge.core.errors import LiftError, LowerError, PzbridgeError
 from pzbridge.core.selectors import select
 from pzbridge.nn.dataflow import Traced
+from pzbridge.nn.foreign import Foreign
 from pzbridge.nn.layer_stack import LayerStack
 
 
@@ -47,7 +53,9 @@ def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | No
     Without example inputs a module without a rule becomes ``Foreign`` (its
     children still lifted); with them (arrays or ``jax.ShapeDtypeStruct`` s,
     as the module is called) its ``__call__`` is traced into explicit
-    pzbridge layers (see ``docs/lifting_custom_modules.md``).
+    pzbridge layers (see ``docs/lifting_custom_modules.md``). Examples with
+    size-1 axes are traced on a widened copy and the result checked on the
+    examples themselves (:mod:`~pzbridge.bridge.tracing.widening`).
 
     Args:
       module: An ``eqx.Module`` or ``nnx.Module``.
@@ -86,29 +94,96 @@ def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | No
     if state is not None and framework != "equinox":
         raise LiftError("<root>: state= is for Equinox models, found an nnx.Module (NNX modules hold their own "
                         "state). Fix: drop state=.")
+    example = None
+    if example_args or example_kwargs:
+        example = Example.of(example_args, example_kwargs, input_names)
+    elif axis_names:
+        raise LiftError("<root>: axis_names renames traced axes, but no example input was given, so nothing is "
+                        "traced. Fix: pass example inputs, pzb.lift(model, x, axis_names=...).")
+    lift_once = functools.partial(_lift_once, module, framework, naming, strict, state, axis_names)
+    args, kwargs = tuple(example_args), dict(example_kwargs or {})
+    if example is not None:
+        widened = _lift_widened(lift_once, module, framework, example, args, kwargs, strict)
+        if widened is not None:
+            return widened
+    lifted, log = lift_once(example)
+    if example is not None and _holds_traced(lifted.body):
+        root_output = log.first_output if isinstance(lifted.body, Traced) else None
+        check_output_shapes(module, lifted, framework, args, kwargs, traced_output=root_output)
+    return lifted
+
+
+def _lift_once(module: Any, framework: str, naming: AxisNaming, strict: bool, state: Any,
+               axis_names: Mapping[str, Mapping[str, str]] | None, example: Example | None
+               ) -> tuple[LiftedModel, TraceLog]:
+    """One traversal of ``module`` (traced with ``example`` where it has one), and what its traces saw."""
     traversal = traversal_of(framework)
     ctx = traversal.new_lift_context(naming, strict)
     if state is not None:
         from pzbridge.bridge.equinox.state import checked_state  # Loaded with the Equinox traversal anyway.
 
         ctx.shared.extras["state"] = checked_state(state, module)
-    if example_args or example_kwargs:
-        ctx = ctx.with_example(Example.of(example_args, example_kwargs, input_names))
-    elif axis_names:
-        raise LiftError("<root>: axis_names renames traced axes, but no example input was given, so nothing is "
-                        "traced. Fix: pass example inputs, pzb.lift(model, x, axis_names=...).")
+    if example is not None:
+        ctx = ctx.with_example(example)
     overrides = AxisOverrides.of(axis_names) if axis_names else None
     if overrides is not None:
         ctx.shared.extras[OVERRIDES_KEY] = overrides
-    body = ctx.lift_node(module, ctx)
+    with recording() as log:
+        body = ctx.lift_node(module, ctx)
     if overrides is not None:
         overrides.check_used()
     convention = body.convention if isinstance(body, (Traced, LayerStack)) else None
     convention = convention or getattr(body, "traced_convention", None) or traversal.RULES.convention_of(module, naming)
-    lifted = LiftedModel(body, framework, convention or CallingConvention())
-    if (example_args or example_kwargs) and _holds_traced(body):
-        check_output_shapes(module, lifted, framework, example_args, dict(example_kwargs or {}))
-    return lifted
+    return LiftedModel(body, framework, convention or CallingConvention()), log
+
+
+def _lift_widened(lift_once: Callable[[Example | None], tuple[LiftedModel, TraceLog]], module: Any,
+                  framework: str, example: Example, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  strict: bool) -> LiftedModel | None:
+    """The lift traced on a widened example, checked on the original one; None: trace the original.
+
+    Size-1 axes make traced naming ambiguous (see
+    :mod:`~pzbridge.bridge.tracing.widening`). A candidate is taken when its
+    lift succeeds, holds traced layers and computes the module on the
+    original examples. A lift that keeps some module ``Foreign``
+    (``strict=False``: a trace that failed at the widened sizes, or code that
+    never traces) is compared with the lift of the original example, and the
+    one with fewer ``Foreign`` layers wins.
+    """
+    candidates = widened_examples(example, _array_sizes(module, framework))
+    for candidate in candidates:
+        try:
+            lifted, log = lift_once(candidate)
+        except Exception:  # noqa: BLE001, S112 - speculative: whatever fails here, the original example decides
+            continue  # The widened call does not run (an axis that must be 1): try the next, then the original.
+        if not log.traces or not _holds_traced(lifted.body):
+            return None  # Nothing traced: the example's sizes change nothing, the original lift is the lift.
+        if disagreement_on_examples(module, lifted, framework, args, kwargs) is not None:
+            continue
+        if not strict and _foreign_count(lifted.body):
+            try:
+                original, _ = lift_once(example)
+            except PzbridgeError:
+                return lifted
+            if _foreign_count(original.body) < _foreign_count(lifted.body):
+                return None
+        return lifted
+    return None
+
+
+def _array_sizes(module: Any, framework: str) -> set[int]:
+    """Every axis size of the module's arrays (fresh sizes of a widened example avoid them)."""
+    if framework == "nnx":
+        from flax import nnx
+
+        leaves = jax.tree_util.tree_leaves(nnx.state(module))
+    else:
+        leaves = jax.tree_util.tree_leaves(module)
+    return {int(size) for leaf in leaves for size in getattr(leaf, "shape", ())}
+
+
+def _foreign_count(body: Any) -> int:
+    return int(isinstance(body, Foreign)) + select(body).at_instances_of(Foreign).count()
 
 
 def _holds_traced(body: Any) -> bool:

@@ -48,6 +48,7 @@ from pzbridge.bridge.cross_lowering import (
     lower_with_convention,
     root_convention,
 )
+from pzbridge.bridge.example_convention import example_convention
 from pzbridge.bridge.frameworks import FRAMEWORKS, framework_of
 from pzbridge.bridge.lifted import LiftedModel
 from pzbridge.bridge.naming import AxisNaming, checked_naming
@@ -171,6 +172,7 @@ def convert_with_report(model: Any, *example_args: Any, to: str, example_kwargs:
     naming = checked_naming(naming)
     # Strict: a module kept Foreign runs its own framework's code, which cannot run in the other one.
     lifted = lift(model, *example_args, example_kwargs=example_kwargs, naming=naming, strict=True)
+    lifted = example_convention(lifted, example_args, naming)  # A shape-keeping stock root records none.
     if converted_back(model, to):  # A converted model going home: its original classes come back.
         converted = lower_converted_back(lifted.body, to)
     else:

@@ -51,18 +51,96 @@ from pzbridge.nn.switch import Switch
 __all__ = [
     "NATIVE_CHILDREN",
     "NativeCall",
+    "NativeConvention",
+    "NativeInputsNotConvertible",
     "NativeSlot",
     "conventions_chain",
     "fill_native_slots",
     "is_glue",
+    "keyword_inputs_of",
     "native_lowerer",
     "native_slots",
+    "register_keyword_inputs",
     "split_natives",
     "wants_native_children",
 ]
 
 # Key of LowerContext.shared.extras: set (to the AxisNaming) while converting between frameworks.
 NATIVE_CHILDREN = "native_children"
+
+
+KeywordInputs = tuple[tuple[str, tuple[str, ...]], ...]
+
+# Native classes taking inputs beyond their positional convention as keyword arguments (NNX attention's `mask=`):
+# class -> (module, naming) -> ((keyword, names of its trailing axes), ...). Filled by the framework rule modules.
+_KEYWORD_INPUTS: dict[type, Callable[[Any, Any], KeywordInputs]] = {}
+
+
+def register_keyword_inputs(cls: type, keywords_of: Callable[[Any, Any], KeywordInputs]) -> None:
+    """Declares that natives of class ``cls`` take the inputs after their positional ones as keywords.
+
+    ``keywords_of(module, naming)`` gives, per extra input in order, the
+    keyword and the names of the trailing axes the native expects; an axis
+    the input lacks is passed with size 1, for the native to broadcast
+    (``naming`` is the conversion's :class:`~pzbridge.bridge.naming.AxisNaming`).
+
+    Example:
+        >>> class Masked:
+        ...     def __call__(self, x, *, mask=None):
+        ...         return x if mask is None else x * mask
+        >>> register_keyword_inputs(Masked, lambda module, naming: (("mask", ("f",)),))
+        >>> keyword_inputs_of(Masked(), None)
+        (('mask', ('f',)),)
+    """
+    _KEYWORD_INPUTS[cls] = keywords_of
+
+
+def keyword_inputs_of(module: Any, naming: Any) -> KeywordInputs:
+    """The keyword inputs registered for ``module``'s class (looked up along its MRO), else ``()``.
+
+    Example:
+        >>> keyword_inputs_of(object(), None)
+        ()
+    """
+    for cls in type(module).__mro__:
+        if cls in _KEYWORD_INPUTS:
+            return tuple(_KEYWORD_INPUTS[cls](module, naming))
+    return ()
+
+
+class NativeInputsNotConvertible(LowerError, NotImplementedError):
+    """A native child is called with inputs its calling convention has no place for yet (not implemented).
+
+    Example:
+        >>> issubclass(NativeInputsNotConvertible, LowerError)
+        True
+    """
+
+
+@pytree_dataclass
+class NativeConvention(CallingConvention):
+    """A native's calling convention plus the keywords its further inputs are passed as.
+
+    The glue calls a native child as the lifted layer it replaces was called:
+    an Equinox attention takes ``(query, key, value, mask)``, NNX's takes the
+    mask as ``mask=``. Inputs after the positional ones go to ``keywords`` in
+    order, laid out ``(*extra axes, *names)`` with size 1 where the input lacks
+    a name.
+
+    Attributes:
+      keywords: ``(keyword, names of its trailing axes)`` per extra input (static).
+
+    Example:
+        >>> conv = NativeConvention((("f",),), ("f",), keywords=(("mask", ("f",)),))
+        >>> conv.keywords[0][0], conv.inputs
+        ('mask', (('f',),))
+    """
+
+    keywords: KeywordInputs = static_field(default=())
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "keywords", tuple((k, tuple(names)) for k, names in self.keywords))
 
 
 def wants_native_children(ctx: Any) -> bool:
@@ -107,6 +185,10 @@ def native_lowerer(ctx: Any, convention_of: Callable[[Any, Any], CallingConventi
         convention = convention_of(module, naming)
         if convention is None or convention.output is None or not convention.inputs:
             return None
+        keywords = keyword_inputs_of(module, naming)
+        if keywords:
+            convention = NativeConvention(convention.inputs, convention.output, convention.side_names,
+                                          convention.batched_keywords, keywords=keywords)
         return module, convention
 
     return lower_native
@@ -169,14 +251,18 @@ class NativeCall(Layer):
 
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
         inputs = _self_attention_filled(tuple(x) if isinstance(x, tuple) else (x,), self.module, self.convention)
-        # Fewer inputs than the convention names leave the native's trailing optional ones (a mask) at their defaults.
-        names = self.convention.inputs[:len(inputs)]
-        if len(inputs) > len(self.convention.inputs):
+        keywords = getattr(self.convention, "keywords", ())
+        count = len(self.convention.inputs)
+        if len(inputs) > count + len(keywords):
+            taken = [list(n) for n in self.convention.inputs] + [f"{k}={list(n)}" for k, n in keywords]
             raise NamedAxisError(
                 f"{self.path or '<root>'}: the native {type(self.module).__name__} takes "
-                f"{len(self.convention.inputs)} inputs named {[list(n) for n in self.convention.inputs]}, found "
-                f"{len(inputs)}. Fix: check the converted model's glue."
+                f"{count + len(keywords)} inputs named {taken}, found {len(inputs)}. "
+                "Fix: check the converted model's glue."
             )
+        inputs, extra = inputs[:count], inputs[count:]
+        # Fewer inputs than the convention names leave the native's trailing optional ones (a mask) at their defaults.
+        names = self.convention.inputs[:len(inputs)]
         inputs = tuple(nx.wrap(v) if not nx.is_namedarray(v) else v for v in inputs)
         for value, own in zip(inputs, names):
             missing = [n for n in own if n not in value.named_shape]
@@ -186,8 +272,29 @@ class NativeCall(Layer):
                     f"{list(own)}; axes {missing} are missing (found named shape {dict(value.named_shape)}). "
                     "Fix: name the input's axes as the lifted layer expects."
                 )
+        keyword_inputs = tuple((kw, value, own) for (kw, own), value in zip(keywords, extra) if value is not None)
+        # A side input named as one of the native's keywords (the glue's `attn(x, x, x, mask=m)`) is passed as it.
+        given = {kw for kw, _, _ in keyword_inputs}
+        keyword_inputs += tuple((kw, side_inputs[kw], own) for kw, own in keywords
+                                if kw not in given and side_inputs.get(kw) is not None)
         if self.batched:
-            return self._call_batched(inputs)
+            return self._call_batched(inputs, keyword_inputs)
+        dropped = sorted(k for k, v in side_inputs.items()
+                         if k not in given and (nx.is_namedarray(v) or isinstance(v, jax.Array)))
+        if dropped:
+            # A per-example native's convention has no place for them: running without would compute something else.
+            raise NativeInputsNotConvertible(
+                f"{self.path or '<root>'}: the native {type(self.module).__name__} is called with array keyword "
+                f"inputs {dropped}, which natives called per example (Equinox) cannot take yet (found only a "
+                f"place for its positional inputs {[list(n) for n in self.convention.inputs]}). Fix: keep this "
+                "model in its framework, or pass those inputs positionally in the model's code."
+            )
+        if keyword_inputs:
+            raise NativeInputsNotConvertible(
+                f"{self.path or '<root>'}: keyword inputs {[kw for kw, _, _ in keyword_inputs]} of a native "
+                f"{type(self.module).__name__} called per example are not supported yet (found batched=False; "
+                "only batched natives, NNX, take them). Fix: register no keyword inputs for per-example natives."
+            )
         positional = [value.untag(*own) for value, own in zip(inputs, names)]
         return self._name_output(nx.nmap(self._per_example)(*positional))
 
@@ -198,26 +305,57 @@ class NativeCall(Layer):
             run = jax.vmap(run)
         return run(*arrays)
 
-    def _call_batched(self, inputs: Sequence[nx.NamedArrayBase]) -> Any:
+    def _call_batched(self, inputs: Sequence[nx.NamedArrayBase],
+                      keyword_inputs: Sequence[tuple[str, Any, tuple[str, ...]]] = ()) -> Any:
         extras: list[str] = []
         for value, own in zip(inputs, self.convention.inputs):
             extras += [n for n in value.named_shape if n not in own and n not in extras]
+        for _, value, own in keyword_inputs:
+            if nx.is_namedarray(value):
+                extras += [n for n in value.named_shape if n not in own and n not in extras]
         arrays = []
         for value, own in zip(inputs, self.convention.inputs):
             sizes = dict(value.named_shape)
             # An input lacking an extra axis (a key without the worlds axis) is broadcast to it.
             for name in extras:
                 if name not in sizes:
-                    size = next(dict(v.named_shape)[name] for v in inputs if name in v.named_shape)
+                    size = _size_of(name, [*inputs, *(v for _, v, _ in keyword_inputs)])
                     value = value + nx.zeros({name: size}, dtype=value.dtype)
             arrays.append(value.unwrap(*extras, *own))
-        out = self.module(*arrays)
+        keywords = {kw: _keyword_array(value, (*extras, *own)) for kw, value, own in keyword_inputs}
+        out = self.module(*arrays, **keywords)
         # Leading positional axes the input had (an NNX model's unnamed batch) stay positional, in front.
         return name_trailing_axes(nx.wrap(out), (*extras, *(self.convention.output or ())))
 
     def _name_output(self, out: Any) -> Any:
         names = self.convention.output or ()
         return name_trailing_axes(out, names) if names else out
+
+
+def _size_of(name: str, values: Sequence[Any]) -> int:
+    return next(dict(v.named_shape)[name] for v in values if nx.is_namedarray(v) and name in v.named_shape)
+
+
+def _keyword_array(value: Any, names: tuple[str, ...]) -> Any:
+    """``value`` laid out ``(*positional, *names)``, with a size-1 axis for each name it lacks (broadcast by the native).
+
+    Positional axes first stand for the trailing names the input lacks (an
+    Equinox mask's unnamed heads axis, as Equinox attention reads it); any
+    further ones stay in front. An unnamed array is passed as it is: it is
+    already in the native's layout.
+    """
+    if not nx.is_namedarray(value) or not value.named_shape:
+        return nx.unwrap(value) if nx.is_namedarray(value) else value
+    missing = [n for n in names if n not in value.named_shape]
+    count = min(len(missing), len(value.positional_shape))
+    if count:
+        lead = len(value.positional_shape) - count
+        value = value.tag_prefix(*[f"__keyword_lead{i}" for i in range(lead)], *missing[len(missing) - count:])
+        value = value.untag_prefix(*[f"__keyword_lead{i}" for i in range(lead)]) if lead else value
+    present = [n for n in names if n in value.named_shape]
+    data = value.unwrap(*present)
+    lead_shape = data.shape[:len(value.positional_shape)]
+    return data.reshape(lead_shape + tuple(dict(value.named_shape).get(n, 1) for n in names))
 
 
 def _required_inputs(module: Any) -> int:

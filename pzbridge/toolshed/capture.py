@@ -43,6 +43,7 @@ from pzbridge.core.variables import (
 )
 from pzbridge.nn.layer import Layer
 from pzbridge.toolshed.intermediates import (
+    Captured,
     LayerSelector,
     SaveIntermediate,
     capture_intermediates,
@@ -56,7 +57,7 @@ _ISOLATE_LABEL = "isolate:call"
 
 def capture_shapes(
     model: Any, selection: LayerSelector, x: Any, /, *, where: str | None = None, **side_inputs: Any
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Any, Captured]:
     """Like :func:`~pzbridge.toolshed.intermediates.capture_intermediates`, but only shapes: nothing is computed.
 
     Runs the capture under ``jax.eval_shape``, so each array comes back as a
@@ -91,12 +92,12 @@ def capture_shapes(
         return output, list(values.values())  # A list: eval_shape would sort a dict's keys.
 
     output, values = jax.eval_shape(run, x, side_inputs)
-    return output, dict(zip(paths, values))
+    return output, Captured(zip(paths, values))
 
 
 def capture_all(
     model: Any, x: Any, /, *, where: str = "after", shapes_only: bool = False, **side_inputs: Any
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Any, Captured]:
     """Runs ``model`` once and returns the output (or input) of every innermost layer, keyed by path.
 
     Innermost layers are those with no layer inside (``Linear``,
@@ -112,7 +113,8 @@ def capture_all(
       **side_inputs: Forwarded to the model.
 
     Returns:
-      ``(output, {path: value})`` in model order; the output equals ``model(x)``.
+      ``(output, {path: value})`` in model order (a :class:`Captured` dict);
+      the output equals ``model(x)``.
 
     Raises:
       PzbridgeError: If some innermost layer is never called on this input

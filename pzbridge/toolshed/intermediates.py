@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,7 @@ from pzbridge.toolshed.where import Where
 
 __all__ = [
     "CAPTURE_LABEL_PREFIX",
+    "Captured",
     "LayerSelector",
     "SaveIntermediate",
     "capture_intermediates",
@@ -340,9 +342,82 @@ def collect_saved(model: Any, x: Any, /, **side_inputs: Any) -> tuple[Any, dict[
     return output, {label: by_label[label] for label in labels}
 
 
+class Captured(dict):
+    """What a capture returns: a ``dict`` ``{path: value}`` in model order whose repeated values are one pytree child.
+
+    Layers that pass their input on (an ``Identity``, a fan-out branch, a
+    cast to the same dtype) make several paths hold the very same value. A
+    plain dict would give that value once per path to ``jax.jit``, and XLA
+    copies an output buffer for every repeat (on a traced transformer,
+    about a third of everything captured). As a pytree, a ``Captured`` has
+    one child per *distinct* value (the same object, or an equal structure
+    around the same arrays), keyed by the first path holding it; unflattening
+    puts it back at every path. Compared with a dict, ``jax.tree.leaves``
+    therefore lists a repeated value once, and a tree operation that combines
+    several trees needs ``Captured`` with the same paths and repeats: two
+    eager captures of one model, or two jitted ones. Which values repeat can
+    differ between an eager and a jitted run (jax shares constants
+    differently), and a ``Captured`` never matches a plain dict: convert
+    with ``dict(...)`` to combine those.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> a = jnp.ones(2)
+        >>> acts = Captured({"x": a, "y": a, "z": 2 * a})
+        >>> len(jax.tree_util.tree_leaves(acts))
+        2
+        >>> out = jax.jit(lambda c: c)(acts)
+        >>> list(out), out["x"] is out["y"], out["z"].tolist()
+        (['x', 'y', 'z'], True, [2.0, 2.0])
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class _Repeats:
+    """A ``Captured``'s pytree data: its paths and, per path, which child holds its value."""
+
+    paths: tuple[str, ...]
+    slots: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        # Shown by jax when two trees do not match: say why, and the fix.
+        return (f"Captured({len(self.paths)} paths, {len(set(self.slots))} distinct values: a repeated value is "
+                "held once, and which values repeat can differ between an eager and a jitted run; to combine "
+                f"such captures in one tree operation, convert both with dict(...); child of each path: {self.slots})")
+
+
+def _flatten_captured(captured: Captured) -> tuple[list[tuple[Any, Any]], _Repeats]:
+    children: list[tuple[Any, Any]] = []
+    slots: list[int] = []
+    first: dict[Any, int] = {}  # a value's identity, and its structure with its arrays' identities -> its child
+    for path, value in captured.items():
+        leaves, treedef = jax.tree_util.tree_flatten(value)
+        keys = ((id(value),), (treedef, *(id(leaf) for leaf in leaves)))
+        slot = next((first[key] for key in keys if key in first), None)
+        if slot is None:
+            slot = len(children)
+            children.append((jax.tree_util.DictKey(path), value))
+            first.update(dict.fromkeys(keys, slot))
+        slots.append(slot)
+    return children, _Repeats(tuple(captured), tuple(slots))
+
+
+def _flatten_captured_children(captured: Captured) -> tuple[list[Any], _Repeats]:
+    children, aux = _flatten_captured(captured)
+    return [value for _, value in children], aux
+
+
+def _unflatten_captured(aux: _Repeats, children: Any) -> Captured:
+    values = list(children)
+    return Captured((path, values[slot]) for path, slot in zip(aux.paths, aux.slots))
+
+
+jax.tree_util.register_pytree_with_keys(Captured, _flatten_captured, _unflatten_captured, _flatten_captured_children)
+
+
 def capture_intermediates(
     model: Any, selection: LayerSelector, x: Any, /, *, where: str | None = None, **side_inputs: Any
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Any, Captured]:
     """Runs ``model`` on ``x`` and returns the activations at the selected layers.
 
     A copy of the model gets a :class:`SaveIntermediate` after (or before)
@@ -361,7 +436,9 @@ def capture_intermediates(
 
     Returns:
       ``(output, {path: activation})`` keyed by the selected layers' paths
-      in ``model`` (e.g. ``"body.sublayers[2]"``), in model order. The
+      in ``model`` (e.g. ``"body.sublayers[2]"``), in model order, as a
+      :class:`Captured` dict (a value held at several paths is one pytree
+      child, so ``jax.jit`` writes it out once). The
       output equals ``model(x, **side_inputs)``. With a ``Where`` that has
       an ``index``, each activation is its indexed part (an int index drops
       its axis, positions and slices keep it).
@@ -393,6 +470,6 @@ def capture_intermediates(
     ordered = [format_path(p) for p in resolve_selection(model, selection).get_keypaths()]
     ordered += [path for path in paths if path not in set(ordered)]
     if isinstance(selection, Where) and selection.index:
-        return output, {path: selection.take(captured[path], path) for path in ordered}
-    return output, {path: captured[path] for path in ordered}
+        return output, Captured((path, selection.take(captured[path], path)) for path in ordered)
+    return output, Captured((path, captured[path]) for path in ordered)
 

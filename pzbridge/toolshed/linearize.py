@@ -66,7 +66,10 @@ class Linearized(Layer):
             return p.broadcast_like(a) if nx.is_namedarray(p) else p
 
         point = jax.tree_util.tree_map(broadcast, self.point, x, is_leaf=nx.is_namedarray)
-        tangent = jax.tree_util.tree_map(lambda a, p: a - p, x, point, is_leaf=nx.is_namedarray)
+        # The tangent must have the point's exact layout: jax.jvp compares pytree structures, and a named array's
+        # structure records its axis order (a point averaged over "batch" and broadcast back puts "batch" last).
+        tangent = jax.tree_util.tree_map(lambda a, p: (a - p).order_like(p) if nx.is_namedarray(p) else a - p, x,
+                                         point, is_leaf=nx.is_namedarray)
         value, change = jax.jvp(lambda p: self.layer(p, **side_inputs), (point,), (tangent,))
         return jax.tree_util.tree_map(lambda v, c: v + c, value, change, is_leaf=nx.is_namedarray)
 

@@ -15,6 +15,7 @@ from pzbridge.core.errors import PzbridgeError, SelectionError
 from pzbridge.nn.linear import Affine
 from pzbridge.testing.numerics import assert_bitwise_reproducible
 from pzbridge.toolshed.intermediates import (
+    Captured,
     SaveIntermediate,
     capture_intermediates,
     collect_saved,
@@ -236,3 +237,61 @@ def test_saver_inside_foreign_code_records_the_childs_activation() -> None:
     np.testing.assert_allclose(np.asarray(pzb.nx.unwrap(act, *act.named_shape)),
                                np.asarray(linear.weight @ jnp.ones(2)), rtol=1e-6)
 
+
+# -- Captured: repeated values are one pytree child -------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(pattern=st.lists(st.integers(0, 3), min_size=1, max_size=8))
+def test_captured_has_one_child_per_distinct_value_and_puts_it_back_at_every_path(pattern: list[int]) -> None:
+    sources = [pzb.nx.wrap(jnp.arange(3.0) + i, "f") for i in range(4)]
+    acts = Captured((f"p{n}", sources[i]) for n, i in enumerate(pattern))
+    leaves, treedef = jax.tree_util.tree_flatten(acts)
+    assert len(leaves) == len(set(pattern))
+    for back in (jax.tree_util.tree_unflatten(treedef, leaves), jax.jit(lambda c: c)(acts)):
+        assert type(back) is Captured and list(back) == list(acts)
+        for a in back:
+            np.testing.assert_array_equal(back[a].unwrap("f"), acts[a].unwrap("f"))
+            for b in back:  # the same value where (and only where) the input had the same value
+                assert (back[a] is back[b]) == (acts[a] is acts[b])
+    doubled = jax.tree_util.tree_map(lambda v: v * 2, acts)
+    assert type(doubled) is Captured and [doubled[k].unwrap("f").tolist() for k in acts] == [
+        (2 * acts[k].unwrap("f")).tolist() for k in acts]
+
+
+def test_captured_merges_an_equal_structure_around_the_same_arrays_only() -> None:
+    data = jnp.ones((2, 3))
+    same = Captured(a=pzb.nx.wrap(data, "x", "y"), b=pzb.nx.wrap(data, "x", "y"))  # two wrappers, one array
+    renamed = Captured(a=pzb.nx.wrap(data, "x", "y"), b=pzb.nx.wrap(data, "x", "z"))  # other names: kept apart
+    assert len(jax.tree_util.tree_leaves(same)) == 1 and len(jax.tree_util.tree_leaves(renamed)) == 2
+    assert dict(jax.jit(lambda c: c)(renamed)["b"].named_shape) == {"x": 2, "z": 3}
+    assert [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(same)[0]] == ["['a'].data_array"]
+    assert same == {"a": same["a"], "b": same["b"]}  # still a dict
+
+
+def test_capture_under_jit_returns_a_repeated_value_once() -> None:
+    # A fan-out and a pass-through make three paths hold one value; the compiled program returns it once.
+    model = pzb.nn.Sequential([pzb.nn.Elementwise(jnp.exp), pzb.nn.Identity(), pzb.nn.Identity(),
+                               pzb.nn.Elementwise(jnp.negative)])
+    x = pzb.nx.wrap(jnp.arange(3.0), "f")
+    every = (pzb.nn.Elementwise, pzb.nn.Identity)
+    jaxpr = jax.make_jaxpr(lambda m, v: capture_intermediates(m, every, v)[1])(model, x).jaxpr
+    assert len(jaxpr.outvars) == 2  # exp's output (three paths), negative's output
+    _, acts = jax.jit(lambda m, v: capture_intermediates(m, every, v))(model, x)
+    assert list(acts) == ["sublayers[0]", "sublayers[1]", "sublayers[2]", "sublayers[3]"]
+    assert acts["sublayers[0]"] is acts["sublayers[2]"]
+    np.testing.assert_allclose(acts["sublayers[3]"].unwrap("f"), -np.exp(np.arange(3.0)), rtol=1e-6)
+
+
+def test_captures_with_other_repeats_combine_as_dicts_and_otherwise_fail_naming_the_fix() -> None:
+    data = jnp.arange(3.0)
+    shared = Captured(a=pzb.nx.wrap(data, "f"), b=pzb.nx.wrap(data, "f"))
+    apart = Captured(a=pzb.nx.wrap(data, "f"), b=pzb.nx.wrap(data + 0, "f"))
+    with pytest.raises(ValueError, match=r"Captured"):  # jax names the type when the child counts differ ...
+        jax.tree_util.tree_map(lambda u, v: u - v, shared, apart)
+    other = Captured(a=pzb.nx.wrap(data + 0, "f"), b=pzb.nx.wrap(data + 0, "f"))
+    regrouped = Captured(c=other["a"], a=shared["a"], b=other["a"])  # ... and the fix when only the grouping does
+    with pytest.raises(ValueError, match=r"convert both with dict"):
+        jax.tree_util.tree_map(lambda u, v: u, Captured(c=other["a"], a=shared["a"], b=shared["a"]), regrouped)
+    diff = jax.tree_util.tree_map(lambda u, v: u - v, dict(shared), dict(apart))
+    assert [d.unwrap("f").tolist() for d in diff.values()] == [[0.0, 0.0, 0.0]] * 2

@@ -54,3 +54,15 @@ def test_linearize_a_traced_layer_keeps_the_output_at_the_point(seed: int) -> No
 def test_linearized_rejects_state_variables() -> None:
     with pytest.raises(PzbridgeError, match="holds state variables"):
         Linearized(pzb.toolshed.intermediates.SaveIntermediate("s", saved=pzb.StateVariable(None, "s")), None)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**16), batch=st.integers(2, 4))
+def test_linearize_averaged_over_the_batch_expands_at_the_mean_input(seed: int, batch: int) -> None:
+    # The averaged point, broadcast back, has "batch" last; jax.jvp refused a tangent laid out like x.
+    model = pzb.nn.Sequential([pzb.nn.Elementwise(jax.numpy.tanh)])
+    x = pzb.nx.wrap(stream(seed, batch, 3, D_MODEL), "batch", "seq", "features")
+    lin = linearize(model, pzb.nn.Elementwise, x, average_over=("batch",))
+    point = arr(x).mean(axis=0)
+    want = np.tanh(point) + (1 - np.tanh(point) ** 2) * (arr(x) - point)
+    np.testing.assert_allclose(arr(lin(x)), want, **TOL)

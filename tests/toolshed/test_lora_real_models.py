@@ -246,3 +246,43 @@ def test_equinox_lora_linear_reads_like_eqx_linear():
         assert lora.bias is linear.bias
         np.testing.assert_array_equal(np.asarray(lora.weight), np.asarray(linear.weight))  # B = 0
         assert lora.weight.shape == linear.weight.shape  # Equinox's (out, in) layout
+
+
+# --- a custom Equinox model re-lifted (traced) after LoRA: the output keeps the module's axis order ------------
+
+
+class _VmappedHead(eqx.Module):
+    """Custom ``__call__``: embeddings, a per-token MLP, a vmapped output layer (vocabulary 7 != sequence 5)."""
+
+    embedding: eqx.nn.Embedding
+    mlp: eqx.nn.MLP
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.embedding = eqx.nn.Embedding(7, 4, key=k1)
+        self.mlp = eqx.nn.MLP(4, 4, 8, 1, key=k2)
+        self.head = eqx.nn.Linear(4, 7, key=k3)
+
+    def __call__(self, tokens):
+        x = jax.vmap(self.embedding)(tokens)
+        return jax.vmap(self.head)(x + jax.vmap(self.mlp)(x))
+
+
+def test_relifted_lora_model_called_positionally_returns_the_modules_axis_order():
+    # The traced re-lift named the LoRALinear call's output by size inference ("axis") while the lifted adapter
+    # returns "features": .positional put the vocabulary first, (7, 5) for a (5, 7) model.
+    model = _VmappedHead(jax.random.key(0))
+    tokens = jnp.array([1, 5, 3, 0, 6])
+    edited = loraify_linears_in_selection(pzb.select(pzb.lift(model, tokens)).at_instances_of(Linear), 2,
+                                          jax.random.key(1))
+    lowered = _perturbed_head(pzb.lower(edited))
+    relifted = pzb.lift(lowered, tokens)
+    assert pzb.select(relifted).at_instances_of(LowRankAdapter).count() == 3
+    assert relifted.convention.output == ("seq", "features")
+    np.testing.assert_allclose(np.asarray(relifted.positional(tokens)), np.asarray(lowered(tokens)), rtol=1e-5,
+                               atol=1e-6)
+
+
+def _perturbed_head(lowered):
+    return eqx.tree_at(lambda m: m.head.lora_b, lowered, replace_fn=lambda b: b + 0.1)

@@ -41,6 +41,7 @@ from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.native_calls import NativeCall, fill_native_slots, native_lowerer, split_natives, \
     wants_native_children
 from pzbridge.bridge.naming import AxisNaming
+from pzbridge.bridge.tracing.state_writes import refuse_state_writes
 from pzbridge.core.errors import LowerError
 from pzbridge.core.random_stream import RandomStream
 from pzbridge.core.selectors import select
@@ -103,6 +104,7 @@ class EquinoxAdapter(eqx.Module):
             from the outputs.
           converted_from: On a converted model's root, the framework it came from.
         """
+        refuse_state_writes(layer, ctx.where, "equinox")  # an adapter would drop a traced module's state writes
         natives: list[Any] = []
         if wants_native_children(ctx):
             # Inside a conversion, sub-layers with an Equinox counterpart become native children;

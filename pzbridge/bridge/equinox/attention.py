@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -45,6 +45,7 @@ from pzbridge.bridge.equinox.traversal import (
 )
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import NamedAxisError
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.nn.attention import (
     AttendToValues,
@@ -95,15 +96,60 @@ class OptionalExplicitMask(ApplyExplicitMask):
 
 
 def _name_mask(mask: Any, seq: str, kv_seq: str, heads: str) -> Any:
+    """The mask on named axes; positional axes are the trailing ones of ``(heads, seq, kv_seq)`` it lacks.
+
+    A ``heads`` axis of size 1 is dropped, so the mask is shared by every head
+    (NNX's broadcasting; Equinox itself only takes ``(seq, kv_seq)`` for that).
+    """
     if mask is None:
         return None
     if not nx.is_namedarray(mask):
         names = (heads, seq, kv_seq)[-mask.ndim:]
-        return nx.wrap(mask, *names)
-    if mask.positional_shape:
+        mask = nx.wrap(mask, *names)
+    elif mask.positional_shape:
         missing = [n for n in (heads, seq, kv_seq) if n not in mask.named_shape]
-        return mask.tag(*missing[-len(mask.positional_shape):])
+        if len(mask.positional_shape) > len(missing):
+            raise NamedAxisError(
+                f"EqxMultiheadAttention mask: expected at most the axes (heads, seq, kv_seq), found named shape "
+                f"{dict(mask.named_shape)} and {len(mask.positional_shape)} more positional axes "
+                f"{mask.positional_shape}. Fix: pass a (seq, kv_seq) or (heads, seq, kv_seq) mask per example "
+                "(vmap over batches), or name the extra axes."
+            )
+        mask = mask.tag(*missing[len(missing) - len(mask.positional_shape):])
+    if mask.named_shape.get(heads) == 1:
+        mask = nx.nmap(lambda m: m[0])(mask.untag(heads))
     return mask
+
+
+def _example_convention(ctx: LiftContext) -> CallingConvention | None:
+    """The convention of the example call when it differs from the rule's (a per-head mask), else None."""
+    if ctx.example is None:
+        return None
+    convention = call_convention(ctx.naming, ctx.example.args, ctx.example.kwargs)
+    return None if convention == _convention(ctx.naming) else convention
+
+
+def call_convention(naming: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> CallingConvention:
+    """The convention of one call ``attn(query, key, value[, mask])``: a per-head mask names ``heads`` first.
+
+    Equinox takes a mask ``(seq, kv_seq)`` or ``(heads, seq, kv_seq)``; the
+    rule's convention names the former. A converted model called on a batch
+    prepends ``batch`` to these names, and a traced parent names the mask's
+    axes by them, so they must match the mask's rank.
+
+    Example:
+        >>> from pzbridge.bridge.naming import AxisNaming
+        >>> import jax.numpy as jnp
+        >>> x = jnp.ones((3, 4))
+        >>> call_convention(AxisNaming(), (x, x, x, jnp.ones((2, 3, 3), bool)), {}).inputs[3]
+        ('heads', 'seq', 'kv_seq')
+    """
+    mask = args[3] if len(args) > 3 else kwargs.get("mask")
+    convention = _convention(naming)
+    if len(getattr(mask, "shape", ())) != 3:
+        return convention
+    tokens = (naming.seq, naming.features)
+    return CallingConvention((tokens, tokens, tokens, (naming.heads, naming.seq, naming.kv_seq)), tokens)
 
 
 @pytree_dataclass
@@ -120,6 +166,9 @@ class EqxMultiheadAttention(Attention):
     Attributes:
       seq_axis, kv_seq_axis, heads_axis, projection_axis: Axis names (static).
       origin: The original class and static fields (static).
+      traced_convention: The calling convention of the example call when it
+        differs from the rule's: a per-head mask names ``(heads, seq, kv_seq)``
+        (static; None otherwise).
     """
 
     seq_axis: str = static_field(default="seq")
@@ -127,6 +176,7 @@ class EqxMultiheadAttention(Attention):
     heads_axis: str = static_field(default="heads")
     projection_axis: str = static_field(default="projection")
     origin: EqxOrigin | None = static_field(default=None)
+    traced_convention: CallingConvention | None = static_field(default=None)
 
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
         mask = side_inputs.pop("mask", None)
@@ -206,10 +256,16 @@ class MultiheadAttentionRule:
                 lift_linear(module.output_proj, ctx.child("output_proj"), p, f),
             ]),
             seq_axis=seq, kv_seq_axis=kv, heads_axis=h, projection_axis=p, origin=origin_of(module),
+            traced_convention=_example_convention(ctx),
         )
 
     def convention(self, module: eqx.nn.MultiheadAttention, naming: Any) -> CallingConvention:
         return _convention(naming)
+
+    def call_convention(self, module: eqx.nn.MultiheadAttention, naming: Any, args: Sequence[Any],
+                        kwargs: Mapping[str, Any]) -> CallingConvention:
+        """The convention of one call (traced parents ask it per call site): see :func:`call_convention`."""
+        return call_convention(naming, args, kwargs)
 
     def lower(self, layer: EqxMultiheadAttention, ctx: LowerContext) -> Any:
         parts = _parse(layer)

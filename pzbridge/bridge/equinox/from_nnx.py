@@ -28,7 +28,8 @@ Where NNX and Equinox differ beyond layout (documented per rule and pinned by
   Equinox; ``attend`` (tied decoding) is not an ``eqx.nn.Embedding`` call, so
   a traced model's decode step lowers as an adapter over the same table;
 - ``nnx.Einsum`` lowered to ``eqx.nn.Linear``: positionally the same map, but
-  Equinox names both axes ``features`` where the einsum named them by letter;
+  Equinox names both axes ``features`` where the einsum named them by letter
+  (inside a conversion an einsum keeps the adapter, so it converts back);
 - ``nnx.GroupNorm`` becomes ``eqx.nn.GroupNorm`` and ``nnx.BatchNorm``
   ``eqx.nn.BatchNorm`` (its statistics in an ``eqx.nn.State``), both taking
   channels first (``(C, *spatial)`` per example) where NNX takes them last;
@@ -125,6 +126,11 @@ def _dense_convention(layer: Sequential) -> CallingConvention:
     first = layer.sublayers[0] if layer.sublayers else None
     if isinstance(first, Linear):
         return CallingConvention((tuple(first.in_axis_names),), tuple(first.out_axis_names))
+    if type(first) is NamedEinsum and len(first.weights) == 1 and not first.rename:
+        # An einsum's contracted letters go in; its kernel's other letters come out.
+        ins = tuple(first.contract_axes)
+        outs = tuple(n for n in storage_names(first.weights[0]) if n not in ins)
+        return CallingConvention((ins,), outs)
     return CallingConvention()
 
 
@@ -137,12 +143,15 @@ class NnxDenseToLinear:
     einsum such as ``"...a,ad->...d"`` the contracted letter is the input
     axis. Several contracted or produced axes, compute dtypes (``dtype``,
     ``precision``, non-float32 parameters), LoRA and edited layer lists lower
-    to the adapter, which computes exactly what NNX computes.
+    to the adapter, which computes exactly what NNX computes. So does an
+    ``Einsum`` inside a conversion (``pzb.convert``): an ``eqx.nn.Linear``
+    cannot say it was an einsum, so converting back would give ``nnx.Linear``,
+    where the adapter gives the ``nnx.Einsum`` back.
     """
 
     def lower(self, layer: Sequential, ctx: LowerContext) -> Any:
         parts = _dense_parts(layer)
-        if parts is None:
+        if parts is None or (isinstance(layer, NnxEinsum) and wants_native_children(ctx)):
             return EquinoxAdapter.wrap(layer, ctx, _dense_convention(layer))
         weights, f_in, f_out, bias = parts
         weight = ctx.child("weight").array(weights, (weight_output_name(f_out, (f_in,)), f_in))
@@ -489,18 +498,22 @@ def _takes_key(module: Any) -> bool:
 class NnxSequentialToEquinox:
     """``nnx.Sequential`` -> ``eqx.nn.Sequential`` of its lowered items (functions -> ``eqx.nn.Lambda``).
 
-    ``eqx.nn.Sequential`` calls every layer with ``key=``; an item whose
-    native class takes no ``key`` (``eqx.nn.PReLU``) lowers to the adapter
-    instead, which accepts it.
+    ``eqx.nn.Sequential`` calls every layer with ``key=`` and one input; an
+    item whose native class takes no ``key`` (``eqx.nn.PReLU``) or several
+    inputs (``eqx.nn.MultiheadAttention``, which NNX calls with the one
+    input as query, key and value) lowers to the adapter instead, which
+    takes what the ``nnx.Sequential`` passes.
     """
 
     def lower(self, layer: NnxSequential, ctx: LowerContext) -> eqx.nn.Sequential:
         lowered = []
         for i, sub in enumerate(layer.sublayers):
             native = ctx.lower(sub, "layers", i)
-            if not _takes_key(native):
-                convention = EQUINOX.convention_of(native, AxisNaming())
-                native = EquinoxAdapter.wrap(sub, ctx.child("layers", i), convention)
+            convention = EQUINOX.convention_of(native, AxisNaming())
+            one_input = convention is None or len(convention.inputs) <= 1
+            if not _takes_key(native) or not one_input:
+                # Several inputs: the adapter names the one it gets by its rank.
+                native = EquinoxAdapter.wrap(sub, ctx.child("layers", i), convention if one_input else None)
             lowered.append(native)
         mlp = _as_mlp(layer, lowered)
         return mlp if mlp is not None else new_module(eqx.nn.Sequential, layers=tuple(lowered))

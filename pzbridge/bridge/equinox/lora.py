@@ -257,6 +257,11 @@ class LoRALinearRule:
             return dataclasses.replace(lifted, sublayers=[adapter, *sublayers[1:]])
         return adapter
 
+    def convention(self, module: LoRALinear, naming: Any) -> Any:
+        # The adapter adds a low-rank path inside; what goes in and comes out is named as for its base Linear (a
+        # traced parent names the call's output by this, so without it a re-lifted LoRA model's axes could reorder).
+        return EQUINOX.convention_of(module.linear, naming)
+
 
 EQUINOX.add(LoRALinearRule(), source=LoRALinear)
 

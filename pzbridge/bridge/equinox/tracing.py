@@ -259,7 +259,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
         traced_child = False
         if call.key not in lifted:
             child_ctx = plain.child(*keys)
-            if rule is None:
+            if rule is None or type(child) is eqx.nn.Sequential:  # A Sequential traces its custom items with it.
                 names = tuple(tuple(n if n is not None else f"axis{i}" for i, n in enumerate(arg))
                               for arg in arg_names)
                 child_ctx = child_ctx.with_example(Example(tuple(args), dict(kwargs), names))
@@ -277,7 +277,9 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
             lifted[call.key] = layer
             convention = None
         else:
-            convention = EQUINOX.convention_of(child, ctx.naming)
+            per_call = getattr(rule, "call_convention", None)  # Names that depend on the call (a mask's rank).
+            convention = (per_call(child, ctx.naming, args, kwargs) if per_call is not None
+                          else EQUINOX.convention_of(child, ctx.naming))
         param_names = call_names(type(child).__call__, args, kwargs)
         return child_spec(layer, convention, args, kwargs, traced_child, param_names)
 

@@ -60,6 +60,7 @@ Example:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -70,6 +71,7 @@ from flax import nnx
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.naming import AxisNaming
+from pzbridge.bridge.native_calls import register_keyword_inputs
 from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.bridge.nnx.linear import (
     LinearGeneralRule,
@@ -215,6 +217,14 @@ def named_mask(mask: Any, batch_names: tuple[str, ...], core: dict[str, int]) ->
     return nx.wrap(squeezed, *keep_names, *core)
 
 
+def _broadcast_unit_axes(mask: nx.NamedArrayBase, sizes: Mapping[str, int]) -> nx.NamedArrayBase:
+    """``mask`` without its size-1 named axes that the logits lack or hold larger (NNX broadcasts them)."""
+    unit = [n for n, s in mask.named_shape.items() if s == 1 and sizes.get(n, 1) != 1 or s == 1 and n not in sizes]
+    if not unit:
+        return mask
+    return nx.nmap(lambda m: m.reshape(m.shape[len(unit):]))(mask.untag_prefix(*unit))
+
+
 @pytree_dataclass
 class NnxAttentionMask(Layer):
     """Masks attention logits the way ``nnx.MultiHeadAttention`` does.
@@ -255,6 +265,7 @@ class NnxAttentionMask(Layer):
             if not nx.is_namedarray(mask):
                 sizes = {n: x.named_shape[n] for n in core}
                 mask = named_mask(mask, (), sizes)
+            mask = _broadcast_unit_axes(mask, x.named_shape)
             keeps.append(align_to_layout(mask.astype(bool), data.ndim, name_axes, data.shape,
                                          "NnxAttentionMask mask"))
         seq, kv = name_axes[self.seq_axis], name_axes[self.kv_seq_axis]
@@ -327,6 +338,9 @@ class NnxAttention(Layer):
                 "of `logits_to_weights` with pzbridge.toolshed.intermediates, or call the lowered NNX module."
             )
         inputs = tuple(x) if isinstance(x, tuple) else (x,)
+        if len(inputs) > 3:
+            # Called as Equinox attention is, (query, key, value, mask): glue of a model converted from Equinox.
+            inputs, side_inputs = self._with_positional_mask(inputs, side_inputs)
         # Contractions need every axis named: positional (batch) axes get temporary names.
         temps = tuple(f"__attention_batch{i}" for i in range(len(inputs[0].positional_shape)))
         if temps:
@@ -338,6 +352,24 @@ class NnxAttention(Layer):
                 side_inputs = {**side_inputs, "mask": named_mask(mask, temps, sizes)}
         out = self._attend(inputs, temps, side_inputs)
         return out.untag(*temps) if temps else out
+
+    def _with_positional_mask(self, inputs: tuple[Any, ...],
+                              side_inputs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if len(inputs) > 4 or (inputs[3] is not None and "mask" in side_inputs):
+            raise NamedAxisError(
+                f"NnxAttention: called with {len(inputs)} inputs{' and a mask= side input' if len(inputs) == 4 else ''}"
+                "; expected (query[, key[, value[, mask]]]) with one mask at most. Fix: pass the mask either as "
+                "the fourth input or as mask=, not both."
+            )
+        mask = inputs[3]
+        if mask is not None and not (nx.is_namedarray(mask) and not mask.positional_shape):
+            raise NamedAxisError(
+                f"NnxAttention: a mask passed as the fourth input must be a NamedArray over (some of) "
+                f"{[self.heads_axis, self.seq_axis, self.kv_seq_axis]} and batch names, found "
+                f"{type(mask).__name__} {getattr(mask, 'shape', '')}. Fix: name its axes, or pass it as mask= in "
+                "NNX's layout."
+            )
+        return inputs[:3], side_inputs if mask is None else {**side_inputs, "mask": mask}
 
     def _num_heads(self) -> int:
         linear = self.out.sublayers[0] if isinstance(self.out, Sequential) else None
@@ -419,6 +451,15 @@ class NnxAttention(Layer):
             results.append(nx.wrap(updated).tag(*batch_names, *core))
         self.cache_index.value = index + 1
         return results[0], results[1], {**side_inputs, DECODE_INDEX: index}
+
+
+def _mask_keyword(module: nnx.MultiHeadAttention, naming: AxisNaming | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A native NNX attention takes a mask after its three inputs as ``mask=`` over ``(heads, seq, kv_seq)``."""
+    naming = naming or AxisNaming()
+    return (("mask", (naming.heads, naming.seq, naming.kv_seq)),)
+
+
+register_keyword_inputs(nnx.MultiHeadAttention, _mask_keyword)
 
 
 def _computes_in_float32(dtype: Any) -> bool:
@@ -552,6 +593,20 @@ class MultiHeadAttentionRule:
             return None
         names = (naming.seq, naming.features)
         return CallingConvention((names, names, names), names)
+
+    def call_convention(self, module: nnx.MultiHeadAttention, naming: AxisNaming, args: Sequence[Any],
+                        kwargs: Mapping[str, Any]) -> CallingConvention | None:
+        """The convention of one call site (traced parents ask): a ``mask=`` names ``(heads, seq, kv_seq)``.
+
+        Its side inputs follow the positional inputs in ``inputs``; None
+        (the rule's convention) when the call passes other array keywords.
+        """
+        convention = self.convention(module, naming)
+        arrays = [k for k, v in kwargs.items() if hasattr(v, "shape")]
+        if convention is None or arrays != ["mask"] or not 1 <= len(args) <= 3:
+            return None
+        tokens = (naming.seq, naming.features)
+        return CallingConvention((tokens,) * len(args) + ((naming.heads, naming.seq, naming.kv_seq),), tokens)
 
     def lower(self, layer: NnxAttention, ctx: LowerContext) -> Any:
         native = layer.config is not None and all(

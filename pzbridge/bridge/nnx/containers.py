@@ -172,7 +172,8 @@ class NnxRetag(Layer):
     Joins two items of an ``nnx.Sequential`` whose names do not line up (a
     ``Linear``, then an attention naming ``seq``; a custom module acting on
     the whole positional array). Positional order never changes; lowering
-    drops it (it is the identity on positional arrays).
+    drops it (it is the identity on positional arrays). A name of ``new``
+    the array already carries stays as it is.
 
     Attributes:
       old: The trailing names the array carries, in positional order (static).
@@ -190,7 +191,9 @@ class NnxRetag(Layer):
 
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
         x = x.untag(*self.old) if self.old else x
-        return name_trailing_axes(x, self.new) if self.new else x
+        # A name the array carries already (the batch axis of an enclosing trace) needs no positional axis.
+        missing = [n for n in self.new if n not in x.named_shape]
+        return name_trailing_axes(x, missing) if missing else x
 
 
 def _rename_between(produced: tuple[str, ...], consumed: tuple[str, ...]) -> RenameAxes | None:
@@ -259,9 +262,9 @@ class SequentialRule:
         """``(input names, [(join, consumed, produced)] per item, output names)``."""
         raw = [_io_names(item, naming) for item in module.layers]
 
-        def needs_from(index: int) -> tuple[str, ...]:
+        def needs_from(index: int, default: tuple[str, ...] = ()) -> tuple[str, ...]:
             # What the next item that does not pass names through consumes (a positional one: nothing).
-            return next((r[0] for r in raw[index:] if r[0] is not None), ())
+            return next((r[0] for r in raw[index:] if r[0] is not None), default)
 
         first = needs_from(0)
         current = first
@@ -270,7 +273,9 @@ class SequentialRule:
             if ins is None:  # passes names through
                 steps.append((None, current, current))
             elif ins == () and outs == () and not isinstance(item, nnx.Sequential):  # acts positionally
-                produced = needs_from(index + 1)
+                # With nothing naming axes after it, an item keeps the names it got (a trailing activation,
+                # a residual block); call_batched leaves a function's output of lower rank unnamed.
+                produced = needs_from(index + 1, current)
                 steps.append((None, current, produced))
                 current = produced
             else:
@@ -282,6 +287,9 @@ class SequentialRule:
         _, steps, _ = self._plan(module, ctx.naming)
         # With an example, each custom item is traced with the value that reaches it.
         examples = item_examples(module.layers, ctx.example, _run_item)
+        outer = ctx.example.input_names[0] if ctx.example is not None and ctx.example.input_names else None
+        # Inside a traced module the input carries the batch axis by name already: retags leave it alone.
+        named_batch = ctx.naming.batch in (outer or ())
         sublayers: list[Any] = []
         for index, (item, (join, ins, outs), example) in enumerate(zip(module.layers, steps, examples)):
             if join is not None:
@@ -294,10 +302,13 @@ class SequentialRule:
                 elif isinstance(lifted, Traced) and lifted.convention is not None and lifted.convention.inputs:
                     # Planned as acting positionally: retag into the trace's own names and back.
                     # Lowering drops the retags (they are the identity on positional arrays).
-                    own = lifted.convention
-                    sublayers.append(NnxRetag(tuple(ins), tuple(own.inputs[0])))
+                    own_in, own_out = tuple(lifted.convention.inputs[0]), tuple(lifted.convention.output or ())
+                    if named_batch:
+                        own_in = tuple(n for n in own_in if n != ctx.naming.batch)
+                        own_out = tuple(n for n in own_out if n != ctx.naming.batch)
+                    sublayers.append(NnxRetag(tuple(ins), own_in))
                     sublayers.append(lifted)
-                    lifted = NnxRetag(tuple(own.output or ()), tuple(outs))
+                    lifted = NnxRetag(own_out, tuple(outs))
             elif item in ELEMENTWISE_FUNCTIONS:
                 lifted = Elementwise(item)
             else:

@@ -68,7 +68,7 @@ from pzbridge.bridge.equinox.recurrent import EqxCell, _gru_fits, _lstm_fits
 from pzbridge.bridge.equinox.sequential import EqxSequential
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.nnx.adapter import NnxAdapter
-from pzbridge.bridge.nnx.containers import ELEMENTWISE_FUNCTIONS
+from pzbridge.bridge.nnx.containers import ELEMENTWISE_FUNCTIONS, NnxFunction
 from pzbridge.bridge.nnx.conv import _conv_fields, _kernel_names, _transpose_fields
 from pzbridge.bridge.nnx.recurrent import CellRule, NnxCell
 from pzbridge.bridge.nnx.recurrent import _config as _cell_config
@@ -635,8 +635,10 @@ class EqxSequentialCrossRule:
     Items: natives from the rules above (each NNX class's convention names
     what it takes and gives), known activations (and an MLP's own
     ``activation`` / ``final_activation``) as plain functions, which
-    ``nnx.Sequential`` calls as they are; ``Identity`` and the MLP's default
-    identity ``final_activation`` are dropped. The
+    ``nnx.Sequential`` calls as they are, and so are the plain functions of an
+    ``nnx.Sequential`` converted to Equinox and back (``NnxFunction``: NNX
+    calls them on the batched array, as before); ``Identity`` and the MLP's
+    default identity ``final_activation`` are dropped. The
     sequence is native only if each item's input names are the trailing
     output names of the item before it (a ``GroupNorm`` over ``channels``
     after a ``Conv``; a ``Linear`` over ``features`` after a ``Conv`` needs a
@@ -659,6 +661,14 @@ class EqxSequentialCrossRule:
                 if sub.fn not in ELEMENTWISE_FUNCTIONS and id(sub.fn) not in own:
                     return decline(layer, ctx)
                 items.append(sub.fn)
+                continue
+            if type(sub) is NnxFunction:
+                # A plain function of an nnx.Sequential that went to Equinox and back: NNX calls it as it did.
+                if current is not None and current[len(current) - len(sub.input_names):] != sub.input_names:
+                    return decline(layer, ctx)
+                items.append(sub.fn)
+                current = (sub.output_names if current is None
+                           else current[:len(current) - len(sub.input_names)] + sub.output_names)
                 continue
             module = ctx.lower(sub, "layers", index)
             convention = convention_of(module, AxisNaming())

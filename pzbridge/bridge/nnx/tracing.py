@@ -23,9 +23,14 @@ call site: a known layer by its rule, a custom child by tracing it with the
 shapes it is called with, an untraceable one as ``Foreign`` (named by the
 call site). Glue may read any Variable: an ``nnx.Param`` becomes a
 ``Parameter``, other Variables (``BatchStat`` ...) and plain arrays become
-``StateVariable`` s, all lowering back to the same type. Code that *writes*
-a Variable or assigns an attribute during the call (a counter, a cache,
-``sow``, batch statistics updated by the glue itself) is not traced: the
+``StateVariable`` s, all lowering back to the same type. Glue that *writes*
+a Variable during the call (a step counter, running statistics, an EMA
+buffer, a cache) is traced too: the traced function returns each written
+Variable's new value next to the output, and a
+:class:`~pzbridge.bridge.tracing.state_writes.WritesState` layer stores them
+into the lifted ``StateVariable`` s (:mod:`pzbridge.bridge.nnx.state_writes`
+says which writes, and what stays ``Foreign``). Code that assigns an
+attribute during the call (``sow``, ``self.cache = ...``) is not traced: the
 module stays ``Foreign``, whose calls write NNX's in-place updates back
 (children with rules, such as ``nnx.Dropout`` or ``nnx.BatchNorm``, keep
 their own updates either way).
@@ -72,6 +77,7 @@ from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.bridge.nnx.containers import LayerDict, LayerList
 from pzbridge.bridge.nnx.stack import lift_stacked_block
+from pzbridge.bridge.nnx.state_writes import Writes, Written, write_targets, written_variables
 from pzbridge.bridge.nnx.statics import NnxStatics, build_module, data_attributes
 from pzbridge.bridge.nnx.traversal import (
     NNX,
@@ -101,6 +107,7 @@ from pzbridge.bridge.tracing.child_calls import ChildCall, bind_proxy, proxy_cla
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.bridge.tracing.graph import ChildSpec, InputRole, Untraceable, convert
 from pzbridge.bridge.tracing.overrides import renames_for
+from pzbridge.bridge.tracing.state_writes import WritesState
 from pzbridge.bridge.tracing.structure import build_layer
 from pzbridge.core import named_axes as pzb_nx
 from pzbridge.core.struct import Struct, pytree_dataclass, static_field
@@ -271,14 +278,19 @@ def _struct(array: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(array.shape), array.dtype)
 
 
-def _written(pairs: list[tuple[str, nnx.Variable, Any]]) -> list[str]:
-    """Keys of the Variables whose value is no longer the traced input (written during the call)."""
-    return [f"{key} ({type(variable).__name__})" for key, variable, leaf in pairs
-            if variable.get_raw_value() is not leaf]
+def _origins(parts: _Parts) -> list[tuple[Any, tuple[str | int, ...]]]:
+    """The user's Variable and its key path behind each fresh Variable of a traced call, in creation order."""
+    origins: list[tuple[Any, tuple[str | int, ...]]] = [(value, keys) for _, _, keys, value in parts.own
+                                                          if isinstance(value, nnx.Variable)]
+    for _, node in parts.nodes:
+        origins += [(var, (*node.keys, *_path_keys(path))) for path, var in [*node.variables, *node.constants]
+                    if isinstance(var, nnx.Variable)]
+    origins += [(value, (key,)) for _, key, value in parts.fixed]
+    return origins
 
 
 def _trace(parts: _Parts, example: Example, naming: Any) -> tuple[Any, list[ChildCall], list[InputRole],
-                                                                  list[Any], list[str], Any, Any]:
+                                                                  list[Any], list[str], Any, Any, list[Written]]:
     module = parts.module
     roles: list[InputRole] = []
     sources: list[Any] = []
@@ -301,6 +313,8 @@ def _trace(parts: _Parts, example: Example, naming: Any) -> tuple[Any, list[Chil
     flat_args = jax.tree_util.tree_leaves((example.args, dict(example.kwargs)))
     calls: list[ChildCall] = []
     statics = NnxStatics.of(module)
+    writes = Writes()
+    origins = _origins(parts)
 
     def traced_call(own: list[Any], node_leaves: list[list[Any]], dynamic_args: list[Any]) -> Any:
         fresh: list[tuple[str, nnx.Variable, Any]] = []
@@ -330,23 +344,27 @@ def _trace(parts: _Parts, example: Example, naming: Any) -> tuple[Any, list[Chil
         args, kwargs = jax.tree_util.tree_unflatten(args_treedef, values)
         before = set(vars(traced_module))
         out = type(module).__call__(traced_module, *args, **kwargs)
-        written = _written(fresh)
-        if written:
-            raise Untraceable(f"it updates its own Variables in place ({', '.join(written)} written during the "
-                              "call; as a Foreign module, its calls write such updates back)")
         changed = [name for name, value in attrs.items() if vars(traced_module).get(name) is not value]
         changed += sorted(set(vars(traced_module)) - before)
         if changed:
             raise Untraceable(f"it assigns attributes during the call ({', '.join(changed)}; sow and caches "
                               "need a Foreign module)")
-        return out
+        found = written_variables(fresh, origins)
+        if writes.known is None:
+            writes.known = found
+        elif [w.key for w in found] != [w.key for w in writes.known]:
+            raise Untraceable("it writes other Variables when called at other sizes")
+        # The new values are extra outputs; WritesState stores them (a module without writes traces as before).
+        return (out, tuple(w.value for w in found)) if found else out
 
     own_structs = [_struct(raw_value(value)) for *_, value in parts.own]
     node_structs = [[_struct(raw_value(var)) for _, var in node.variables] for _, node in parts.nodes]
     dynamic_structs = [flat_args[i] for i in dynamic]
     closed, out_shape = trace_call(traced_call, own_structs, node_structs, dynamic_structs)
     retrace = retracer(traced_call, (own_structs, node_structs), dynamic_structs, calls)
-    return closed, calls, roles, sources, side_names, jax.tree_util.tree_structure(out_shape), retrace
+    # Only the shapes of the written values outlive the trace (no tracer escapes it).
+    written = [dataclasses.replace(w, value=_struct(w.value)) for w in writes.known or []]
+    return closed, calls, roles, sources, side_names, jax.tree_util.tree_structure(out_shape), retrace, written
 
 
 def _axis_label(key: str) -> str:
@@ -398,7 +416,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     """
     example: Example = ctx.example
     parts = _Parts.of(module)
-    closed, calls, roles, sources, side_names, out_treedef, retrace = _trace(parts, example, ctx.naming)
+    closed, calls, roles, sources, side_names, out_treedef, retrace, written = _trace(parts, example, ctx.naming)
     source_of = {id(role): source for role, source in zip(roles, sources)}
     nodes = {node.key: node for _, node in parts.nodes}
     lifted: dict[str, Any] = {}
@@ -412,7 +430,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
         traced_child = False
         if call.key not in lifted:
             child_ctx = plain.child(*node.keys)
-            if NNX.lift_rule_for(type(child)) is None:
+            if NNX.lift_rule_for(type(child)) is None or type(child) is nnx.Sequential:  # Traces its custom items.
                 names = tuple(tuple(n if n is not None else f"axis{i}" for i, n in enumerate(arg))
                               for arg in arg_names)
                 child_ctx = child_ctx.with_example(Example(tuple(args), dict(kwargs), names))
@@ -431,7 +449,9 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
             lifted[call.key] = layer
             convention = CallingConvention((in_names,), out_names)
         else:
-            convention = NNX.convention_of(child, ctx.naming)
+            per_call = getattr(NNX.lift_rule_for(type(child)), "call_convention", None)  # Names by call (a mask=).
+            convention = per_call(child, ctx.naming, args, kwargs) if per_call is not None else None
+            convention = convention or NNX.convention_of(child, ctx.naming)
         param_names = call_names(type(child).__call__, args, kwargs)
         return child_spec(layer, convention, args, kwargs, traced_child, param_names)
 
@@ -445,6 +465,13 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
 
     graph = convert(closed, roles, child_handler, param_handler, param_hint, renames_for(ctx), retrace)
     body = build_layer(graph, out_treedef)
+    written_labels: dict[str, str] = {}
+    if written:  # The traced function returned (out, new values): store them, return out.
+        targets, storage = write_targets(graph, written, plain)
+        body = WritesState(body, targets, storage)
+        out_treedef = out_treedef.children()[0]
+        own_keys = {key for _, key, _, _ in parts.own}
+        written_labels = {w.key: t.label for w, t in zip(written, targets) if w.key in own_keys}
     called = {call.key for call in calls}
     by_id = {id(node.value): lifted[key] for key, node in nodes.items() if key in called}
 
@@ -454,6 +481,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     foreign = lift_foreign(module, dataclasses.replace(plain, lift_node=fill_node))
     labels = {role.name: ctx.shared.by_identity[id(source_of[id(role)])].label
               for i, role in enumerate(roles[: len(parts.own)]) if i not in graph.unused_params}
+    labels.update(written_labels)  # an own Variable only written lives in the body too
     children = {key: _mark_in_body(child, key, set(lifted) | set(labels)) for key, child in foreign.children.items()}
     convention = traced_convention(graph, roles, side_names, jax.tree_util.treedef_is_leaf(out_treedef))
     return make_traced(body, foreign.template, children, list(lifted), labels, convention)

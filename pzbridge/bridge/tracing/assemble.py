@@ -25,6 +25,7 @@ import jax
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.bridge.tracing.graph_types import ChildSpec, Graph, InputRole, Untraceable
+from pzbridge.bridge.tracing.trace_log import note_failure, note_output
 from pzbridge.core.selectors import select
 from pzbridge.core.tree_util import tree_equal
 from pzbridge.core.variable_base import AbstractVariable
@@ -174,7 +175,8 @@ def traced_convention(graph: Graph, roles: Sequence[InputRole], side_names: Sequ
     sides = [tuple(n for n in graph.names.get(ids.get(("side", s), -1), ()) if n is not None) for s in side_names]
     output = None
     if single_output and graph.output_ids:
-        output = tuple(n for n in graph.names.get(graph.output_ids[0], ()) if n is not None)
+        returned = graph.output_names[0] if graph.output_names else graph.names.get(graph.output_ids[0], ())
+        output = tuple(n for n in returned if n is not None)
     side_args = tuple(s for s in side_names if "[" not in s)
     return CallingConvention((data, *sides[: len(side_args)]), output, side_names=side_args)
 
@@ -199,11 +201,15 @@ def trace_call(fn: Callable[..., Any], *structs: Any) -> tuple[Any, Any]:
         (['mul'], (3,))
     """
     try:
-        return jax.make_jaxpr(fn, return_shape=True)(*structs)
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*structs)
     except Untraceable:
+        note_failure()
         raise
     except Exception as error:  # noqa: BLE001 - any tracing failure means the code is not traceable
+        note_failure()
         raise Untraceable(f"its __call__ cannot be traced ({type(error).__name__}: {error})") from None
+    note_output(out_shape)  # The root's output shapes, for lift's output check (see trace_log).
+    return closed, out_shape
 
 
 def _glue_only(body: Any) -> Any:

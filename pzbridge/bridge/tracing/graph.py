@@ -48,6 +48,7 @@ from pzbridge.bridge.tracing.positional import PositionalConversion, is_position
 from pzbridge.bridge.tracing.scan import ScanConversion
 from pzbridge.bridge.tracing.sizes import Retrace, SizeVariation
 from pzbridge.core import named_axes as nx
+from pzbridge.core.variables import unbind_variables
 from pzbridge.nn.dataflow import CallChild, Pick, SideInput, Traced
 from pzbridge.nn.linear import Linear, weight_output_name
 from pzbridge.nn.named_mean import MeanAxes
@@ -306,8 +307,15 @@ class _Converter(ScanConversion, CondConversion, PositionalConversion, SizeVaria
         spec = self.child_handler(call, structs, arg_names, stack=stack)
         self.children[eqn.outs[0]] = spec
         if not isinstance(spec.layer, Traced):  # a traced child checks its own sizes
-            for view, names in zip(views[: spec.data_count], spec.input_names):
-                self.size_bound.update(d for d in view[len(view) - len(names or view):] if d is not None)
+            # Only axes the child's arrays have (a Linear's features) fix a size; an attention's seq is free.
+            weights = _named_sizes(spec.layer)
+            for view, shape, names in zip(views[: spec.data_count], shapes, spec.input_names):
+                if not names:  # no convention: every axis may be the child's
+                    self.size_bound.update(d for d in view if d is not None)
+                    continue
+                k = min(len(names), len(view))
+                self.size_bound.update(d for d, name, size in zip(view[-k:], names[-k:], shape[-k:])
+                                       if d is not None and (name, size) in weights)
         for view, names in zip(views[: spec.data_count], spec.input_names):
             if names is None:
                 continue
@@ -547,7 +555,8 @@ class _Converter(ScanConversion, CondConversion, PositionalConversion, SizeVaria
         data = next((self.input_ids[i] for i, r in enumerate(self.roles) if r.kind == "data"), None)
         used = set(self.params)
         unused = [i for i, r in enumerate(self.roles) if r.kind == "param" and i not in used]
-        return Graph(self.nodes, data, outputs, self.names, unused)
+        return Graph(self.nodes, data, outputs, self.names, unused,
+                     output_names=[tuple(self.names_of(atom)) for atom in self.outputs])
 
     def input_names(self) -> set[str]:
         """Names of the data input's axes (their sizes vary per call)."""
@@ -563,6 +572,14 @@ class _Converter(ScanConversion, CondConversion, PositionalConversion, SizeVaria
         if not any(d is not None and self.table.find(d) is root for value in data for d in self.dims.get(value, ())):
             return ""  # an axis of the module's own making that merely shares an input axis's name
         return self.table.name_of(root, self.final) or ""
+
+    def shape_size_source(self, eqn: FlatEqn, index: int, cls: AxisClass | None) -> str:
+        """The input axis whose size entry ``index`` of ``eqn``'s ``shape`` has at run time, or "" (fixed).
+
+        By the axis class when the code links it to an input axis; else by the second trace (a mask built
+        with ``jnp.ones((x.shape[0], x.shape[0]))`` has no data path from ``x``, only its size).
+        """
+        return self.size_source(cls) or self.shape_follows(eqn, index) or ""
 
     def resolve(self, value: int) -> int:
         while value in self.alias:
@@ -860,8 +877,8 @@ class _Converter(ScanConversion, CondConversion, PositionalConversion, SizeVaria
         x, out = eqn.ins[0], eqn.outs[0]
         have = {n for n in self.names_of(x) if n is not None}
         shape = self.avals[out].shape
-        new = tuple((n, s, self.size_source(d)) for n, s, d in zip(self.names[out], shape, self.dims[out])
-                    if n is not None and n not in have)
+        new = tuple((n, s, self.shape_size_source(eqn, i, d)) for i, (n, s, d)
+                    in enumerate(zip(self.names[out], shape, self.dims[out])) if n is not None and n not in have)
         source = self.materialize(x)
         squeeze = tuple(n for n, s in zip(self.names_of(x), self.shape(x))
                         if n is not None and s == 1 and n not in self.names[out])
@@ -1031,9 +1048,17 @@ class _Converter(ScanConversion, CondConversion, PositionalConversion, SizeVaria
         if names[dimension] is None:
             layer = Constant(nx.NamedArray(jax.numpy.zeros((), eqn.params["dtype"]), {}))
         else:
-            layer = Iota(names[dimension], tuple((n, s, self.size_source(d)) for n, s, d in zip(names, shape, self.dims[out])
-                                                 if n is not None), eqn.params["dtype"])
+            layer = Iota(names[dimension], tuple((n, s, self.shape_size_source(eqn, i, d)) for i, (n, s, d)
+                                                 in enumerate(zip(names, shape, self.dims[out])) if n is not None),
+                         eqn.params["dtype"])
         self.add(layer, (), out, kind="source")
+
+
+def _named_sizes(layer: Any) -> set[tuple[str, int]]:
+    """Every ``(axis name, size)`` of the named arrays a lifted layer holds (its variables' values included)."""
+    _, variables = unbind_variables(layer)
+    arrays = [v.value for v in variables] + jax.tree_util.tree_leaves(layer, is_leaf=nx.is_namedarray)
+    return {(n, int(size)) for a in arrays if nx.is_namedarray(a) for n, size in a.named_shape.items()}
 
 
 def _dedupe(names: tuple[str | None, ...]) -> tuple[str, ...]:

@@ -125,6 +125,9 @@ class Graph:
     output_ids: list[int]
     names: dict[int, tuple[str | None, ...]]
     unused_params: list[int]
+    # Each output's axis names in the order the code returns them (an output id may be a value before the
+    # transpose that produced the returned layout, so its names can be in another order).
+    output_names: list[tuple[str | None, ...]] | None = None
 
 
 @dataclasses.dataclass

@@ -78,6 +78,9 @@ class PositionalConversion:
         if eqn.primitive.name == "conv_general_dilated":
             self._infer_conv(eqn)
             return
+        if eqn.primitive.name == "gather":
+            self._infer_general_gather(eqn)
+            return
         operand = eqn.ins[0]
         in_dims, in_shape = self.dims_of(operand), self.shape(operand)
         if eqn.primitive.name in _OPERANDS_ALIGNED:
@@ -98,6 +101,38 @@ class PositionalConversion:
                     suggested = self.table.find(in_dims[axis]).name if same_rank and in_dims[axis] else "axis"
                     dims.append(self.table.new(suggested))
             self.set_dims(out, dims)
+
+    def _infer_general_gather(self, eqn: FlatEqn) -> None:
+        """A gather's result axes through its dimension numbers: batch axes from the indices, slices from the operand.
+
+        ``jax.vmap`` of a lookup (``weight[token]`` per token) is such a gather:
+        its indices carry the mapped ``seq`` and the result must keep it.
+        """
+        operand, indices = eqn.ins[0], eqn.ins[1]
+        numbers = eqn.params["dimension_numbers"]
+        sizes = tuple(eqn.params["slice_sizes"])
+        op_dims, op_shape = self.dims_of(operand), self.shape(operand)
+        index_dims, index_shape = self.dims_of(indices), self.shape(indices)
+        for o_axis, i_axis in zip(numbers.operand_batching_dims, numbers.start_indices_batching_dims):
+            if op_dims[o_axis] is not None and index_dims[i_axis] is not None and op_shape[o_axis] == index_shape[i_axis]:
+                self.table.unify(op_dims[o_axis], index_dims[i_axis])
+        shape = self.avals[eqn.outs[0]].shape
+        dims: list[Any] = [None] * len(shape)
+        batch_positions = [p for p in range(len(shape)) if p not in numbers.offset_dims]
+        for position, i_axis in zip(batch_positions, range(len(index_shape) - 1)):  # the last is the index vector
+            if index_shape[i_axis] == shape[position]:
+                dims[position] = index_dims[i_axis]
+        sliced = [a for a in range(len(op_shape)) if a not in numbers.collapsed_slice_dims
+                  and a not in numbers.operand_batching_dims]
+        for position, o_axis in zip(numbers.offset_dims, sliced):
+            if sizes[o_axis] == op_shape[o_axis] == shape[position]:
+                dims[position] = op_dims[o_axis]
+            elif shape[position] != 1 and op_dims[o_axis] is not None:
+                dims[position] = self.table.new(self.table.find(op_dims[o_axis]).name)
+        for position, size in enumerate(shape):
+            if dims[position] is None and size != 1:
+                dims[position] = self.table.new("axis")
+        self.set_dims(eqn.outs[0], dims)
 
     def _infer_conv(self, eqn: FlatEqn) -> None:
         lhs, rhs = eqn.ins

@@ -153,6 +153,24 @@ class SizeVariation:
         raise Untraceable(f"a constant of `{eqn.primitive.name}` depends on the input's size in a way traced "
                           "lifting cannot follow")
 
+    def shape_follows(self, eqn: FlatEqn, index: int) -> str:
+        """The input axis whose size entry ``index`` of ``eqn``'s ``shape`` parameter follows, "" when fixed.
+
+        Raises:
+          Untraceable: For an entry that moved with the sizes but by no input axis's factor.
+        """
+        if "shape" not in getattr(eqn, "varies", ()):
+            return ""
+        size, other = int(eqn.params["shape"][index]), int(eqn.other.params["shape"][index])
+        if size == other:
+            return ""
+        for root, root_size, factor in getattr(self, "size_axes", ()):
+            name = self._input_axis_name(root)
+            if name and size == root_size and other == root_size * factor:
+                return name
+        raise Untraceable(f"`{eqn.primitive.name}` makes an axis of size {size} that changes with the input's "
+                          "sizes in a way traced lifting cannot follow")
+
     def _input_axis_name(self, root: Any) -> str:
         """The name of an input axis (main or side input) of class ``root``, read from ``AXIS_SIZES`` at call time."""
         for index in self._positions():

@@ -291,11 +291,19 @@ class Counter(nnx.Module):
         return self.linear(x)
 
 
+class SowingCounter(Counter):
+    """A Counter that also sows its input: assigning an attribute during the call is not traced."""
+
+    def __call__(self, x):
+        self.sow(nnx.Intermediate, "seen", x)
+        return super().__call__(x)
+
+
 class WithCounter(nnx.Module):
     """Reads a BatchStat and a plain array in its glue; calls an untraceable child."""
 
     def __init__(self, *, rngs: nnx.Rngs):
-        self.counter = Counter(rngs=rngs)
+        self.counter = SowingCounter(rngs=rngs)
         self.out = nnx.Linear(4, 4, rngs=rngs)
         self.mean = nnx.BatchStat(jnp.full(4, 0.5))
         self.offset = jnp.full(4, 0.25)
@@ -304,14 +312,16 @@ class WithCounter(nnx.Module):
         return self.out(x - self.mean[...]) + self.counter(x) + self.offset
 
 
-def test_in_place_updates_stay_foreign_and_strict_names_the_reason():
+def test_in_place_updates_are_traced_and_sow_stays_foreign_with_the_reason():
     counter = Counter(rngs=nnx.Rngs(13))
     x = jnp.ones((2, 4))
     lifted = pzb.lift(counter, x)
-    assert isinstance(lifted.body, pzb.nn.Foreign)
+    assert isinstance(lifted.body, Traced)  # the write is traced (tests/bridge/tracing/test_nnx_state_writes.py)
     assert int(counter.calls[...]) == 0  # tracing never ran the user's module
-    with pytest.raises(LiftError, match="Counter.*updates its own Variables in place"):
-        pzb.lift(counter, x, strict=True)
+    sowing = SowingCounter(rngs=nnx.Rngs(13))
+    assert isinstance(pzb.lift(sowing, x).body, pzb.nn.Foreign)
+    with pytest.raises(LiftError, match="SowingCounter.*assigns attributes during the call"):
+        pzb.lift(sowing, x, strict=True)
 
 
 def test_untraceable_child_stays_foreign_inside_a_traced_parent():
@@ -320,7 +330,7 @@ def test_untraceable_child_stays_foreign_inside_a_traced_parent():
     lifted = pzb.lift(module, x)
     assert isinstance(lifted.body, Traced)
     (foreign,) = pzb.select(lifted).at_instances_of(pzb.nn.Foreign).get_sequence()
-    assert foreign.template.class_name == "Counter"
+    assert foreign.template.class_name == "SowingCounter"
     expected = module(x)
     assert_outputs_match(lifted.positional(x), expected, same_computation=False)
     state = {v.label: v for v in pzb.select(lifted).at_instances_of(pzb.StateVariable).get_sequence()}

@@ -1,0 +1,154 @@
+"""State a traced module writes during its call: the new values are graph outputs, a layer stores them.
+
+Custom NNX code updates its own Variables in place all the time (a step
+counter, BatchNorm-like running statistics, an EMA buffer, a cache). A jaxpr
+has no side effects, so traced lifting makes each written Variable's final
+value an extra *output* of the traced function: the module computes
+``(out, new_1, ..., new_k)``. The converter turns that into an ordinary graph
+with several outputs, and :class:`WritesState` wraps the resulting layer: it
+runs it, writes each new value into the lifted ``StateVariable`` it belongs
+to (in that variable's storage order) and returns only ``out``. After one
+call of the lifted model its state is therefore what the module's state is
+after one call, and every pzbridge state mechanism (``stateless_call``,
+``variable_jit``, the NNX adapter's write-back) sees ordinary state updates.
+
+The layer is framework-neutral; the NNX bridge (``bridge/nnx/tracing.py``)
+decides what was written. See ``docs/architecture.md`` ("The lift / lower
+contract") and ``docs/lifting_custom_modules.md``.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> import pzbridge as pzb
+    >>> from pzbridge.nn.dataflow import Branch
+    >>> last = pzb.StateVariable(pzb.nx.wrap(jnp.zeros(2), "features"), "last")
+    >>> body = Branch([pzb.nn.Elementwise(jnp.negative), Branch([pzb.nn.Identity()])])
+    >>> out = WritesState(body, (last,), (("features",),))(pzb.nx.wrap(jnp.ones(2), "features"))
+    >>> out.unwrap("features").tolist(), last.value.unwrap("features").tolist()
+    ([-1.0, -1.0], [1.0, 1.0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from pzbridge.core import named_axes as nx
+from pzbridge.core.errors import LowerError, NamedAxisError
+from pzbridge.core.selectors import select
+from pzbridge.core.struct import pytree_dataclass, static_field
+from pzbridge.core.variables import StateVariable
+from pzbridge.nn.layer import Layer
+
+
+@pytree_dataclass
+class WritesState(Layer):
+    """Runs ``body`` (which returns ``(out, (new_1, ..., new_k))``), stores each new value, returns ``out``.
+
+    Attributes:
+      body: The traced computation, returning the output and the new values.
+      targets: The ``StateVariable`` each new value is written into, in order.
+      storage: Per target, the names of its value's axes in storage order (static).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import pzbridge as pzb
+        >>> from pzbridge.nn.dataflow import Branch
+        >>> seen = pzb.StateVariable(pzb.nx.wrap(jnp.zeros((2, 3)), "a", "b"), "seen")
+        >>> body = Branch([pzb.nn.Identity(), Branch([pzb.nn.Identity()])])
+        >>> _ = WritesState(body, (seen,), (("a", "b"),))(pzb.nx.wrap(jnp.ones((3, 2)), "b", "a"))
+        >>> seen.value.named_shape == {"a": 2, "b": 3}, seen.value.data_array.shape  # stored as (a, b)
+        (True, (2, 3))
+    """
+
+    body: Layer
+    targets: tuple[StateVariable, ...]
+    storage: tuple[tuple[str, ...], ...] = static_field()
+
+    def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
+        out, new_values = self.body(x, **side_inputs)
+        if len(new_values) != len(self.targets) or len(self.storage) != len(self.targets):
+            raise NamedAxisError(
+                f"WritesState: the body returned {len(new_values)} new values for {len(self.targets)} state "
+                f"variables ({len(self.storage)} storage layouts). Fix: give one target and one layout per value."
+            )
+        for target, names, value in zip(self.targets, self.storage, new_values):
+            target.value = to_storage(value, names, target.label)
+        return out
+
+
+def to_storage(value: Any, names: Sequence[str], label: str) -> Any:
+    """``value`` (a named array from the traced graph) laid out as a variable stored with axes ``names``.
+
+    Args:
+      value: A NamedArray (or a raw array / scalar when ``names`` is empty).
+      names: The variable's axis names in storage order.
+      label: The variable's label (for messages).
+
+    Returns:
+      A NamedArray with exactly the named axes ``names``, in that order.
+
+    Raises:
+      NamedAxisError: If ``value`` does not carry exactly those axes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> v = nx.wrap(jnp.ones((2, 3)), "b", "a")
+        >>> to_storage(v, ("a", "b"), "s").data_array.shape
+        (3, 2)
+    """
+    if not nx.is_namedarray(value):
+        value = nx.wrap(jax.numpy.asarray(value))
+    if value.positional_shape or set(value.named_shape) != set(names):
+        raise NamedAxisError(
+            f"WritesState: the new value of state variable {label!r} has named axes "
+            f"{dict(value.named_shape)} and positional axes {value.positional_shape}; the variable is stored with "
+            f"axes {list(names)}. Fix: write values with the variable's own axes (the traced code changed the "
+            "value's shape)."
+        )
+    return nx.wrap(value.unwrap(*names), *names)
+
+
+class StateWritesNotConvertible(LowerError, NotImplementedError):
+    """A traced module that writes its own state cannot become an Equinox module yet.
+
+    Equinox modules are immutable: the counterpart of an NNX module updating
+    its Variables is an ``eqx.nn.State`` passed in and returned
+    (``y, state = model(x, state)``). Lowering a :class:`WritesState` into
+    that calling convention is not implemented, and an Equinox adapter that
+    dropped the writes would compute something else than the module, so
+    lowering refuses (a ``LowerError``, also a ``NotImplementedError``).
+
+    Example:
+        >>> issubclass(StateWritesNotConvertible, LowerError)
+        True
+    """
+
+
+def refuse_state_writes(layer: Any, where: str, framework: str) -> None:
+    """Raises :class:`StateWritesNotConvertible` if ``layer`` holds a :class:`WritesState`.
+
+    Args:
+      layer: The lifted layer about to be lowered into ``framework``'s adapter.
+      where: Its model path (for the message).
+      framework: The target framework's name (for the message).
+
+    Raises:
+      StateWritesNotConvertible: If some traced module in ``layer`` writes state during its call.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> refuse_state_writes(pzb.nn.Identity(), "<root>", "equinox")  # nothing written: no error
+    """
+    found = select(layer).at_instances_of(WritesState).get_sequence()
+    if not found:
+        return
+    labels = sorted({target.label for writes in found for target in writes.targets})
+    raise StateWritesNotConvertible(
+        f"{where or '<root>'}: a traced module here updates its own state during the call (state variables "
+        f"{labels}); lowering such in-place writes into {framework} (an eqx.nn.State passed in and returned) is "
+        "not implemented, and dropping them would compute something else. Fix: keep the model in NNX "
+        "(pzb.lower(lifted) gives the original classes back), or remove the in-place update from the module's "
+        "__call__ before converting."
+    )
