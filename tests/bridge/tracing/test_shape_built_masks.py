@@ -65,7 +65,7 @@ class EinsumCausalAttention(nnx.Module):
         return x + jnp.einsum("bhqs,bshk,hkd->bqd", weights, v, self.wo[...])
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(length=st.integers(3, 6), other=st.integers(2, 11))
 def test_an_equinox_block_with_a_mask_from_the_length_runs_at_every_length(length, other):
     block = CausalBlock(jax.random.key(0))
@@ -75,7 +75,7 @@ def test_an_equinox_block_with_a_mask_from_the_length_runs_at_every_length(lengt
         assert_outputs_match(lifted.positional(x), block(x), same_computation=False)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(length=st.integers(3, 6), other=st.integers(2, 11))
 def test_nnx_einsum_attention_with_a_mask_from_the_length_runs_at_every_length(length, other):
     model = EinsumCausalAttention(nnx.Rngs(0))
