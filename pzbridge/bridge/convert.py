@@ -54,7 +54,9 @@ from pzbridge.bridge.lifted import LiftedModel
 from pzbridge.bridge.naming import AxisNaming, checked_naming
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LowerError
-from pzbridge.core.variables import stateless_call, unbind_variables
+from pzbridge.core.random_stream import RandomStream
+from pzbridge.core.selectors import select
+from pzbridge.core.variables import StateVariable, stateless_call, unbind_variables
 
 __all__ = ["ConversionReport", "ConvertedPart", "convert", "convert_with_report"]
 
@@ -119,7 +121,7 @@ class ConversionReport:
 
 
 def convert(model: Any, *example_args: Any, to: str, example_kwargs: Mapping[str, Any] | None = None,
-            naming: AxisNaming | None = None, verify: bool = True) -> Any:
+            naming: AxisNaming | None = None, verify: bool = True, state: Any = None) -> Any:
     """Converts an Equinox model to an NNX module or an NNX module to an Equinox model.
 
     Args:
@@ -132,9 +134,16 @@ def convert(model: Any, *example_args: Any, to: str, example_kwargs: Mapping[str
       naming: Axis-naming policy of the lift.
       verify: Check the converted model against the original on the examples
         (when they are concrete arrays).
+      state: Equinox only: the model's ``eqx.nn.State`` (a stateful model,
+        e.g. an NNX module converted before whose traced code writes its
+        Variables).
 
     Returns:
-      The converted module.
+      The converted module. An NNX module whose traced code updates its own
+      Variables becomes a stateful Equinox module: ``state =
+      eqx.nn.State(converted)``, then ``y, state = converted(x, state)``,
+      batched as ``jax.vmap(converted, axis_name="batch", in_axes=(0, None),
+      out_axes=(0, None))`` (it then computes on the whole batch, as NNX does).
 
     Raises:
       LiftError: A module cannot be traced (the message names it and why).
@@ -148,11 +157,12 @@ def convert(model: Any, *example_args: Any, to: str, example_kwargs: Mapping[str
         'Linear'
     """
     return convert_with_report(model, *example_args, to=to, example_kwargs=example_kwargs, naming=naming,
-                               verify=verify)[0]
+                               verify=verify, state=state)[0]
 
 
 def convert_with_report(model: Any, *example_args: Any, to: str, example_kwargs: Mapping[str, Any] | None = None,
-                        naming: AxisNaming | None = None, verify: bool = True) -> tuple[Any, ConversionReport]:
+                        naming: AxisNaming | None = None, verify: bool = True,
+                        state: Any = None) -> tuple[Any, ConversionReport]:
     """Like :func:`convert`, also returning the :class:`ConversionReport`.
 
     Example:
@@ -171,14 +181,14 @@ def convert_with_report(model: Any, *example_args: Any, to: str, example_kwargs:
         )
     naming = checked_naming(naming)
     # Strict: a module kept Foreign runs its own framework's code, which cannot run in the other one.
-    lifted = lift(model, *example_args, example_kwargs=example_kwargs, naming=naming, strict=True)
+    lifted = lift(model, *example_args, example_kwargs=example_kwargs, naming=naming, strict=True, state=state)
     lifted = example_convention(lifted, example_args, naming)  # A shape-keeping stock root records none.
     if converted_back(model, to):  # A converted model going home: its original classes come back.
         converted = lower_converted_back(lifted.body, to)
     else:
         converted = _lower_converted(lifted, source, to, naming, example_args, dict(example_kwargs or {}))
     if verify and example_args:
-        _verify(model, lifted, converted, source, to, example_args, dict(example_kwargs or {}))
+        converted = _verify(model, lifted, converted, source, to, example_args, dict(example_kwargs or {}), state)
     return converted, _report(converted, source, to)
 
 
@@ -255,44 +265,141 @@ def _is_array(value: Any) -> bool:
 
 
 def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, target: str, args: Sequence[Any],
-            kwargs: dict[str, Any]) -> None:
-    """Raises when the converted model does not compute what the original computes on the examples."""
+            kwargs: dict[str, Any], state: Any) -> Any:
+    """``converted``, checked to compute what the original computes on the examples; else a LowerError.
+
+    An NNX module whose examples interact (attention over the batch axis,
+    statistics of the batch) computes something else per example: if it
+    computes the original under ``jax.vmap(..., axis_name="batch")`` (where
+    the adapter sees the whole batch), it comes back marked to need that axis.
+    """
     leaves = jax.tree_util.tree_leaves((args, kwargs))
     if not leaves or not all(isinstance(leaf, (jax.Array, np.ndarray)) or np.isscalar(leaf) for leaf in leaves):
-        return  # Abstract examples (ShapeDtypeStructs): nothing to compare numerically.
+        return converted  # Abstract examples (ShapeDtypeStructs): nothing to compare numerically.
     from flax import nnx
 
     if converted_back(model, target):
         # An adapter root: its lifted body keeps the original's (other-framework) convention, so run the adapter.
-        want = (nnx.clone(model) if source == "nnx" else model)(*args, **kwargs)
+        if source == "nnx":
+            want = nnx.clone(model)(*args, **kwargs)
+        else:
+            # A copy: eqx.nn.State.set invalidates the State it is called on, and this one is the user's.
+            call = (lambda *a: model(*a, **kwargs)) if state is None else (
+                lambda *a: model(*a, _copied(state), **kwargs)[0])
+            want = _named_batch_call(model, call, args) if getattr(model, "needs_batch_axis", False) else call(*args)
     else:
+        before = _state_values(lifted.body)
         want = lifted.positional(*args, **kwargs)
+        if target == "equinox":
+            converted = _keep_written_state(converted, before, _state_values(lifted.body))
     if source == "equinox":
         probe = nnx.clone(converted)  # Running may update state (batch statistics, RNG counts): not the user's.
         batched = [jnp.asarray(a)[None] for a in args]
         batched_kwargs = {k: jnp.asarray(v)[None] if _is_array(v) else v for k, v in kwargs.items()}
-        got = jax.tree_util.tree_map(lambda y: y[0], probe(*batched, **batched_kwargs))
+        _check_outputs(want, jax.tree_util.tree_map(lambda y: y[0], probe(*batched, **batched_kwargs)))
+        return converted
+    stateful = _stateful_equinox(converted)
+    if stateful:
+        import equinox as eqx
+
+        initial = eqx.nn.State(converted)
+        got, new = jax.vmap(lambda *a: converted(*a, _copied(initial), **kwargs), axis_name=_batch_axis(converted),
+                            out_axes=(0, None))(*args)
+        _verify_state(lifted, converted, new)
+        per_example = lambda *a: converted(*a, _copied(initial), **kwargs)[0]  # noqa: E731
     else:
-        got = jax.vmap(lambda *a: converted(*a, **kwargs))(*args)
+        per_example = lambda *a: converted(*a, **kwargs)  # noqa: E731
+    plain = _mismatch(want, jax.vmap(per_example)(*args))
+    if plain is None:
+        return converted
+    if hasattr(converted, "needs_batch_axis"):
+        named = got if stateful else _named_batch_call(converted, per_example, args, batched=True)
+        if _mismatch(want, named) is None:
+            return dataclasses.replace(converted, needs_batch_axis=True)
+    raise LowerError(plain)
+
+
+def _state_values(layer: Any) -> dict[str, Any]:
+    """Each StateVariable's current value by label (random streams' counters aside: Equinox takes keys per call)."""
+    streams = {id(s.offset) for s in select(layer).at_instances_of(RandomStream).get_sequence()}
+    return {v.label: v.value for v in select(layer).at_instances_of(StateVariable).get_sequence()
+            if id(v) not in streams}
+
+
+def _keep_written_state(converted: Any, before: Mapping[str, Any], after: Mapping[str, Any]) -> Any:
+    """``converted`` keeping in its ``eqx.nn.State`` every variable the call wrote (BatchNorm in training mode)."""
+    changed = [label for label, value in after.items() if value is not before.get(label)]
+    if not changed:
+        return converted
+    if not hasattr(converted, "with_written"):
+        raise LowerError(
+            f"<root>: the converted model would drop the updates of state variables {sorted(changed)} that the "
+            f"original writes during the call (found a native {type(converted).__name__} root). Fix: convert the "
+            "model in inference mode (model.eval()), or keep it in its framework."
+        )
+    return converted.with_written(changed)
+
+
+def _named_batch_call(module: Any, call: Any, args: Sequence[Any], batched: bool = False) -> Any:
+    """``call`` under ``jax.vmap`` naming the module's batch axis (one example as a batch of one unless ``batched``)."""
+    inputs = args if batched else [jnp.asarray(a)[None] for a in args]
+    out = jax.vmap(call, axis_name=_batch_axis(module))(*inputs)
+    return out if batched else jax.tree_util.tree_map(lambda y: y[0], out)
+
+
+def _check_outputs(want: Any, got: Any) -> None:
+    message = _mismatch(want, got)
+    if message is not None:
+        raise LowerError(message)
+
+
+def _mismatch(want: Any, got: Any) -> str | None:
+    """Why ``got`` is not the original's output ``want`` (None when it is, within 1e-5)."""
     want_leaves, got_leaves = jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)
     if len(want_leaves) != len(got_leaves):
-        raise LowerError(
-            f"<root>: the converted model returns {len(got_leaves)} arrays where the original returns "
-            f"{len(want_leaves)}. Fix: report this with the model's code (pass verify=False to inspect it)."
-        )
+        return (f"<root>: the converted model returns {len(got_leaves)} arrays where the original returns "
+                f"{len(want_leaves)}. Fix: report this with the model's code (pass verify=False to inspect it).")
     for index, (w, g) in enumerate(zip(want_leaves, got_leaves)):
         w, g = np.asarray(w), np.asarray(g)
         if w.shape != g.shape:
-            raise LowerError(
-                f"<root>: output {index} of the converted model has shape {g.shape}, the original's has "
-                f"{w.shape}. Fix: report this with the model's code (pass verify=False to inspect it)."
-            )
+            return (f"<root>: output {index} of the converted model has shape {g.shape}, the original's has "
+                    f"{w.shape}. Fix: report this with the model's code (pass verify=False to inspect it).")
         if w.dtype.kind in "fc" and not np.allclose(g, w, atol=1e-5, rtol=1e-5):
-            raise LowerError(
-                f"<root>: the converted model differs from the original on the examples (output {index}, max "
-                f"abs difference {float(np.max(np.abs(g - w))):.3g}, expected <= 1e-5). Fix: report this with "
-                "the model's code (pass verify=False to inspect the converted model)."
-            )
+            return (f"<root>: the converted model differs from the original on the examples (output {index}, max "
+                    f"abs difference {float(np.max(np.abs(g - w))):.3g}, expected <= 1e-5). Fix: report this with "
+                    "the model's code (pass verify=False to inspect the converted model).")
         if w.dtype.kind not in "fc" and not np.array_equal(g, w):
-            raise LowerError(f"<root>: output {index} of the converted model differs from the original's "
-                             "(integer outputs). Fix: report this with the model's code.")
+            return (f"<root>: output {index} of the converted model differs from the original's (integer outputs). "
+                    "Fix: report this with the model's code.")
+    return None
+
+
+def _copied(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda leaf: leaf, tree)
+
+
+def _stateful_equinox(module: Any) -> bool:
+    import equinox as eqx
+
+    return isinstance(module, eqx.nn.StatefulLayer) and module.is_stateful()
+
+
+def _batch_axis(module: Any) -> str:
+    """The ``vmap`` axis name over which a converted stateful Equinox model forms its batch."""
+    return getattr(module, "batch_axis", AxisNaming().batch)
+
+
+def _verify_state(lifted: LiftedModel, converted: Any, new: Any) -> None:
+    """Raises when the State a converted model returns differs from the state the original wrote (same call)."""
+    written = getattr(converted, "written", ())
+    if not written:
+        return
+    from pzbridge.bridge.equinox.adapter_state import state_dict
+
+    want = state_dict(written, unbind_variables(lifted.body, freeze=True)[1])
+    for label, got in new.get(converted.state_index).items():
+        if not np.allclose(np.asarray(got), np.asarray(want[label]), atol=1e-5, rtol=1e-5):
+            raise LowerError(
+                f"{converted.state_index.marker}: the converted model writes state variable {label!r} unlike the "
+                "original on the examples. Fix: report this with the model's code (pass verify=False to inspect it)."
+            )

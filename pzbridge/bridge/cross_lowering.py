@@ -28,6 +28,8 @@ from pzbridge.bridge.lifted import CallingConvention, LiftedModel
 from pzbridge.bridge.naming import AxisNaming, checked_naming
 from pzbridge.bridge.native_calls import NATIVE_CHILDREN, conventions_chain
 from pzbridge.core.errors import LowerError
+from pzbridge.core.random_stream import RandomStream
+from pzbridge.core.selectors import select
 
 __all__ = ["adapter_runs", "converted_convention", "converted_back", "lower_converted_back", "lower_with_convention",
            "root_convention"]
@@ -124,7 +126,7 @@ def lower_with_convention(body: Any, target: str, convention: CallingConvention,
     traversal = traversal_of(target)
     ctx = traversal.new_lower_context()
     ctx.shared.extras[NATIVE_CHILDREN] = naming
-    native = _native_root(body, traversal, ctx, convention, naming)
+    native = _native_root(body, target, traversal, ctx, convention, naming)
     if native is not None:
         return native
     if target == "nnx":
@@ -169,9 +171,12 @@ def lower_converted_back(body: Any, target: str) -> Any:
     return ctx.lower_node(body, ctx)
 
 
-def _native_root(body: Any, traversal: Any, ctx: Any, root: CallingConvention,
+def _native_root(body: Any, target: str, traversal: Any, ctx: Any, root: CallingConvention,
                  naming: AxisNaming) -> Any | None:
     """The lowered root when it is native and takes the converted convention as it is, else None."""
+    if target == "equinox" and select(body).at_instances_of(RandomStream).count():
+        # Equinox modules take keys per call and hold no stream: a native root would drop it for good.
+        return None
     try:
         module = ctx.lower_node(body, ctx)
     except LowerError:

@@ -390,16 +390,20 @@ def _self_attention_filled(inputs: tuple[Any, ...], module: Any, convention: Cal
 def conventions_chain(conventions: Sequence[CallingConvention | None]) -> bool:
     """Whether modules with these conventions can run one after another positionally (a native Sequential).
 
-    ``None`` marks an elementwise step (a plain function), which keeps the layout.
+    ``None`` marks an elementwise step (a plain function), which keeps the
+    layout; so does a module naming no axis at all (``((),) -> ()``: Dropout,
+    a scalar PReLU work on any shape).
 
     Example:
         >>> f = CallingConvention((("f",),), ("f",))
         >>> conventions_chain([f, None, f]), conventions_chain([f, CallingConvention((("c", "h"),), ("c", "h"))])
         (True, False)
+        >>> conventions_chain([f, CallingConvention(((),), ()), f])
+        True
     """
     previous = None
     for convention in conventions:
-        if convention is None:
+        if convention is None or (convention.inputs == ((),) and convention.output == ()):
             continue
         if len(convention.inputs) != 1 or convention.output is None:
             return False

@@ -105,7 +105,7 @@ def _original_outputs(module: Any, framework: str, args: Sequence[Any], kwargs: 
     if framework == "nnx":
         from flax import nnx
 
-        return nnx.merge(*nnx.split(module))(*args, **kwargs)  # A copy runs: NNX calls may write state.
+        return nnx.clone(module)(*args, **kwargs)  # A copy runs: NNX calls may write state (merge(*split) shares it).
     return module(*args, **kwargs)
 
 

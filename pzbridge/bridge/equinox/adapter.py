@@ -27,13 +27,25 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 
 from pzbridge.bridge.context import LiftContext, LowerContext
+from pzbridge.bridge.equinox.adapter_state import (
+    WrittenVariable,
+    axis_bound,
+    gathered_inputs,
+    new_state,
+    new_state_index,
+    split_written,
+    state_values,
+    written_variable,
+    written_variables,
+)
 from pzbridge.bridge.equinox.foreign_state import report_state
 from pzbridge.bridge.equinox.signatures import StandIn, bind_like
 from pzbridge.bridge.equinox.traversal import EQUINOX, equinox_rule, is_array
@@ -42,7 +54,7 @@ from pzbridge.bridge.native_calls import NativeCall, fill_native_slots, native_l
     wants_native_children
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.tracing.state_writes import refuse_state_writes
-from pzbridge.core.errors import LowerError
+from pzbridge.core.errors import LiftError, LowerError
 from pzbridge.core.random_stream import RandomStream
 from pzbridge.core.selectors import select
 from pzbridge.core.variables import (
@@ -55,7 +67,7 @@ from pzbridge.core.variables import (
 )
 
 
-class EquinoxAdapter(eqx.Module):
+class EquinoxAdapter(eqx.nn.StatefulLayer):
     """A genuine ``eqx.Module`` running a pzbridge layer that has no Equinox counterpart.
 
     The layer's variables are stored as frozen values (pytrees of arrays:
@@ -64,6 +76,15 @@ class EquinoxAdapter(eqx.Module):
     named by ``convention``; the output is returned positional. With
     ``calls_like`` the adapter takes exactly the arguments of that class's
     ``__call__`` (it stands in for such a child inside an unknown module).
+
+    When a traced module inside writes its own state (an NNX module updating
+    its Variables), the adapter is stateful the Equinox way: the written
+    variables live in an ``eqx.nn.State`` (``state_index``; build it with
+    ``eqx.nn.State(adapter)``) and a call is ``y, state = adapter(x, state)``
+    (``eqx.nn.Sequential`` threads the State through it). A converted NNX
+    model called under ``jax.vmap(..., axis_name="batch")`` computes on the
+    whole batch, as the NNX module does (see
+    :mod:`pzbridge.bridge.equinox.adapter_state`).
 
     Example:
         >>> import pzbridge as pzb
@@ -84,6 +105,13 @@ class EquinoxAdapter(eqx.Module):
     unit_batch: bool = eqx.field(static=True, default=False)
     # On a converted model's root, the framework it came from: converting back restores the original classes.
     converted_from: str | None = eqx.field(static=True, default=None)
+    # The state its traced modules write: one eqx.nn.State entry, label -> array (None when nothing is written).
+    state_index: eqx.nn.StateIndex | None = None
+    written: tuple[WrittenVariable, ...] = eqx.field(static=True, default=())
+    # The vmap axis over which a converted NNX model's per-example calls form the batch.
+    batch_axis: str = eqx.field(static=True, default="batch")
+    # A converted NNX model whose examples interact (attention over the batch axis): only a named vmap computes it.
+    needs_batch_axis: bool = eqx.field(static=True, default=False)
 
     @classmethod
     def wrap(cls, layer: Any, ctx: LowerContext, convention: CallingConvention | None = None,
@@ -104,7 +132,8 @@ class EquinoxAdapter(eqx.Module):
             from the outputs.
           converted_from: On a converted model's root, the framework it came from.
         """
-        refuse_state_writes(layer, ctx.where, "equinox")  # an adapter would drop a traced module's state writes
+        if calls_like is not None:  # Unknown code calls a stand-in as the original child: no State comes back.
+            refuse_state_writes(layer, ctx.where, "equinox")
         natives: list[Any] = []
         if wants_native_children(ctx):
             # Inside a conversion, sub-layers with an Equinox counterpart become native children;
@@ -113,14 +142,48 @@ class EquinoxAdapter(eqx.Module):
                                           accept=_is_pure)
             layer, natives = split_natives(layer, lower_native, ctx.where)
         structure, values = unbind_variables(layer, freeze=True)
+        written = written_variables(structure, values)
+        values, init = split_written(values, written)
+        index = new_state_index(f"{ctx.where or '<root>'}.state", init) if written else None
         # Arrays held directly by the layer (not in variables) must be leaves, not static data.
         arrays, structure = eqx.partition(structure, is_array)
         return cls(tuple(values), arrays, structure, convention or CallingConvention(), calls_like, tuple(natives),
-                   unit_batch, converted_from)
+                   unit_batch, converted_from, index, written, AxisNaming().batch)
+
+    def with_written(self, labels: Iterable[str]) -> EquinoxAdapter:
+        """This adapter with the state variables ``labels`` also kept in its ``eqx.nn.State``.
+
+        For state the layer writes outside traced modules (a lifted NNX
+        ``BatchNorm`` updating its running statistics in training mode): held
+        as frozen leaves, the writes would be lost after every call.
+
+        Example:
+            >>> import pzbridge as pzb
+            >>> from pzbridge.bridge.equinox.traversal import new_lower_context
+            >>> EquinoxAdapter.wrap(pzb.nn.Identity(), new_lower_context()).with_written([]).is_stateful()
+            False
+        """
+        labels = set(labels) - {variable.label for variable in self.written}
+        if not labels:
+            return self
+        moved = [value for value in self.values if value.label in labels]
+        written = self.written + tuple(written_variable(value) for value in moved)
+        values, init = split_written(self.values, written[len(self.written):])
+        if self.state_index is not None:
+            init = {**self.state_index.init, **init}
+        marker = self.state_index.marker if self.state_index is not None else "<root>.state"
+        return dataclasses.replace(self, values=values, state_index=new_state_index(marker, init), written=written)
+
+    def is_stateful(self) -> bool:
+        """Whether the adapter is called ``y, state = adapter(x, state)`` (a traced module writes state)."""
+        return self.state_index is not None
 
     def _layer_with_slots(self, native: bool = True) -> Any:
         layer = eqx.combine(self.arrays, self.structure)
-        if not native or not self.natives:
+        return self._with_native_slots(layer) if native else layer
+
+    def _with_native_slots(self, layer: Any) -> Any:
+        if not self.natives:
             return layer
         return fill_native_slots(layer, lambda slot: NativeCall(self.natives[slot.index], slot.convention,
                                                                 batched=False, path=slot.path))
@@ -132,8 +195,13 @@ class EquinoxAdapter(eqx.Module):
         ``__call__`` signature: its leading positional parameters (as many
         as the convention names, or those passed positionally when it names
         none) are the inputs, every other argument given is a side input by
-        its parameter name. ``key=None`` is dropped.
+        its parameter name. ``key=None`` is dropped. A stateful adapter
+        takes the ``eqx.nn.State`` after the inputs (or as ``state=``) and
+        returns ``(output, new_state)``.
         """
+        state = None
+        if self.state_index is not None:
+            args, kwargs, state = self._split_state(args, kwargs)
         if self.calls_like is not None:
             inputs, side = bind_like(self.calls_like, len(self.convention.inputs), args, kwargs)
             convention = self.convention
@@ -142,16 +210,64 @@ class EquinoxAdapter(eqx.Module):
             convention = self.convention if self.convention.inputs else _default_convention(args[0] if args else None)
         if side.get("key", 0) is None:
             del side["key"]
+        row = None
         if self.unit_batch:
-            inputs = [jnp.asarray(a)[None] if hasattr(a, "shape") else a for a in inputs]
+            if self.needs_batch_axis and not axis_bound(self.batch_axis):
+                raise LowerError(
+                    f"<root>: this converted NNX model mixes the examples of a batch (e.g. attention over the batch "
+                    f"axis, statistics of the batch), so each call must see the whole batch; expected a call under "
+                    f"jax.vmap(..., axis_name={self.batch_axis!r}), found none. Fix: "
+                    f"jax.vmap(model, axis_name={self.batch_axis!r})(xs) (one example: a batch of one, xs[None])."
+                )
+            inputs, row = gathered_inputs(inputs, self.batch_axis)
         x, side = convention.split_call(inputs, side)
-        out, new_state = stateless_call(self._layer_with_slots(), self.values, x, **side)
-        report_state(new_state, self.values)
+        values = self.values if state is None else self._values_with(state.get(self.state_index))
+        # Only Parameters train: state (running statistics) and the glue's constants get no gradient, so optax
+        # updates on eqx.filter(model, eqx.is_inexact_array) leave them as the original framework would.
+        values = tuple(_no_gradient(v) if isinstance(v, StateVariableValue) else v for v in values)
+        layer = eqx.combine(_no_gradient(self.arrays), self.structure)
+        out, new_values = stateless_call(self._with_native_slots(layer), values, x, **side)
+        written = {variable.label for variable in self.written}
+        report_state([v for v in new_values if v.label not in written], self.values)
         out = convention.unname_output(out)
-        return jax.tree_util.tree_map(lambda y: y[0], out) if self.unit_batch else out
+        if row is not None:
+            out = jax.tree_util.tree_map(lambda y: y[row], out)
+        if state is None:
+            return out
+        return out, state.set(self.state_index, new_state(self.written, new_values, self.state_index.marker))
 
-    def lifted_layer(self) -> Any:
+    def _split_state(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any],
+                                                                                     eqx.nn.State]:
+        kwargs = dict(kwargs)
+        if "state" in kwargs:
+            state = kwargs.pop("state")
+        elif len(args) == len(self.convention.inputs) + 1:
+            args, state = args[:-1], args[-1]
+        else:
+            state = None
+        if not isinstance(state, eqx.nn.State):
+            raise LowerError(
+                f"{self.state_index.marker}: this module updates state during its call (state variables "
+                f"{[v.label for v in self.written]}), so it is called y, state = model(x, state); expected an "
+                f"eqx.nn.State after the {len(self.convention.inputs)} input(s), found "
+                f"{type(state).__name__ if state is not None else 'none'}. Fix: state = eqx.nn.State(model), then "
+                "y, state = model(x, state) (batched: jax.vmap(model, axis_name='batch', in_axes=(0, None), "
+                "out_axes=(0, None)))."
+            )
+        return args, kwargs, state
+
+    def _values_with(self, entry: Any) -> tuple[AbstractVariableValue, ...]:
+        """The layer's values with the written variables' values taken from the State's entry."""
+        return self.values + state_values(self.written, entry, self.state_index.marker)
+
+    def lifted_layer(self, state: eqx.nn.State | None = None) -> Any:
         """The pzbridge layer with fresh mutable variables (used when re-lifting).
+
+        Args:
+          state: A stateful adapter's ``eqx.nn.State`` (its written variables' current values).
+
+        Raises:
+          LiftError: If the adapter is stateful and ``state`` is None.
 
         Example:
             >>> import pzbridge as pzb
@@ -164,7 +280,35 @@ class EquinoxAdapter(eqx.Module):
                 "<root>: this adapter holds native Equinox children; re-lift it with pzb.lift(adapter) (found "
                 f"{len(self.natives)} native children). Fix: call pzb.lift on the adapter instead.")
         layer = self._layer_with_slots()
-        return bind_variables(layer, self.values, unfreeze_as_copy=True) if self.values else layer
+        values = self.values if self.state_index is None else self._values_with(self.state_entry(state))
+        return bind_variables(layer, values, unfreeze_as_copy=True) if values else layer
+
+    def state_entry(self, state: eqx.nn.State | None) -> Any:
+        """This stateful adapter's entry of ``state`` (label -> array of each written variable).
+
+        Raises:
+          LiftError: If ``state`` is None: the current values live only in the State.
+
+        Example:
+            >>> import pzbridge as pzb
+            >>> from pzbridge.bridge.equinox.traversal import new_lower_context
+            >>> adapter = EquinoxAdapter.wrap(pzb.nn.Identity(), new_lower_context())
+            >>> adapter.is_stateful()  # nothing written: called without a State
+            False
+        """
+        if state is None:
+            raise LiftError(
+                f"{self.state_index.marker}: this module keeps the state its call writes (state variables "
+                f"{[v.label for v in self.written]}) in an eqx.nn.State, expected state=, found none. Fix: pass "
+                "the State its last call returned, e.g. pzb.lift(model, state=state) or "
+                "pzb.convert(model, x, to='nnx', state=state) (a fresh one: eqx.nn.State(model))."
+            )
+        return state.get(self.state_index)
+
+
+def _no_gradient(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda leaf: jax.lax.stop_gradient(leaf) if eqx.is_inexact_array(leaf) else leaf,
+                                  tree)
 
 
 def _is_pure(layer: Any) -> bool:
@@ -202,6 +346,8 @@ class EquinoxAdapterRule:
         natives = [ctx.lift_node(native, ctx.child("natives", i)) for i, native in enumerate(module.natives)]
         structure = fill_native_slots(module._layer_with_slots(native=False), lambda slot: natives[slot.index])
         values = module.values
+        if module.state_index is not None:
+            values = module._values_with(module.state_entry(ctx.shared.extras.get("state")))
         if not values:
             return structure
         fresh = []

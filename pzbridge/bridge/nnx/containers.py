@@ -234,11 +234,10 @@ def _join(current: tuple[str, ...], ins: tuple[str, ...], outs: tuple[str, ...],
 
 
 def _run_item(item: Any, x: Any) -> Any:
-    """Runs one ``nnx.Sequential`` item on an abstract value without touching it (a merged copy runs)."""
+    """Runs one ``nnx.Sequential`` item on an abstract value without touching it (a copy runs)."""
     if not isinstance(item, nnx.Module):
         return item(x)
-    graphdef, state = nnx.split(item)
-    return nnx.merge(graphdef, state)(x)
+    return nnx.clone(item)(x)  # merge(*split(item)) would share its Variables: a write would reach the user's.
 
 
 @nnx_rule(source=nnx.Sequential, lifted=(NnxSequential, Sequential))

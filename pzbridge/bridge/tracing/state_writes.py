@@ -111,13 +111,14 @@ def to_storage(value: Any, names: Sequence[str], label: str) -> Any:
 
 
 class StateWritesNotConvertible(LowerError, NotImplementedError):
-    """A traced module that writes its own state cannot become an Equinox module yet.
+    """A traced module that writes its own state, standing in for a child of unknown Equinox code.
 
     Equinox modules are immutable: the counterpart of an NNX module updating
-    its Variables is an ``eqx.nn.State`` passed in and returned
-    (``y, state = model(x, state)``). Lowering a :class:`WritesState` into
-    that calling convention is not implemented, and an Equinox adapter that
-    dropped the writes would compute something else than the module, so
+    its Variables is an ``eqx.nn.State`` passed in and returned (``y, state =
+    model(x, state)``), which is what a converted model's adapter does. An
+    adapter called by *unknown* code (an edited child of a ``Foreign``) must
+    return only the output, as the original child did, so there the writes
+    have nowhere to go; dropping them would compute something else, so
     lowering refuses (a ``LowerError``, also a ``NotImplementedError``).
 
     Example:
@@ -147,8 +148,8 @@ def refuse_state_writes(layer: Any, where: str, framework: str) -> None:
     labels = sorted({target.label for writes in found for target in writes.targets})
     raise StateWritesNotConvertible(
         f"{where or '<root>'}: a traced module here updates its own state during the call (state variables "
-        f"{labels}); lowering such in-place writes into {framework} (an eqx.nn.State passed in and returned) is "
-        "not implemented, and dropping them would compute something else. Fix: keep the model in NNX "
-        "(pzb.lower(lifted) gives the original classes back), or remove the in-place update from the module's "
-        "__call__ before converting."
+        f"{labels}), and the {framework} code around it calls it as the original child, so no state can come "
+        "back (dropping the writes would compute something else). Fix: keep the model in NNX "
+        "(pzb.lower(lifted) gives the original classes back), convert the whole model with pzb.convert (its "
+        "Equinox form keeps the writes in an eqx.nn.State), or remove the in-place update from __call__."
     )

@@ -4,17 +4,20 @@ References are the original modules, run on clones: after 1 and 3 calls the
 lifted model's outputs and state equal the module's; lowering gives the
 original classes back (same Variable types, ``nnx.graphdef`` equal) whose
 Variables update in place like the original's, under ``nnx.jit`` too; the
-user's module is never touched. The Equinox direction refuses with an error
-naming the fix (an ``eqx.nn.State`` calling convention is not implemented).
+user's module is never touched. Converted to Equinox, the written Variables
+live in an ``eqx.nn.State`` (``y, state = model(x, state)``, batched under
+``jax.vmap(..., axis_name="batch")``) and come back to NNX with their values.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from hypothesis import given, settings
@@ -22,8 +25,9 @@ from hypothesis import strategies as st
 
 import pzbridge as pzb
 from pzbridge.bridge.convert import convert
+from pzbridge.bridge.equinox.adapter import EquinoxAdapter
 from pzbridge.bridge.nnx.adapter import NnxAdapter
-from pzbridge.bridge.tracing.state_writes import StateWritesNotConvertible, WritesState
+from pzbridge.bridge.tracing.state_writes import WritesState
 from pzbridge.core.errors import LiftError, LowerError
 from pzbridge.nn.dataflow import Traced
 from pzbridge.testing.nnx_strategies import Counter, ScaleShift, Twice
@@ -294,13 +298,139 @@ def test_an_edited_glue_runs_in_an_adapter_that_still_updates_its_variables():
     assert [int(v[...]) for v in counts] == [2]
 
 
-def test_converting_to_equinox_refuses_with_an_error_naming_the_fix():
-    module = Blocks(3, 11)
-    with pytest.raises(LowerError, match="updates its own state.*Fix") as info, warnings.catch_warnings():
+# Converted to Equinox: the written Variables travel in an eqx.nn.State. ---------------------------------
+
+
+def _make(kind: str, width: int, seed: int) -> nnx.Module:
+    return {
+        "steps": lambda: Steps(width, seed),
+        "running_mean": lambda: RunningMean(width, seed, 0.8),
+        "last_input": lambda: LastInput(width),
+        "blocks": lambda: Blocks(width, seed),
+        "sequential": lambda: nnx.Sequential(Steps(width, seed), RunningMean(width, seed + 1), LastInput(width)),
+    }[kind]()
+
+
+def _named_vmap(converted: object) -> object:
+    """The Equinox way to call a stateful per-example model on a batch (as for eqx.nn.BatchNorm)."""
+    return jax.vmap(converted, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+
+
+def _entry(converted: EquinoxAdapter, state: eqx.nn.State) -> dict[str, np.ndarray]:
+    return {label: np.asarray(value) for label, value in state.get(converted.state_index).items()}
+
+
+def _check_states(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert got.keys() == want.keys()
+    for path, value in want.items():
+        np.testing.assert_allclose(got[path], value, **TOL)
+        assert got[path].dtype == value.dtype, path
+
+
+@settings(max_examples=10, derandomize=True, deadline=None)
+@given(kind=st.sampled_from(["steps", "running_mean", "last_input", "blocks", "sequential"]), width=st.integers(2, 4),
+       batch=st.integers(1, 3), calls=st.integers(1, 3), seed=st.integers(0, 5), jit=st.booleans())
+def test_converted_to_equinox_the_written_variables_live_in_an_eqx_state_and_come_back(kind, width, batch, calls,
+                                                                                     seed, jit):
+    module = _make(kind, width, seed)
+    before = _values(module)
+    x = _input(width, seed, batch)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        convert(module, _input(3), to="equinox")
-    assert isinstance(info.value, (StateWritesNotConvertible, NotImplementedError))
-    assert int(module.calls[...]) == 0
+        converted = convert(module, x, to="equinox")
+    assert isinstance(converted, EquinoxAdapter) and converted.is_stateful()
+    state = eqx.nn.State(converted)
+    step = eqx.filter_jit(lambda m, *a: _named_vmap(m)(*a)) if jit else lambda m, *a: _named_vmap(m)(*a)
+    reference = nnx.clone(module)
+    for i in range(calls):
+        y, state = step(converted, x * (i + 1), state)
+        np.testing.assert_allclose(y, reference(x * (i + 1)), **TOL)
+    _check_states(_entry(converted, state), _states(reference))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = convert(converted, x[0], to="nnx", state=state)
+    assert nnx.graphdef(back) == nnx.graphdef(module)
+    _check_states(_states(back), _states(reference))
+    np.testing.assert_allclose(back(x), reference(x), **TOL)
+    _check_states(_states(back), _states(reference))
+    after = _values(module)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # the user's module never ran
+
+
+def test_a_call_outside_a_vmap_is_a_batch_of_one_and_eqx_sequential_threads_the_state():
+    module = nnx.Sequential(Steps(3, 4), LastInput(3))  # outputs per example: no batch axis needed
+    x = _input(3)
+    converted = convert(module, x, to="equinox")
+    assert not converted.needs_batch_axis
+    y, state = converted(x[1], eqx.nn.State(converted))
+    reference = nnx.clone(module)
+    np.testing.assert_allclose(y, reference(x[1:2])[0], **TOL)
+    _check_states(_entry(converted, state), _states(reference))
+
+    module = Blocks(3, 4)  # centres by the batch mean: only a named vmap computes it
+    converted = convert(module, x, to="equinox")
+    assert converted.needs_batch_axis
+    with pytest.raises(LowerError, match="mixes the examples of a batch.*Fix"):
+        converted(x[1], eqx.nn.State(converted))
+    chain = eqx.nn.Sequential([converted, eqx.nn.Lambda(jnp.tanh)])
+    state = eqx.nn.State(chain)
+    reference = nnx.clone(module)
+    for _ in range(2):
+        y, state = _named_vmap(chain)(x, state)
+        np.testing.assert_allclose(y, jnp.tanh(reference(x)), **TOL)
+    _check_states(_entry(converted, state), _states(reference))
+
+
+def test_the_converted_model_trains_with_optax_and_its_statistics_update_as_in_nnx():
+    module = RunningMean(3, 5, 0.9)
+    x, target = _input(3, 1, 8), _input(3, 2, 8)
+    converted = convert(module, x, to="equinox")
+    state = eqx.nn.State(converted)
+    optimizer = optax.adam(1e-2)
+    opt_state = optimizer.init(eqx.filter(converted, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def train_step(model, state, opt_state):
+        def loss_fn(model):
+            y, new_state = _named_vmap(model)(x, state)
+            return jnp.mean((y - target) ** 2), new_state
+
+        (loss, state), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
+        updates, opt_state = optimizer.update(grads, opt_state, model)
+        return eqx.apply_updates(model, updates), state, opt_state, loss
+
+    reference = nnx.clone(module)
+    nnx_optimizer = nnx.Optimizer(reference, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def nnx_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = []
+    for _ in range(25):
+        converted, state, opt_state, loss = train_step(converted, state, opt_state)
+        losses.append(float(loss))
+        np.testing.assert_allclose(loss, nnx_step(reference, nnx_optimizer), rtol=1e-4, atol=1e-5)
+    assert losses[-1] < 0.8 * losses[0]
+    _check_states({k: v for k, v in _entry(converted, state).items()}, {"mean": np.asarray(reference.mean[...])})
+    back = convert(converted, x[0], to="nnx", state=state)
+    np.testing.assert_allclose(back.linear.kernel[...], reference.linear.kernel[...], atol=1e-4)
+
+
+def test_stateful_conversion_errors_name_the_fix():
+    module = Steps(3, 0)
+    x = _input(3)
+    converted = convert(module, x, to="equinox")
+    with pytest.raises(LowerError, match=r"y, state = model\(x, state\).*Fix"):
+        converted(x[0])
+    with pytest.raises(LiftError, match="state=.*Fix"):
+        convert(converted, x[0], to="nnx")
+    with pytest.raises(LowerError, match="keeps its shape.*Fix"):
+        convert(GrowingCache(3), x, to="equinox")
+    assert int(module.steps[...]) == 0
 
 
 class WritesParam(nnx.Module):

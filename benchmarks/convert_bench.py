@@ -1,0 +1,130 @@
+"""NNX models converted to Equinox: the jitted call against the NNX module's, side by side in one process.
+
+Two NNX models on a batch of 64, width 256 (``Linear -> BatchNorm -> relu ->
+Linear``):
+
+- in training mode: the BatchNorm normalises by the batch and writes its
+  running statistics, so the converted Equinox model is stateful and runs
+  under ``jax.vmap(..., axis_name="batch")`` (each example's call gathers
+  the batch; the NNX computation runs once, unmapped);
+- in inference mode: per example, the converted model runs under a plain
+  ``jax.vmap`` (each example a batch of one) and, for comparison, under the
+  named ``vmap`` too.
+
+Measured: one forward call and one training step (``value_and_grad`` + SGD),
+all jitted; the NNX side as a pure function of its state (``nnx.split`` /
+``nnx.merge`` inside ``jax.jit``). CPU seconds (``time.process_time``),
+interleaved repetitions, medians; ratios converted / NNX.
+
+Run: ``python benchmarks/convert_bench.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import pzbridge as pzb
+
+sys.path.insert(0, str(Path(__file__).parent))
+from interleaved import interleaved_medians
+
+WIDTH, BATCH, LR = 256, 64, 1e-2
+
+
+def _model(train: bool) -> nnx.Module:
+    rngs = nnx.Rngs(0)
+    model = nnx.Sequential(nnx.Linear(WIDTH, WIDTH, rngs=rngs), nnx.BatchNorm(WIDTH, rngs=rngs), jax.nn.relu,
+                           nnx.Linear(WIDTH, WIDTH, rngs=rngs))
+    if not train:
+        model.eval()
+    return model
+
+
+def _nnx_calls(model: nnx.Module, x: jax.Array, target: jax.Array) -> tuple[Any, Any]:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def forward(params: Any, rest: Any) -> Any:
+        module = nnx.merge(graphdef, params, rest)
+        return module(x), nnx.state(module, nnx.Not(nnx.Param))
+
+    @jax.jit
+    def step(params: Any, rest: Any) -> Any:
+        def loss(params: Any) -> Any:
+            module = nnx.merge(graphdef, params, rest)
+            return jnp.mean((module(x) - target) ** 2), nnx.state(module, nnx.Not(nnx.Param))
+
+        (value, new_rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads), new_rest, value
+
+    return lambda: forward(params, rest), lambda: step(params, rest)
+
+
+def _equinox_calls(converted: Any, x: jax.Array, target: jax.Array, named: bool) -> tuple[Any, Any]:
+    stateful = converted.is_stateful()
+    state = eqx.nn.State(converted) if stateful else None
+    axis = {"axis_name": "batch"} if named else {}
+
+    def run(model: Any) -> Any:
+        if stateful:
+            return jax.vmap(model, in_axes=(0, None), out_axes=(0, None), **axis)(x, state)
+        return jax.vmap(model, **axis)(x), None
+
+    optimizer = optax.sgd(LR)
+    opt_state = optimizer.init(eqx.filter(converted, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def forward(model: Any) -> Any:
+        return run(model)
+
+    @eqx.filter_jit
+    def step(model: Any, opt_state: Any) -> Any:
+        def loss(model: Any) -> Any:
+            y, new_state = run(model)
+            return jnp.mean((y - target) ** 2), new_state
+
+        (value, new_state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
+        updates, opt_state = optimizer.update(grads, opt_state, model)
+        return eqx.apply_updates(model, updates), new_state, value
+
+    return lambda: forward(converted), lambda: step(converted, opt_state)
+
+
+def convert_rows(reps: int = 7, inner: int = 20) -> list[dict[str, Any]]:
+    """One row per (model, call): NNX and converted CPU seconds and their ratio."""
+    x = jax.random.normal(jax.random.key(1), (BATCH, WIDTH))
+    target = jax.random.normal(jax.random.key(2), (BATCH, WIDTH))
+    rows = []
+    for name, train, variants in (("training BatchNorm (stateful)", True, (("named vmap", True),)),
+                                  ("inference BatchNorm", False, (("plain vmap", False), ("named vmap", True)))):
+        model = _model(train)
+        converted = pzb.convert(model, x, to="equinox")
+        nnx_forward, nnx_step = _nnx_calls(model, x, target)
+        for label, named in variants:
+            eqx_forward, eqx_step = _equinox_calls(converted, x, target, named)
+            times = interleaved_medians([nnx_forward, eqx_forward, nnx_step, eqx_step], reps, inner,
+                                        clock=time.process_time)
+            for call, (nnx_time, eqx_time) in (("forward", times[:2]), ("train step", times[2:])):
+                rows.append({"model": name, "call": f"{call}, {label}", "nnx_ms": nnx_time * 1e3,
+                             "converted_ms": eqx_time * 1e3, "ratio": eqx_time / nnx_time})
+    return rows
+
+
+def main() -> None:
+    print(f"{'model':32s} {'call':26s} {'nnx ms':>8s} {'converted ms':>13s} {'ratio':>6s}")
+    for row in convert_rows():
+        print(f"{row['model']:32s} {row['call']:26s} {row['nnx_ms']:8.3f} {row['converted_ms']:13.3f} "
+              f"{row['ratio']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
