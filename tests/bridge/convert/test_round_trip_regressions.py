@@ -150,6 +150,18 @@ def test_nested_einsums_come_back_as_einsums(batch, width, bias, wrapper, seed):
     _assert_nnx_round_trip(model, _input(batch, width, seed))
 
 
+@pytest.mark.parametrize("norm", [False, True])
+def test_an_einsum_renamed_into_the_next_item_of_a_sequential_converts_to_equinox(norm):
+    # The nnx.Sequential joins the einsum's output letter to the Linear's features with a rename; Equinox is
+    # positional, so the rename is dropped from the eqx.nn.Sequential (it used to become a failing adapter).
+    rngs = nnx.Rngs(3)
+    items = [nnx.Einsum("ba,ac->bc", (3, 3), (3,), rngs=rngs), nnx.Linear(3, 3, rngs=rngs)]
+    model = Residual(nnx.Sequential(*([nnx.RMSNorm(3, rngs=rngs)] if norm else []), *items))
+    x = _input(2, 3, 4)
+    converted = convert(model, x, to="equinox")
+    np.testing.assert_allclose(jax.vmap(converted)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_einsums_outside_a_conversion_still_lower_to_eqx_linear():
     import pzbridge as pzb
 
