@@ -69,7 +69,7 @@ from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.native_calls import wants_native_children
 from pzbridge.bridge.nnx.attention import NnxAttention, kernel_layers
-from pzbridge.bridge.nnx.containers import NnxRetag, NnxSequential
+from pzbridge.bridge.nnx.containers import NnxSequential
 from pzbridge.bridge.nnx.embed import NnxEmbed
 from pzbridge.bridge.nnx.group_norm import NnxGroupNorm
 from pzbridge.bridge.nnx.linear import NnxEinsum, NnxLinear, NnxLinearGeneral
@@ -508,7 +508,7 @@ class NnxSequentialToEquinox:
     def lower(self, layer: NnxSequential, ctx: LowerContext) -> eqx.nn.Sequential:
         lowered = []
         for i, sub in enumerate(layer.sublayers):
-            if isinstance(sub, (RenameAxes, NnxRetag)):
+            if isinstance(sub, RenameAxes):
                 continue  # A join between items' names: Equinox is positional, so the identity there.
             native = ctx.lower(sub, "layers", i)
             convention = EQUINOX.convention_of(native, AxisNaming())

@@ -17,7 +17,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from hypothesis import given, settings
@@ -380,44 +379,6 @@ def test_a_call_outside_a_vmap_is_a_batch_of_one_and_eqx_sequential_threads_the_
         y, state = _named_vmap(chain)(x, state)
         np.testing.assert_allclose(y, jnp.tanh(reference(x)), **TOL)
     _check_states(_entry(converted, state), _states(reference))
-
-
-def test_the_converted_model_trains_with_optax_and_its_statistics_update_as_in_nnx():
-    module = RunningMean(3, 5, 0.9)
-    x, target = _input(3, 1, 8), _input(3, 2, 8)
-    converted = convert(module, x, to="equinox")
-    state = eqx.nn.State(converted)
-    optimizer = optax.adam(1e-2)
-    opt_state = optimizer.init(eqx.filter(converted, eqx.is_inexact_array))
-
-    @eqx.filter_jit
-    def train_step(model, state, opt_state):
-        def loss_fn(model):
-            y, new_state = _named_vmap(model)(x, state)
-            return jnp.mean((y - target) ** 2), new_state
-
-        (loss, state), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
-        updates, opt_state = optimizer.update(grads, opt_state, model)
-        return eqx.apply_updates(model, updates), state, opt_state, loss
-
-    reference = nnx.clone(module)
-    nnx_optimizer = nnx.Optimizer(reference, optax.adam(1e-2), wrt=nnx.Param)
-
-    @nnx.jit
-    def nnx_step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = []
-    for _ in range(25):
-        converted, state, opt_state, loss = train_step(converted, state, opt_state)
-        losses.append(float(loss))
-        np.testing.assert_allclose(loss, nnx_step(reference, nnx_optimizer), rtol=1e-4, atol=1e-5)
-    assert losses[-1] < 0.8 * losses[0]
-    _check_states({k: v for k, v in _entry(converted, state).items()}, {"mean": np.asarray(reference.mean[...])})
-    back = convert(converted, x[0], to="nnx", state=state)
-    np.testing.assert_allclose(back.linear.kernel[...], reference.linear.kernel[...], atol=1e-4)
 
 
 def test_stateful_conversion_errors_name_the_fix():
