@@ -188,7 +188,8 @@ def convert_with_report(model: Any, *example_args: Any, to: str, example_kwargs:
     else:
         converted = _lower_converted(lifted, source, to, naming, example_args, dict(example_kwargs or {}))
     if verify and example_args:
-        converted = _verify(model, lifted, converted, source, to, example_args, dict(example_kwargs or {}), state)
+        converted = _verify(model, lifted, converted, source, to, example_args, dict(example_kwargs or {}), state,
+                            naming)
     return converted, _report(converted, source, to)
 
 
@@ -265,7 +266,7 @@ def _is_array(value: Any) -> bool:
 
 
 def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, target: str, args: Sequence[Any],
-            kwargs: dict[str, Any], state: Any) -> Any:
+            kwargs: dict[str, Any], state: Any, naming: AxisNaming) -> Any:
     """``converted``, checked to compute what the original computes on the examples; else a LowerError.
 
     An NNX module whose examples interact (attention over the batch axis,
@@ -287,6 +288,10 @@ def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, target
             call = (lambda *a: model(*a, **kwargs)) if state is None else (
                 lambda *a: model(*a, _copied(state), **kwargs)[0])
             want = _named_batch_call(model, call, args) if getattr(model, "needs_batch_axis", False) else call(*args)
+    elif source == "equinox" and _batch_coupled_equinox(model, lifted, state):
+        # Statistics of the batch: the original needs the vmap axis its BatchNorms reduce over.
+        call = lambda *a: model(*a, _copied(state), **kwargs)[0]  # noqa: E731
+        want = _named_batch_call(None, call, args, axis=_batch_axis_of(lifted, naming))
     else:
         before = _state_values(lifted.body)
         want = lifted.positional(*args, **kwargs)
@@ -305,6 +310,9 @@ def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, target
         initial = eqx.nn.State(converted)
         got, new = jax.vmap(lambda *a: converted(*a, _copied(initial), **kwargs), axis_name=_batch_axis(converted),
                             out_axes=(0, None))(*args)
+        if converted_back(model, target):
+            _check_outputs(want, got)  # Equinox's own stateful layers (a BatchNorm) run only under the named vmap.
+            return converted
         _verify_state(lifted, converted, new)
         per_example = lambda *a: converted(*a, _copied(initial), **kwargs)[0]  # noqa: E731
     else:
@@ -317,6 +325,34 @@ def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, target
         if _mismatch(want, named) is None:
             return dataclasses.replace(converted, needs_batch_axis=True)
     raise LowerError(plain)
+
+
+def _batch_coupled_equinox(model: Any, lifted: LiftedModel, state: Any) -> bool:
+    """Whether an Equinox model's BatchNorms compute batch statistics (so it runs only under a named vmap)."""
+    import equinox as eqx
+
+    if state is None or not (isinstance(model, eqx.nn.StatefulLayer) and model.is_stateful()):
+        return False
+    return any(not norm.use_running_average for norm in _equinox_batch_norms(lifted))
+
+
+def _equinox_batch_norms(lifted: LiftedModel) -> tuple[Any, ...]:
+    from pzbridge.bridge.equinox.state import EqxBatchNorm
+
+    return select(lifted.body).at_instances_of(EqxBatchNorm).get_sequence()
+
+
+def _batch_axis_of(lifted: LiftedModel, naming: AxisNaming) -> str:
+    """The one vmap axis name an Equinox model's BatchNorms reduce over; a LowerError when NNX cannot give it."""
+    batch = naming.batch
+    found = sorted({tuple(norm.batch_axes) for norm in _equinox_batch_norms(lifted)})
+    if found != [(batch,)]:
+        raise LowerError(
+            f"<root>: a converted NNX model is called on a batch whose axis is named {batch!r}; the Equinox "
+            f"BatchNorms reduce over the vmap axes {[list(f) for f in found]}. Fix: build them with "
+            f"axis_name={batch!r} (the name NNX's batch axis gets), or keep the model in Equinox."
+        )
+    return batch
 
 
 def _state_values(layer: Any) -> dict[str, Any]:
@@ -340,10 +376,11 @@ def _keep_written_state(converted: Any, before: Mapping[str, Any], after: Mappin
     return converted.with_written(changed)
 
 
-def _named_batch_call(module: Any, call: Any, args: Sequence[Any], batched: bool = False) -> Any:
+def _named_batch_call(module: Any, call: Any, args: Sequence[Any], batched: bool = False,
+                      axis: str | None = None) -> Any:
     """``call`` under ``jax.vmap`` naming the module's batch axis (one example as a batch of one unless ``batched``)."""
     inputs = args if batched else [jnp.asarray(a)[None] for a in args]
-    out = jax.vmap(call, axis_name=_batch_axis(module))(*inputs)
+    out = jax.vmap(call, axis_name=axis or _batch_axis(module))(*inputs)
     return out if batched else jax.tree_util.tree_map(lambda y: y[0], out)
 
 

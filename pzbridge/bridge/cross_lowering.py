@@ -168,7 +168,11 @@ def lower_converted_back(body: Any, target: str) -> Any:
         from pzbridge.bridge.nnx.traversal import MERGE_EQUAL_COPIES
 
         ctx.shared.extras[MERGE_EQUAL_COPIES] = {}  # Modules shared in the original came back as equal copies.
-    return ctx.lower_node(body, ctx)
+        return ctx.lower_node(body, ctx)
+    from pzbridge.bridge.equinox.state import with_initial_state
+
+    # Equinox keeps a BatchNorm's statistics in a State: eqx.nn.State(converted) builds it from the indices.
+    return with_initial_state(ctx.lower_node(body, ctx), ctx)
 
 
 def _native_root(body: Any, target: str, traversal: Any, ctx: Any, root: CallingConvention,

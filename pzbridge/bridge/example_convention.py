@@ -59,5 +59,21 @@ def example_convention(lifted: LiftedModel, args: Sequence[Any], naming: AxisNam
     leading = (naming.batch,) if lifted.framework == "nnx" else ()
     inputs = tuple(default_input_names(len(a.shape), (naming.seq, naming.features), jnp.result_type(a), leading)
                    for a in args)
+    own = _own_input_names(lifted.body, len(args[0].shape) - len(leading))
+    if own is not None:
+        inputs = ((*leading, *own), *inputs[1:])
     convention = CallingConvention(inputs, inputs[0], lifted.convention.side_names)
     return dataclasses.replace(lifted, convention=convention)
+
+
+def _own_input_names(body: Any, rank: int) -> tuple[str, ...] | None:
+    """Names a shape-keeping layer gives a rank-``rank`` input itself (Equinox's BatchNorm: channels first).
+
+    In a Sequential of shape-keeping layers the first layer with names of
+    its own decides.
+    """
+    for layer in getattr(body, "sublayers", None) or (body,):
+        names = getattr(layer, "input_names", None)
+        if callable(names):
+            return names(rank)
+    return None

@@ -102,7 +102,7 @@ def _preserves_shape(layer: Any) -> bool:
     if type(layer) is eqx.nn.Sequential:
         # Memoised per layer: every level of nested Sequentials asks about all the levels below it.
         return memoised("eqx-preserves-shape", layer, lambda: all(_preserves_shape(sub) for sub in layer.layers))
-    return type(layer) in (eqx.nn.Lambda, eqx.nn.Identity, eqx.nn.Dropout)
+    return type(layer) in (eqx.nn.Lambda, eqx.nn.Identity, eqx.nn.Dropout, eqx.nn.BatchNorm)
 
 
 def _first_convention(layers: Any, naming: Any) -> CallingConvention | None:

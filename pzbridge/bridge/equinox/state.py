@@ -47,6 +47,7 @@ from pzbridge.bridge.equinox.traversal import (
     equinox_rule,
     lift_foreign,
     new_lower_context,
+    new_module,
     origin_of,
     rebuild_from_origin,
 )
@@ -54,6 +55,7 @@ from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LiftError, LowerError, NamedAxisError, format_path
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.core.variables import StateVariable
+from pzbridge.nn.basic import rename_axes
 from pzbridge.nn.normalization import BatchNorm
 
 _STATE_KEY = "state"
@@ -113,14 +115,51 @@ class EqxBatchNorm(BatchNorm):
                     f"most {len(spatial)} spatial axes, found positional shape {x.positional_shape} (named "
                     f"{dict(x.named_shape)}). Fix: name the axes, e.g. pzb.nx.wrap(x, 'batch', 'channels')."
                 )
-            tagged = (self.channel_axis, *spatial[len(spatial) - rank + 1:])
+            tagged = self.input_names(rank) or ()
             x = x.tag(*tagged)
         if "train" not in side_inputs and side_inputs.get("inference") is not None:
             side_inputs = {**side_inputs, "train": not side_inputs["inference"]}
         present = tuple(n for n in spatial if nx.is_namedarray(x) and n in x.named_shape)
-        layer = dataclasses.replace(self, across_axes=(*self.batch_axes, *present))
+        train = side_inputs.get("train")
+        batch = self.batch_axes
+        if (self.use_running_average if train is None else not train) and nx.is_namedarray(x):
+            # Running statistics reduce nothing: Equinox's inference mode runs on one example too.
+            batch = tuple(n for n in batch if n in x.named_shape)
+        layer = dataclasses.replace(self, across_axes=(*batch, *present))
+        renamed = self._channel_rename(x, (*batch, *present))
+        if renamed:
+            x = rename_axes(x, {renamed: self.channel_axis})
         out = BatchNorm.__call__(layer, x, **side_inputs)
+        if renamed:
+            out = rename_axes(out, {self.channel_axis: renamed})
         return out.untag(*tagged) if tagged else out
+
+    def input_names(self, rank: int) -> tuple[str, ...] | None:
+        """The names of an example's ``rank`` positional axes: ``(channels, *spatial[-rank + 1:])``, as Equinox.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from pzbridge.core.variables import StateVariable
+            >>> s = StateVariable(nx.wrap(jnp.zeros(1), "channels"), "s")
+            >>> EqxBatchNorm(None, None, s, s, None, None, ("batch", "height", "width"), 0.0, 0.5).input_names(3)
+            ('channels', 'height', 'width')
+        """
+        spatial = tuple(n for n in self.across_axes if n not in self.batch_axes)
+        if not 1 <= rank <= len(spatial) + 1:
+            return None
+        return (self.channel_axis, *spatial[len(spatial) - rank + 1:])
+
+    def _channel_rename(self, x: Any, reduced: tuple[str, ...]) -> str | None:
+        """The input's one unreduced axis when it is not named ``channel_axis`` (e.g. a Linear's ``features``).
+
+        Equinox's BatchNorm finds its channels by position, whatever the axis
+        means upstream, so the lifted one takes them by elimination: a
+        ``Linear -> BatchNorm`` Sequential names its join ``features``.
+        """
+        if not nx.is_namedarray(x) or x.positional_shape or self.channel_axis in x.named_shape:
+            return None
+        others = [n for n in x.named_shape if n not in reduced]
+        return others[0] if len(others) == 1 else None
 
 
 def _batch_axes(axis_name: Any) -> tuple[str, ...] | None:
@@ -284,6 +323,34 @@ def _axes(variable: Any) -> tuple[str, ...]:
 
 def _is_index(value: Any) -> bool:
     return isinstance(value, eqx.nn.StateIndex)
+
+
+def with_initial_state(module: Any, ctx: LowerContext) -> Any:
+    """``module`` whose lowered BatchNorms' ``StateIndex`` es hold their current values as initial values.
+
+    So ``eqx.nn.State(module)`` builds the State of a converted model, as it
+    does for an adapter (``eqx.nn.make_with_state`` leaves no initial value
+    behind, and a converted model comes back without a State). The markers
+    stay the original ones.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> bn, st = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
+        >>> ctx = new_lower_context()
+        >>> module = with_initial_state(ctx.lower_node(pzb.lift(bn, state=st).body, ctx), ctx)
+        >>> int(eqx.nn.State(module).get(module.batch_counter))
+        0
+    """
+    collected: dict[Hashable, Any] = ctx.shared.extras.get(_OUT_KEY, {})
+    if not collected:
+        return module
+
+    def filled(index: Any) -> Any:
+        if not _is_index(index) or index.marker not in collected:
+            return index
+        return new_module(eqx.nn.StateIndex, marker=index.marker, init=collected[index.marker])
+
+    return jax.tree_util.tree_map(filled, module, is_leaf=_is_index)
 
 
 def lower_with_state(lifted: Any, state: eqx.nn.State | None = None) -> tuple[Any, eqx.nn.State]:

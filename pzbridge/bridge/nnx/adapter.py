@@ -36,6 +36,7 @@ from pzbridge.bridge.native_calls import NativeCall, conventions_chain, fill_nat
 from pzbridge.bridge.nnx.traversal import convention_of, new_lift_context, nnx_rule
 from pzbridge.bridge.nnx.variables import is_array, lowered_layout, nnx_variable, storage_names
 from pzbridge.core import named_axes as nx
+from pzbridge.core.selectors import select
 from pzbridge.core.variables import (
     AbstractVariableValue,
     Parameter,
@@ -46,6 +47,8 @@ from pzbridge.core.variables import (
     stateless_call,
     unbind_variables,
 )
+from pzbridge.nn.dropout import Dropout
+from pzbridge.nn.normalization import BatchNorm
 from pzbridge.toolshed.lora import is_lora_parameter
 
 
@@ -149,6 +152,9 @@ class NnxAdapter(nnx.Module):
         self.natives = nnx.List(list(natives))
         # On a converted model's root, the framework it came from: converting back restores the original classes.
         self.converted_from = converted_from
+        # NNX's train / eval switches (``model.eval()`` sets both True); None keeps each layer's own mode.
+        self.use_running_average: bool | None = None
+        self.deterministic: bool | None = None
 
     @classmethod
     def wrap(cls, layer: Any, ctx: LowerContext, convention: CallingConvention | None = None,
@@ -167,6 +173,9 @@ class NnxAdapter(nnx.Module):
         natives: list[Any] = []
         if wants_native_children(ctx):
             layer, natives = split_natives(layer, native_lowerer(ctx, convention_of, _is_native_module), ctx.where)
+        # Running statistics are nnx.BatchStat, as in nnx.BatchNorm (nnx.state(model, nnx.BatchStat) finds them).
+        statistics = {id(v) for norm in select(layer).at_instances_of(BatchNorm).get_sequence()
+                      for v in (norm.running_mean, norm.running_var)}
         structure, variables = unbind_variables(layer)
         lowered, specs = [], []
         for variable in variables:
@@ -175,8 +184,9 @@ class NnxAdapter(nnx.Module):
                 kind = "Parameter" if isinstance(variable, ParameterValue) else "StateVariable"
             # LoRA factors added in pzbridge become nnx.LoRAParam (a Param), so both
             # wrt=nnx.LoRAParam (adapters only) and wrt=nnx.Param train them.
-            lowered.append(nnx_variable(variable, ctx, default_type=nnx.LoRAParam if is_lora_parameter(variable)
-                                        else None))
+            default = nnx.LoRAParam if is_lora_parameter(variable) else nnx.BatchStat if id(variable) in statistics \
+                else None
+            lowered.append(nnx_variable(variable, ctx, default_type=default))
             specs.append(VariableSpec(variable.label, kind, lowered_layout(variable, ctx),
                                       tuple(dict(variable.metadata).items())))
         return cls(structure, lowered, specs, convention, natives, converted_from)
@@ -203,7 +213,8 @@ class NnxAdapter(nnx.Module):
         convention = self.convention or CallingConvention((("features",) if rank else (),), ("features",))
         # A traced module's extra positional arguments (a mask) are side inputs named in its convention.
         inputs, side = convention.split_call([x, *args], kwargs)
-        out, new_state = stateless_call(self.layer_with_slots(), self.frozen_values(), inputs, **side)
+        layer = self._switched(self.layer_with_slots())
+        out, new_state = stateless_call(layer, self.frozen_values(), inputs, **side)
         by_label = {spec.label: var for spec, var in zip(self.specs, self.variables)}
         for value in new_state:
             target = by_label.get(value.label)
@@ -228,8 +239,19 @@ class NnxAdapter(nnx.Module):
         for spec, var, value in zip(self.specs, self.variables, self.frozen_values()):
             kind = Parameter if spec.kind == "Parameter" else StateVariable
             fresh.append(ctx.variable(kind, var, lambda v=value: v.value, spec.label, dict(spec.metadata)))
-        layer = fill_native_slots(self.layer_with_slots(native=False), lambda slot: natives[slot.index])
+        layer = self._switched(self.layer_with_slots(native=False))
+        layer = fill_native_slots(layer, lambda slot: natives[slot.index])
         return bind_variables(layer, fresh) if fresh else layer
+
+    def _switched(self, layer: Any) -> Any:
+        """``layer`` with its BatchNorms / Dropouts in the mode ``.train()`` / ``.eval()`` set on the adapter."""
+        if self.use_running_average is not None:
+            layer = select(layer).at_instances_of(BatchNorm).apply(
+                lambda norm: dataclasses.replace(norm, use_running_average=self.use_running_average))
+        if self.deterministic is not None:
+            layer = select(layer).at_instances_of(Dropout).apply(
+                lambda drop: dataclasses.replace(drop, deterministic=self.deterministic))
+        return layer
 
     def layer_with_slots(self, native: bool = True) -> Any:
         """The pzbridge layer with its arrays back in place and its variables as unbound slots.
