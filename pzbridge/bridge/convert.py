@@ -304,12 +304,13 @@ def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, target
         _check_outputs(want, jax.tree_util.tree_map(lambda y: y[0], probe(*batched, **batched_kwargs)))
         return converted
     stateful = _stateful_equinox(converted)
+    args, in_axes = _example_axes(args)
     if stateful:
         import equinox as eqx
 
         initial = eqx.nn.State(converted)
         got, new = jax.vmap(lambda *a: converted(*a, _copied(initial), **kwargs), axis_name=_batch_axis(converted),
-                            out_axes=(0, None))(*args)
+                            in_axes=in_axes, out_axes=(0, None))(*args)
         if converted_back(model, target):
             _check_outputs(want, got)  # Equinox's own stateful layers (a BatchNorm) run only under the named vmap.
             return converted
@@ -317,11 +318,11 @@ def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, target
         per_example = lambda *a: converted(*a, _copied(initial), **kwargs)[0]  # noqa: E731
     else:
         per_example = lambda *a: converted(*a, **kwargs)  # noqa: E731
-    plain = _mismatch(want, jax.vmap(per_example)(*args))
+    plain = _mismatch(want, jax.vmap(per_example, in_axes=in_axes)(*args))
     if plain is None:
         return converted
     if hasattr(converted, "needs_batch_axis"):
-        named = got if stateful else _named_batch_call(converted, per_example, args, batched=True)
+        named = got if stateful else _named_batch_call(converted, per_example, args, batched=True, in_axes=in_axes)
         if _mismatch(want, named) is None:
             return dataclasses.replace(converted, needs_batch_axis=True)
     raise LowerError(plain)
@@ -377,11 +378,24 @@ def _keep_written_state(converted: Any, before: Mapping[str, Any], after: Mappin
 
 
 def _named_batch_call(module: Any, call: Any, args: Sequence[Any], batched: bool = False,
-                      axis: str | None = None) -> Any:
+                      axis: str | None = None, in_axes: Any = 0) -> Any:
     """``call`` under ``jax.vmap`` naming the module's batch axis (one example as a batch of one unless ``batched``)."""
     inputs = args if batched else [jnp.asarray(a)[None] for a in args]
-    out = jax.vmap(call, axis_name=axis or _batch_axis(module))(*inputs)
+    out = jax.vmap(call, axis_name=axis or _batch_axis(module), in_axes=in_axes)(*inputs)
     return out if batched else jax.tree_util.tree_map(lambda y: y[0], out)
+
+
+def _example_axes(args: Sequence[Any]) -> tuple[list[Any], tuple[int | None, ...]]:
+    """NNX examples as per-example Equinox calls take them: a leading size-1 axis NNX broadcasts is not mapped.
+
+    (A mask ``[1, 1, q, kv]`` for every example of the batch is one
+    ``[1, q, kv]`` mask passed with ``in_axes=None``.)
+    """
+    size = jnp.shape(args[0])[0] if args and jnp.ndim(args[0]) else None
+    shared = [size not in (None, 1) and i > 0 and jnp.ndim(a) > 0 and jnp.shape(a)[0] == 1
+              for i, a in enumerate(args)]
+    return ([jnp.asarray(a)[0] if s else a for a, s in zip(args, shared)],
+            tuple(None if s else 0 for s in shared))
 
 
 def _check_outputs(want: Any, got: Any) -> None:

@@ -54,12 +54,15 @@ def example_convention(lifted: LiftedModel, args: Sequence[Any], naming: AxisNam
         ('batch', 'features')
     """
     naming = checked_naming(naming)
-    if lifted.convention.inputs or not args or not all(hasattr(a, "shape") for a in args):
+    if not args or not all(hasattr(a, "shape") for a in args):
         return lifted
     leading = (naming.batch,) if lifted.framework == "nnx" else ()
+    own = _own_input_names(lifted.body, len(args[0].shape) - len(leading))
+    # A convention naming no axes (a layer of any rank) still takes the names a layer gives its input itself.
+    if lifted.convention.inputs and (own is None or any(lifted.convention.inputs)):
+        return lifted
     inputs = tuple(default_input_names(len(a.shape), (naming.seq, naming.features), jnp.result_type(a), leading)
                    for a in args)
-    own = _own_input_names(lifted.body, len(args[0].shape) - len(leading))
     if own is not None:
         inputs = ((*leading, *own), *inputs[1:])
     convention = CallingConvention(inputs, inputs[0], lifted.convention.side_names)

@@ -150,7 +150,10 @@ def name_trailing_axes(x: nx.NamedArrayBase, names: Sequence[str]) -> nx.NamedAr
             f"{x.positional_shape} (named {dict(x.named_shape)}). Fix: check the module's input and output ranks."
         )
     temp = [f"__lead{i}" for i in range(lead)]
-    named = x.tag(*temp, *names)
+    # A None keeps that axis positional (a mask's size-1 heads axis between named ones), after the leading ones.
+    inner = [n if n is not None else f"__inner{i}" for i, n in enumerate(names)]
+    temp += [n for n, given in zip(inner, names) if given is None]
+    named = x.tag(*temp[:lead], *inner)
     return named.untag(*temp) if temp else named
 
 

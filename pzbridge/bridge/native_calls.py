@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import inspect
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -261,8 +261,13 @@ class NativeCall(Layer):
                 "Fix: check the converted model's glue."
             )
         inputs, extra = inputs[:count], inputs[count:]
+        mask_names = None
+        if not self.batched:
+            inputs, mask_names = _mask_as_input(inputs, side_inputs, self.module, self.convention, self.path)
         # Fewer inputs than the convention names leave the native's trailing optional ones (a mask) at their defaults.
         names = self.convention.inputs[:len(inputs)]
+        if mask_names is not None:
+            names = (*names[:-1], mask_names)
         inputs = tuple(nx.wrap(v) if not nx.is_namedarray(v) else v for v in inputs)
         for value, own in zip(inputs, names):
             missing = [n for n in own if n not in value.named_shape]
@@ -274,7 +279,7 @@ class NativeCall(Layer):
                 )
         keyword_inputs = tuple((kw, value, own) for (kw, own), value in zip(keywords, extra) if value is not None)
         # A side input named as one of the native's keywords (the glue's `attn(x, x, x, mask=m)`) is passed as it.
-        given = {kw for kw, _, _ in keyword_inputs}
+        given = {kw for kw, _, _ in keyword_inputs} | ({"mask"} if mask_names is not None else set())
         keyword_inputs += tuple((kw, side_inputs[kw], own) for kw, own in keywords
                                 if kw not in given and side_inputs.get(kw) is not None)
         if self.batched:
@@ -366,6 +371,49 @@ def _required_inputs(module: Any) -> int:
         return 0
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
+
+
+def _mask_as_input(inputs: tuple[Any, ...], side_inputs: Mapping[str, Any], module: Any,
+                   convention: CallingConvention, path: str) -> tuple[tuple[Any, ...], tuple[str, ...] | None]:
+    """``inputs`` with a ``mask=`` side input appended where the per-example native takes ``mask`` next.
+
+    The glue of an NNX model calls attention with ``mask=`` (NNX layout
+    ``[batch..., heads | 1, q, kv]``); Equinox's attention takes the mask as
+    its fourth positional argument, ``(q, kv)`` or ``(heads, q, kv)`` per
+    example. A size-1 axis left positional (the broadcast heads axis) is
+    dropped; one more axis of the attention's head count is the heads axis.
+    Also returns the names the mask's positional axes take (None: no mask).
+    """
+    mask = side_inputs.get("mask")
+    if mask is None or not nx.is_namedarray(mask) or len(inputs) >= len(convention.inputs):
+        return inputs, None
+    if _positional_parameter(module, len(inputs)) != "mask":
+        return inputs, None
+    if mask.positional_shape and all(s == 1 for s in mask.positional_shape):
+        mask = nx.nmap(lambda m: m.reshape(()))(mask)
+    own = convention.inputs[len(inputs)]
+    query = inputs[0].named_shape if nx.is_namedarray(inputs[0]) else {}
+    extra = [n for n in mask.named_shape if n not in own and n not in query]
+    if len(extra) == 1 and mask.named_shape[extra[0]] == getattr(module, "num_heads", None):
+        own = (extra[0], *own)  # One mask per head.
+    elif mask.positional_shape or extra:
+        raise NativeInputsNotConvertible(
+            f"{path or '<root>'}: the native {type(module).__name__} takes a mask over {list(own)} (and heads) per "
+            f"example; found a mask with axes {dict(mask.named_shape)} and positional shape "
+            f"{mask.positional_shape} (axes {extra} are neither the query's nor the mask's own). Fix: pass a mask "
+            "in NNX's layout [batch, heads | 1, q, kv], or keep this model in its framework."
+        )
+    return (*inputs, mask), own  # nmap broadcasts it over the query's batch axes it lacks (NNX's size 1).
+
+
+def _positional_parameter(module: Any, index: int) -> str | None:
+    """The name of the ``index``-th positional parameter of ``module.__call__`` (None if unknown)."""
+    try:
+        parameters = list(inspect.signature(type(module).__call__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional[index] if index < len(positional) else None
 
 
 def _self_attention_filled(inputs: tuple[Any, ...], module: Any, convention: CallingConvention) -> tuple[Any, ...]:

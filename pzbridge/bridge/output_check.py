@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pzbridge.core.errors import LiftError
@@ -48,7 +49,16 @@ def _original_shapes(module: Any, framework: str, args: Sequence[Any], kwargs: M
         return jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*args, **kwargs), state)
     import equinox as eqx
 
-    return eqx.filter_eval_shape(module, *args, **kwargs)
+    return eqx.filter_eval_shape(lambda *a: _call_equinox(module, a, kwargs), *args)
+
+
+def _call_equinox(module: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    """``module(*args, **kwargs)``; one needing its batch axis (a batch-coupled NNX model converted) as a batch of one."""
+    if not getattr(module, "needs_batch_axis", False):
+        return module(*args, **kwargs)
+    batched = jax.vmap(lambda *a: module(*a, **kwargs), axis_name=module.batch_axis)(*[jnp.asarray(a)[None]
+                                                                                       for a in args])
+    return jax.tree_util.tree_map(lambda y: y[0], batched)
 
 
 def _run_lifted(lifted: Any, arguments: Any) -> Any:
@@ -106,7 +116,7 @@ def _original_outputs(module: Any, framework: str, args: Sequence[Any], kwargs: 
         from flax import nnx
 
         return nnx.clone(module)(*args, **kwargs)  # A copy runs: NNX calls may write state (merge(*split) shares it).
-    return module(*args, **kwargs)
+    return _call_equinox(module, args, kwargs)
 
 
 def _layout(tree: Any) -> Any:

@@ -54,6 +54,7 @@ from pzbridge.bridge.native_calls import NativeCall, fill_native_slots, native_l
     wants_native_children
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.tracing.state_writes import refuse_state_writes
+from pzbridge.bridge.train_modes import evaluating, keyed_streams, switchable, with_modes
 from pzbridge.core.errors import LiftError, LowerError
 from pzbridge.core.random_stream import RandomStream
 from pzbridge.core.selectors import select
@@ -112,6 +113,10 @@ class EquinoxAdapter(eqx.nn.StatefulLayer):
     batch_axis: str = eqx.field(static=True, default="batch")
     # A converted NNX model whose examples interact (attention over the batch axis): only a named vmap computes it.
     needs_batch_axis: bool = eqx.field(static=True, default=False)
+    # Equinox's switch (eqx.nn.inference_mode sets it); differing from the layer's own mode, it sets every
+    # BatchNorm and Dropout inside. None when the layer has neither (nothing to switch).
+    inference: bool = False
+    layer_inference: bool | None = eqx.field(static=True, default=None)
 
     @classmethod
     def wrap(cls, layer: Any, ctx: LowerContext, convention: CallingConvention | None = None,
@@ -147,8 +152,10 @@ class EquinoxAdapter(eqx.nn.StatefulLayer):
         index = new_state_index(f"{ctx.where or '<root>'}.state", init) if written else None
         # Arrays held directly by the layer (not in variables) must be leaves, not static data.
         arrays, structure = eqx.partition(structure, is_array)
+        mode = evaluating(layer) if switchable(layer) else None
         return cls(tuple(values), arrays, structure, convention or CallingConvention(), calls_like, tuple(natives),
-                   unit_batch, converted_from, index, written, AxisNaming().batch)
+                   unit_batch, converted_from, index, written, AxisNaming().batch, inference=bool(mode),
+                   layer_inference=mode)  # A Python bool: a traced (jax.jit) flag is refused at call time.
 
     def with_written(self, labels: Iterable[str]) -> EquinoxAdapter:
         """This adapter with the state variables ``labels`` also kept in its ``eqx.nn.State``.
@@ -179,8 +186,23 @@ class EquinoxAdapter(eqx.nn.StatefulLayer):
         return self.state_index is not None
 
     def _layer_with_slots(self, native: bool = True) -> Any:
-        layer = eqx.combine(self.arrays, self.structure)
+        layer = self._switched(eqx.combine(self.arrays, self.structure))
         return self._with_native_slots(layer) if native else layer
+
+    def _switched(self, layer: Any) -> Any:
+        """``layer`` in the mode ``eqx.nn.inference_mode`` set on the adapter (as the layer is, if not changed)."""
+        if self.layer_inference is None:
+            return layer
+        if isinstance(self.inference, jax.core.Tracer):
+            raise LowerError(
+                "<root>: this converted model holds Equinox's inference switch (a Python bool, as "
+                "eqx.nn.Dropout does) for the BatchNorms / Dropouts it runs; found it traced by jax.jit. Fix: "
+                "eqx.filter_jit(...) instead of jax.jit, or partition the model first (eqx.partition(model, "
+                "eqx.is_array))."
+            )
+        if bool(self.inference) == self.layer_inference:
+            return layer
+        return with_modes(layer, use_running_average=bool(self.inference), deterministic=bool(self.inference))
 
     def _with_native_slots(self, layer: Any) -> Any:
         if not self.natives:
@@ -208,7 +230,8 @@ class EquinoxAdapter(eqx.nn.StatefulLayer):
         else:
             inputs, side = list(args), dict(kwargs)
             convention = self.convention if self.convention.inputs else _default_convention(args[0] if args else None)
-        if side.get("key", 0) is None:
+        key = side.get("key")
+        if "key" in side and key is None:
             del side["key"]
         row = None
         if self.unit_batch:
@@ -225,7 +248,12 @@ class EquinoxAdapter(eqx.nn.StatefulLayer):
         # Only Parameters train: state (running statistics) and the glue's constants get no gradient, so optax
         # updates on eqx.filter(model, eqx.is_inexact_array) leave them as the original framework would.
         values = tuple(_no_gradient(v) if isinstance(v, StateVariableValue) else v for v in values)
-        layer = eqx.combine(_no_gradient(self.arrays), self.structure)
+        layer = self._switched(eqx.combine(_no_gradient(self.arrays), self.structure))
+        if key is not None and select(layer).at_instances_of(RandomStream).count():
+            # Equinox takes randomness per call: an NNX module's streams draw from the key (else from their own
+            # keys, the next draw of the original, the same at every call).
+            layer = keyed_streams(layer, key)
+            del side["key"]
         out, new_values = stateless_call(self._with_native_slots(layer), values, x, **side)
         written = {variable.label for variable in self.written}
         report_state([v for v in new_values if v.label not in written], self.values)

@@ -72,6 +72,17 @@ class EqxGroupNormNd(EqxGroupNorm):
         [[-1.0, 1.0], [-1.0, 1.0]]
     """
 
+    def input_names(self, rank: int) -> tuple[str, ...] | None:
+        """The names of an example's ``rank`` positional axes, ``(channels, *spatial[-rank + 1:])`` (as Equinox).
+
+        Example:
+            >>> EqxGroupNormNd(None, None, "channels", 2, ("depth", "height", "width"), 0.0).input_names(2)
+            ('channels', 'width')
+        """
+        if not 1 <= rank <= len(self.across_axes) + 1:
+            return None
+        return (self.channel_axis, *self.across_axes[len(self.across_axes) - rank + 1:])
+
     def __call__(self, x: nx.NamedArrayBase, /, **side_inputs: Any) -> nx.NamedArrayBase:
         tagged: tuple[str, ...] = ()
         if nx.is_namedarray(x) and x.positional_shape:
@@ -82,7 +93,7 @@ class EqxGroupNormNd(EqxGroupNorm):
                     f"axes, found positional shape {x.positional_shape} (named {dict(x.named_shape)}). "
                     "Fix: pass a (channels, ...) array as to the original eqx.nn.GroupNorm."
                 )
-            tagged = (self.channel_axis, *self.across_axes[len(self.across_axes) - rank + 1:])
+            tagged = self.input_names(rank) or ()
             x = x.tag(*tagged)
         present = tuple(name for name in self.across_axes if nx.is_namedarray(x) and name in x.named_shape)
         out = GroupNorm.__call__(dataclasses.replace(self, across_axes=present), x, **side_inputs)

@@ -231,7 +231,14 @@ def lift_linear(module: eqx.nn.Linear, ctx: LiftContext, in_axis: str, out_axis:
 
 
 def _parse_linear(sublayers: list[Any]) -> tuple[Linear, AddBias | None] | None:
-    """``[RenameAxes?, Linear, RenameAxes?, AddBias?]`` -> (linear, bias), else None."""
+    """``[RenameAxes?, Linear, RenameAxes?, AddBias?]`` -> (linear, bias), else None.
+
+    A nested Sequential item is opened (a Linear lifted from NNX, ``[Linear]``,
+    where a converted model comes back with its bias beside it).
+    """
+    sublayers = [inner for layer in sublayers
+                 for inner in (layer.sublayers if isinstance(layer, Sequential) and not isinstance(layer, EqxLinear)
+                               else [layer])]
     rest = [layer for layer in sublayers if not isinstance(layer, RenameAxes)]
     renames = len(sublayers) - len(rest)
     if not rest or not isinstance(rest[0], Linear) or len(rest) > 2 or renames > 2:

@@ -36,6 +36,7 @@ from pzbridge.bridge.native_calls import NativeCall, conventions_chain, fill_nat
 from pzbridge.bridge.nnx.traversal import convention_of, new_lift_context, nnx_rule
 from pzbridge.bridge.nnx.variables import is_array, lowered_layout, nnx_variable, storage_names
 from pzbridge.core import named_axes as nx
+from pzbridge.bridge.train_modes import with_modes
 from pzbridge.core.selectors import select
 from pzbridge.core.variables import (
     AbstractVariableValue,
@@ -47,7 +48,6 @@ from pzbridge.core.variables import (
     stateless_call,
     unbind_variables,
 )
-from pzbridge.nn.dropout import Dropout
 from pzbridge.nn.normalization import BatchNorm
 from pzbridge.toolshed.lora import is_lora_parameter
 
@@ -245,13 +245,7 @@ class NnxAdapter(nnx.Module):
 
     def _switched(self, layer: Any) -> Any:
         """``layer`` with its BatchNorms / Dropouts in the mode ``.train()`` / ``.eval()`` set on the adapter."""
-        if self.use_running_average is not None:
-            layer = select(layer).at_instances_of(BatchNorm).apply(
-                lambda norm: dataclasses.replace(norm, use_running_average=self.use_running_average))
-        if self.deterministic is not None:
-            layer = select(layer).at_instances_of(Dropout).apply(
-                lambda drop: dataclasses.replace(drop, deterministic=self.deterministic))
-        return layer
+        return with_modes(layer, self.use_running_average, self.deterministic)
 
     def layer_with_slots(self, native: bool = True) -> Any:
         """The pzbridge layer with its arrays back in place and its variables as unbound slots.

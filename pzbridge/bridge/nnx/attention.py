@@ -265,6 +265,9 @@ class NnxAttentionMask(Layer):
             if not nx.is_namedarray(mask):
                 sizes = {n: x.named_shape[n] for n in core}
                 mask = named_mask(mask, (), sizes)
+            elif mask.positional_shape and all(s == 1 for s in mask.positional_shape):
+                # A size-1 axis left positional (a traced caller's [batch, 1, q, kv]) broadcasts, as in NNX.
+                mask = nx.nmap(lambda m: m.reshape(()))(mask)
             mask = _broadcast_unit_axes(mask, x.named_shape)
             keeps.append(align_to_layout(mask.astype(bool), data.ndim, name_axes, data.shape,
                                          "NnxAttentionMask mask"))

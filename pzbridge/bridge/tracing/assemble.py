@@ -172,13 +172,19 @@ def traced_convention(graph: Graph, roles: Sequence[InputRole], side_names: Sequ
     """
     ids = _input_ids(graph, roles)
     data = tuple(n for n in graph.names.get(ids.get("data", -1), ()) if n is not None)
-    sides = [tuple(n for n in graph.names.get(ids.get(("side", s), -1), ()) if n is not None) for s in side_names]
+    sides = [_side_names(graph.names.get(ids.get(("side", s), -1), ())) for s in side_names]
     output = None
     if single_output and graph.output_ids:
         returned = graph.output_names[0] if graph.output_names else graph.names.get(graph.output_ids[0], ())
         output = tuple(n for n in returned if n is not None)
     side_args = tuple(s for s in side_names if "[" not in s)
     return CallingConvention((data, *sides[: len(side_args)]), output, side_names=side_args)
+
+
+def _side_names(names: Sequence[str | None]) -> tuple[str | None, ...]:
+    """A side input's names from its first named axis on: a None after it (a size-1 axis) stays positional."""
+    first = next((i for i, n in enumerate(names) if n is not None), len(names))
+    return tuple(names[first:])
 
 
 def _input_ids(graph: Graph, roles: Sequence[InputRole]) -> dict[Any, int]:

@@ -328,6 +328,9 @@ class _Converter(ScanConversion, CondConversion, PositionalConversion, SizeVaria
         consumed = spec.input_names[0] if spec.data_count and spec.input_names else None
         lead_in = views[0][: len(views[0]) - len(consumed)] if consumed is not None and views else None
         lead_shape = shapes[0][: len(lead_in)] if lead_in is not None else None
+        if lead_in:
+            self._unify_side_leading(views[spec.data_count:], shapes[spec.data_count:],
+                                     spec.input_names[spec.data_count:], lead_in, lead_shape)
         for out, names in zip(eqn.outs, spec.output_names):
             shape = self.avals[out].shape
             own = len(shape) - len(mapped)
@@ -348,6 +351,23 @@ class _Converter(ScanConversion, CondConversion, PositionalConversion, SizeVaria
                 known = names[i - lead] if i >= lead else None
                 tail.append(None if size == 1 and known is None else self.table.new(known or "axis", fixed=known is not None))
             self.set_dims(out, list(mapped) + tail)
+
+    def _unify_side_leading(self, views: Sequence[list[AxisClass | None]], shapes: Sequence[list[int]],
+                            names: Sequence[tuple[str, ...] | None], lead_in: list[AxisClass | None],
+                            lead_shape: list[int]) -> None:
+        """A named side input's leading axes are the first input's leading (batch) axes, right-aligned.
+
+        NNX broadcasts a ``mask=`` ``[batch..., heads, q, kv]`` against the
+        query's batch axes, which the child does not name.
+        """
+        for view, shape, own in zip(views, shapes, names):
+            if not own or len(view) <= len(own):
+                continue
+            lead, sizes = view[: len(view) - len(own)], shape[: len(shape) - len(own)]
+            for d, size, outer, outer_size in zip(reversed(lead), reversed(sizes), reversed(lead_in),
+                                                  reversed(lead_shape)):
+                if d is not None and outer is not None and size == outer_size:
+                    self.table.unify(outer, d)
 
     def _child_stack(self, module_operands: Sequence[Any]) -> tuple[str, int] | None:
         """``(axis, size)`` when a child's arrays are all slices of stacked arrays (a scan over layers)."""

@@ -291,8 +291,76 @@ def test_a_traced_nnx_module_passing_mask_keyword_lifts_with_the_mask_on_kv_seq(
     assert not np.allclose(lifted.positional(x), unmasked, atol=1e-3)  # The mask is applied.
 
 
-def test_converting_a_masked_nnx_attention_call_to_equinox_is_refused_naming_a_fix():
-    model = NnxCausal(2, 4, nnx.Rngs(0))
+@pytest.mark.parametrize("heads", [1, 2])
+def test_a_masked_nnx_attention_call_converts_to_equinox_and_back(heads):
+    model = NnxCausal(heads, 4, nnx.Rngs(0))
     x = jnp.sin(jnp.arange(24, dtype=jnp.float32)).reshape(2, 3, 4)
-    with pytest.raises(PzbridgeError, match=r"mask.*Fix"):
-        convert(model, x, to="equinox")
+    converted = convert(model, x, to="equinox")
+    np.testing.assert_allclose(jax.vmap(converted)(x), model(x), atol=ATOL, rtol=ATOL)
+    back = convert(converted, x[0], to="nnx")
+    assert type(back) is NnxCausal
+    np.testing.assert_allclose(back(x), model(x), atol=ATOL, rtol=ATOL)
+
+
+# NNX blocks that take the mask as an argument and pass it on, in NNX's layout [batch, heads | 1, q, kv].
+
+
+class MaskedBlock(nnx.Module):
+    """A pre-norm attention block as NNX code writes it: the mask is the caller's."""
+
+    def __init__(self, d: int, heads: int, rngs: nnx.Rngs) -> None:
+        self.norm = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, d, d, decode=False, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        return x + self.attn(self.norm(x), mask=mask)
+
+
+def _nnx_mask(key: jax.Array, batch: int, heads: int, length: int, layout: str) -> jax.Array:
+    """A boolean mask in one of NNX's layouts (batch 1: one mask for the batch); every query keeps itself."""
+    rows = 1 if layout == "shared" else batch
+    keep = jax.random.bernoulli(key, 0.6, (rows, heads if layout == "per_head" else 1, length, length))
+    return keep | jnp.eye(length, dtype=bool)
+
+
+@settings(max_examples=10, deadline=None, database=None, derandomize=True)
+@given(heads=st.sampled_from([1, 2, 4]), batch=st.integers(1, 3), length=st.integers(2, 6),
+       layout=st.sampled_from(["per_example", "per_head", "shared"]), seed=st.integers(0, 3))
+def test_a_nnx_block_taking_its_mask_converts_to_equinox_and_back(heads, batch, length, layout, seed):
+    block = MaskedBlock(8, heads, nnx.Rngs(seed))
+    kx, km = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (batch, length, 8))
+    mask = _nnx_mask(km, batch, heads, length, layout)
+    want = block(x, mask)
+    np.testing.assert_allclose(pzb.lift(block, x, mask).positional(x, mask), want, atol=ATOL, rtol=ATOL)
+    converted = convert(block, x, mask, to="equinox")
+    # Per example, as Equinox calls it: a mask shared by the batch is passed once, unmapped.
+    one, axis = (mask[0], None) if mask.shape[0] == 1 and batch > 1 else (mask, 0)
+    np.testing.assert_allclose(jax.vmap(converted, in_axes=(0, axis))(x, one), want, atol=ATOL, rtol=ATOL)
+    back = convert(converted, x[0], one if axis is None else mask[0], to="nnx")
+    assert type(back) is MaskedBlock
+    np.testing.assert_allclose(back(x, mask), want, atol=ATOL, rtol=ATOL)
+
+
+def test_the_mask_input_of_a_traced_nnx_root_is_named_by_the_input_batch_axis():
+    block = MaskedBlock(8, 2, nnx.Rngs(0))
+    mask = nnx.make_causal_mask(jnp.ones((3, 4)))  # [batch, 1, q, kv]
+    convention = pzb.lift(block, jnp.ones((3, 4, 8)), mask).convention
+    assert convention.inputs[1][0] == "batch"
+    assert convention.inputs[1][1] is None  # The broadcast heads axis stays positional (size 1).
+
+
+def test_a_per_example_native_attention_takes_mask_keyword_per_head_and_refuses_other_axes_naming_a_fix():
+    tokens = ("seq", "features")
+    call = NativeCall(_mha(2, 8), CallingConvention((tokens,) * 3 + (("seq", "kv_seq"),), tokens), batched=False)
+    x = pzb.nx.wrap(jnp.sin(jnp.arange(64.0)).reshape(2, 4, 8), "batch", "seq", "features")
+    causal = jnp.tril(jnp.ones((4, 4), bool))
+    per_head = pzb.nx.wrap(jnp.stack([causal, jnp.ones((4, 4), bool)])[None].repeat(2, 0),
+                           "batch", "heads", "seq", "kv_seq")
+    got = call(x, mask=per_head).unwrap("batch", "seq", "features")
+    unbatched = x.unwrap("batch", "seq", "features")
+    want = jax.vmap(lambda q: _mha(2, 8)(q, q, q, per_head.unwrap("batch", "heads", "seq", "kv_seq")[0]))(unbatched)
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=ATOL)
+    other = pzb.nx.wrap(jnp.ones((2, 3, 4, 4), bool), "batch", "other", "seq", "kv_seq")
+    with pytest.raises(PzbridgeError, match="Fix: pass a mask"):
+        call(x, mask=other)
