@@ -1,4 +1,4 @@
-"""NNX models converted to Equinox: the jitted call against the NNX module's, side by side in one process.
+"""Models converted between NNX and Equinox: the jitted calls against the original's, side by side in one process.
 
 Two NNX models on a batch of 256, width 512 (``Linear -> BatchNorm -> relu ->
 Linear``):
@@ -15,6 +15,11 @@ Measured: one forward call and one training step (``value_and_grad`` + SGD),
 all jitted as pure functions of their arrays (NNX: ``nnx.split`` /
 ``nnx.merge`` inside ``jax.jit``; Equinox: ``eqx.partition`` / ``eqx.combine``). CPU seconds (``time.process_time``),
 interleaved repetitions, medians; ratios converted / NNX.
+
+And the other direction: an Equinox ``Linear -> BatchNorm -> relu -> Linear``
+(``mode="batch"`` and ``"ema"``, training) converted to NNX, against the
+original under ``jax.vmap(..., axis_name="batch")`` with its State (ratios
+converted NNX / Equinox).
 
 Run: ``python benchmarks/convert_bench.py``.
 """
@@ -98,6 +103,51 @@ def _equinox_calls(converted: Any, x: jax.Array, target: jax.Array, named: bool)
     return lambda: forward(params), lambda: step(params)
 
 
+def _equinox_model(mode: str) -> tuple[Any, eqx.nn.State]:
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return eqx.nn.make_with_state(eqx.nn.Sequential)([
+        eqx.nn.Linear(WIDTH, WIDTH, key=k1), eqx.nn.BatchNorm(WIDTH, "batch", mode=mode), eqx.nn.Lambda(jax.nn.relu),
+        eqx.nn.Linear(WIDTH, WIDTH, key=k2)])
+
+
+def _original_equinox_calls(model: Any, state: eqx.nn.State, x: jax.Array, target: jax.Array) -> tuple[Any, Any]:
+    """The Equinox model as its users run it: a named vmap threading the State, arrays in and out."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def run(params: Any, state: eqx.nn.State) -> Any:
+        return jax.vmap(eqx.combine(params, static), axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+
+    @jax.jit
+    def step(params: Any, state: eqx.nn.State) -> Any:
+        def loss(params: Any) -> Any:
+            y, new_state = run(params, state)
+            return jnp.mean((y - target) ** 2), new_state
+
+        (value, new_state), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads), new_state, value
+
+    forward = jax.jit(run)
+    return lambda: forward(params, state), lambda: step(params, state)
+
+
+def equinox_to_nnx_rows(reps: int = 7, inner: int = 20) -> list[dict[str, Any]]:
+    """One row per (mode, call): the original Equinox and the converted NNX CPU seconds and their ratio."""
+    x = jax.random.normal(jax.random.key(1), (BATCH, WIDTH))
+    target = jax.random.normal(jax.random.key(2), (BATCH, WIDTH))
+    rows = []
+    for mode in ("batch", "ema"):
+        model, state = _equinox_model(mode)
+        converted = pzb.convert(model, x[0], to="nnx", state=state)
+        eqx_forward, eqx_step = _original_equinox_calls(model, state, x, target)
+        nnx_forward, nnx_step = _nnx_calls(converted, x, target)
+        times = interleaved_medians([eqx_forward, nnx_forward, eqx_step, nnx_step], reps, inner,
+                                    clock=time.process_time)
+        for call, (original, ported) in (("forward", times[:2]), ("train step", times[2:])):
+            rows.append({"model": f"Equinox BatchNorm mode={mode!r}", "call": call, "original_ms": original * 1e3,
+                         "converted_ms": ported * 1e3, "ratio": ported / original})
+    return rows
+
+
 def convert_rows(reps: int = 7, inner: int = 20) -> list[dict[str, Any]]:
     """One row per (model, call): NNX and converted CPU seconds and their ratio."""
     x = jax.random.normal(jax.random.key(1), (BATCH, WIDTH))
@@ -122,6 +172,10 @@ def main() -> None:
     print(f"{'model':32s} {'call':26s} {'nnx ms':>8s} {'converted ms':>13s} {'ratio':>6s}")
     for row in convert_rows():
         print(f"{row['model']:32s} {row['call']:26s} {row['nnx_ms']:8.3f} {row['converted_ms']:13.3f} "
+              f"{row['ratio']:6.2f}")
+    print(f"\n{'model (Equinox -> NNX)':32s} {'call':26s} {'eqx ms':>8s} {'converted ms':>13s} {'ratio':>6s}")
+    for row in equinox_to_nnx_rows():
+        print(f"{row['model']:32s} {row['call']:26s} {row['original_ms']:8.3f} {row['converted_ms']:13.3f} "
               f"{row['ratio']:6.2f}")
 
 
