@@ -389,8 +389,7 @@ def _mask_as_input(inputs: tuple[Any, ...], side_inputs: Mapping[str, Any], modu
         return inputs, None
     if _positional_parameter(module, len(inputs)) != "mask":
         return inputs, None
-    if mask.positional_shape and all(s == 1 for s in mask.positional_shape):
-        mask = nx.nmap(lambda m: m.reshape(()))(mask)
+    mask = without_unit_positional(mask)
     own = convention.inputs[len(inputs)]
     query = inputs[0].named_shape if nx.is_namedarray(inputs[0]) else {}
     extra = [n for n in mask.named_shape if n not in own and n not in query]
@@ -404,6 +403,24 @@ def _mask_as_input(inputs: tuple[Any, ...], side_inputs: Mapping[str, Any], modu
             "in NNX's layout [batch, heads | 1, q, kv], or keep this model in its framework."
         )
     return (*inputs, mask), own  # nmap broadcasts it over the query's batch axes it lacks (NNX's size 1).
+
+
+def without_unit_positional(mask: nx.NamedArrayBase) -> nx.NamedArrayBase:
+    """``mask`` without its positional axes when all have size 1 (they broadcast, as in NNX); else ``mask``.
+
+    A traced caller's NNX mask ``[batch, 1, q, kv]`` keeps its size-1 heads
+    axis positional between named ones.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import pzbridge as pzb
+        >>> m = pzb.nx.wrap(jnp.ones((2, 1, 3), bool)).tag("batch", "__h", "kv").untag("__h")
+        >>> without_unit_positional(m).positional_shape
+        ()
+    """
+    if mask.positional_shape and all(s == 1 for s in mask.positional_shape):
+        return nx.nmap(lambda m: m.reshape(()))(mask)
+    return mask
 
 
 def _positional_parameter(module: Any, index: int) -> str | None:

@@ -71,7 +71,7 @@ from flax import nnx
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.naming import AxisNaming
-from pzbridge.bridge.native_calls import register_keyword_inputs
+from pzbridge.bridge.native_calls import register_keyword_inputs, without_unit_positional
 from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.bridge.nnx.linear import (
     LinearGeneralRule,
@@ -265,9 +265,8 @@ class NnxAttentionMask(Layer):
             if not nx.is_namedarray(mask):
                 sizes = {n: x.named_shape[n] for n in core}
                 mask = named_mask(mask, (), sizes)
-            elif mask.positional_shape and all(s == 1 for s in mask.positional_shape):
-                # A size-1 axis left positional (a traced caller's [batch, 1, q, kv]) broadcasts, as in NNX.
-                mask = nx.nmap(lambda m: m.reshape(()))(mask)
+            else:
+                mask = without_unit_positional(mask)  # Broadcast, as in NNX.
             mask = _broadcast_unit_axes(mask, x.named_shape)
             keeps.append(align_to_layout(mask.astype(bool), data.ndim, name_axes, data.shape,
                                          "NnxAttentionMask mask"))
