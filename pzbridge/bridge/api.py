@@ -68,7 +68,8 @@ def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | No
         producing ``Foreign`` for modules without a rule (with examples: for
         modules that cannot be traced, naming the reason).
       state: Equinox only: the ``eqx.nn.State`` of a stateful model; its
-        entries become ``StateVariable``s.
+        entries become ``StateVariable``s. An example argument that is an
+        ``eqx.nn.State`` (``pzb.lift(model, x, state)``) is taken as it.
       axis_names: Renames of traced axes by module path, ``{"blocks.*.attn":
         {"projection": "head_dim"}}`` (dotted paths, ``*`` wildcards, ``""``
         the root; see :mod:`~pzbridge.bridge.tracing.overrides`). Needs
@@ -94,6 +95,11 @@ def lift(module: Any, *example_args: Any, example_kwargs: Mapping[str, Any] | No
     if state is not None and framework != "equinox":
         raise LiftError("<root>: state= is for Equinox models, found an nnx.Module (NNX modules hold their own "
                         "state). Fix: drop state=.")
+    if framework == "equinox" and (example_args or example_kwargs):
+        from pzbridge.bridge.equinox.state import example_with_state, state_of_example  # Loaded with the traversal.
+
+        example_args = example_with_state(module, example_args, state)  # y, state = model(x, state)
+        state = state_of_example(example_args, example_kwargs or {}, state)
     example = None
     if example_args or example_kwargs:
         example = Example.of(example_args, example_kwargs, input_names)
@@ -120,9 +126,9 @@ def _lift_once(module: Any, framework: str, naming: AxisNaming, strict: bool, st
     traversal = traversal_of(framework)
     ctx = traversal.new_lift_context(naming, strict)
     if state is not None:
-        from pzbridge.bridge.equinox.state import checked_state  # Loaded with the Equinox traversal anyway.
+        from pzbridge.bridge.equinox.state import STATE_KEY, checked_state  # Loaded with the Equinox traversal.
 
-        ctx.shared.extras["state"] = checked_state(state, module)
+        ctx.shared.extras[STATE_KEY] = checked_state(state, module)
     if example is not None:
         ctx = ctx.with_example(example)
     overrides = AxisOverrides.of(axis_names) if axis_names else None

@@ -182,6 +182,10 @@ def convert_with_report(model: Any, *example_args: Any, to: str, example_kwargs:
     naming = checked_naming(naming)
     # Strict: a module kept Foreign runs its own framework's code, which cannot run in the other one.
     lifted = lift(model, *example_args, example_kwargs=example_kwargs, naming=naming, strict=True, state=state)
+    if source == "equinox":  # y, state = model(x, state): the converted model is called on the data only.
+        from pzbridge.bridge.equinox.state import without_state_args
+
+        example_args, state = without_state_args(example_args, state)
     lifted = example_convention(lifted, example_args, naming)  # A shape-keeping stock root records none.
     if converted_back(model, to):  # A converted model going home: its original classes come back.
         converted = lower_converted_back(lifted.body, to)
@@ -330,9 +334,7 @@ def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, target
 
 def _batch_coupled_equinox(model: Any, lifted: LiftedModel, state: Any) -> bool:
     """Whether an Equinox model's BatchNorms compute batch statistics (so it runs only under a named vmap)."""
-    import equinox as eqx
-
-    if state is None or not (isinstance(model, eqx.nn.StatefulLayer) and model.is_stateful()):
+    if state is None:  # A model holding a BatchNorm is called with its State (a stock layer or custom code).
         return False
     return any(not norm.use_running_average for norm in _equinox_batch_norms(lifted))
 
@@ -430,9 +432,13 @@ def _copied(tree: Any) -> Any:
 
 
 def _stateful_equinox(module: Any) -> bool:
+    """Whether an Equinox module is called ``y, state = module(x, state)``: it holds a ``StateIndex``."""
     import equinox as eqx
 
-    return isinstance(module, eqx.nn.StatefulLayer) and module.is_stateful()
+    if isinstance(module, eqx.nn.StatefulLayer):
+        return module.is_stateful()
+    is_index = lambda leaf: isinstance(leaf, eqx.nn.StateIndex)  # noqa: E731
+    return any(is_index(leaf) for leaf in jax.tree_util.tree_leaves(module, is_leaf=is_index))
 
 
 def _batch_axis(module: Any) -> str:

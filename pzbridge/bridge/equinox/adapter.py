@@ -38,7 +38,10 @@ from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox.adapter_state import (
     WrittenVariable,
     axis_bound,
+    batch_norm_state_labels,
+    batch_statistics_axis,
     gathered_inputs,
+    markers_for_indices,
     new_state,
     new_state_index,
     split_written,
@@ -55,6 +58,7 @@ from pzbridge.bridge.native_calls import NativeCall, fill_native_slots, native_l
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.tracing.state_writes import refuse_state_writes
 from pzbridge.bridge.train_modes import evaluating, keyed_streams, switchable, with_modes
+from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LiftError, LowerError
 from pzbridge.core.random_stream import RandomStream
 from pzbridge.core.selectors import select
@@ -146,8 +150,11 @@ class EquinoxAdapter(eqx.nn.StatefulLayer):
             lower_native = native_lowerer(ctx, EQUINOX.convention_of, lambda m: not isinstance(m, EquinoxAdapter),
                                           accept=_is_pure)
             layer, natives = split_natives(layer, lower_native, ctx.where)
-        structure, values = unbind_variables(layer, freeze=True)
+        structure, values = unbind_variables(markers_for_indices(layer), freeze=True)
         written = written_variables(structure, values)
+        if calls_like is None:  # Called y, state = adapter(x, state): Equinox BatchNorms keep their statistics there.
+            labels = batch_norm_state_labels(layer) - {variable.label for variable in written}
+            written += tuple(written_variable(value) for value in values if value.label in labels)
         values, init = split_written(values, written)
         index = new_state_index(f"{ctx.where or '<root>'}.state", init) if written else None
         # Arrays held directly by the layer (not in variables) must be leaves, not static data.
@@ -233,8 +240,19 @@ class EquinoxAdapter(eqx.nn.StatefulLayer):
         key = side.get("key")
         if "key" in side and key is None:
             del side["key"]
-        row = None
-        if self.unit_batch:
+        layer = self._switched(eqx.combine(_no_gradient(self.arrays), self.structure))
+        row, gathered = None, None
+        if not self.unit_batch:
+            gathered = batch_statistics_axis(layer, str(self.state_index.marker) if self.state_index else "")
+        if gathered is not None:
+            if not axis_bound(gathered):
+                raise LowerError(
+                    f"<root>: this module's BatchNorms take statistics of the batch, which Equinox computes across "
+                    f"jax.vmap(..., axis_name={gathered!r}); found a call outside such a vmap. Fix: "
+                    f"jax.vmap(model, axis_name={gathered!r}, in_axes=(0, None), out_axes=(0, None))(xs, state), "
+                    "or eqx.nn.inference_mode(model) to use the running statistics.")
+            inputs, row = gathered_inputs(inputs, gathered)
+        elif self.unit_batch:
             if self.needs_batch_axis and not axis_bound(self.batch_axis):
                 raise LowerError(
                     f"<root>: this converted NNX model mixes the examples of a batch (e.g. attention over the batch "
@@ -244,11 +262,12 @@ class EquinoxAdapter(eqx.nn.StatefulLayer):
                 )
             inputs, row = gathered_inputs(inputs, self.batch_axis)
         x, side = convention.split_call(inputs, side)
+        if gathered is not None:  # The gathered examples are the lifted BatchNorms' named batch axis.
+            x = jax.tree_util.tree_map(lambda a: a.tag_prefix(gathered), x, is_leaf=nx.is_namedarray)
         values = self.values if state is None else self._values_with(state.get(self.state_index))
         # Only Parameters train: state (running statistics) and the glue's constants get no gradient, so optax
         # updates on eqx.filter(model, eqx.is_inexact_array) leave them as the original framework would.
         values = tuple(_no_gradient(v) if isinstance(v, StateVariableValue) else v for v in values)
-        layer = self._switched(eqx.combine(_no_gradient(self.arrays), self.structure))
         if key is not None and select(layer).at_instances_of(RandomStream).count():
             # Equinox takes randomness per call: an NNX module's streams draw from the key (else from their own
             # keys, the next draw of the original, the same at every call).

@@ -42,8 +42,9 @@ from pzbridge.core.errors import LiftError, LowerError
 from pzbridge.core.selectors import select
 from pzbridge.core.variables import AbstractVariableValue, StateVariableValue
 from pzbridge.core.variables_kinds import FrozenMetadata
+from pzbridge.nn.normalization import BatchNorm
 
-__all__ = ["WrittenVariable", "axis_bound", "gathered_inputs", "new_state", "new_state_index", "split_written",
+__all__ = ["IndexMarker", "WrittenVariable", "markers_for_indices", "axis_bound", "batch_norm_state_labels", "batch_statistics_axis", "gathered_inputs", "new_state", "new_state_index", "split_written",
            "state_dict", "state_values", "written_variable", "written_variables"]
 
 
@@ -247,6 +248,80 @@ def gathered_inputs(inputs: Sequence[Any], axis_name: str) -> tuple[list[Any], A
         return [jnp.asarray(a)[None] if hasattr(a, "shape") else a for a in inputs], 0
     gathered = [jax.lax.all_gather(a, axis_name) if hasattr(a, "shape") else a for a in inputs]
     return gathered, jax.lax.axis_index(axis_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexMarker:
+    """A lifted layer's ``eqx.nn.StateIndex`` inside an adapter: only its marker (static, no leaves).
+
+    Left as ``StateIndex`` es, ``eqx.nn.State(adapter)`` would find indices
+    that a made-with-state model leaves without values; the adapter keeps
+    the values in its own entry, and lowering a layer back to its Equinox
+    class makes the indices again from the markers.
+
+    Example:
+        >>> idx = eqx.nn.StateIndex(jnp.zeros(2))
+        >>> markers_for_indices((idx, 1))[0].marker == idx.marker
+        True
+    """
+
+    marker: Any
+
+
+def markers_for_indices(layer: Any) -> Any:
+    """``layer`` with every ``eqx.nn.StateIndex`` replaced by its :class:`IndexMarker`."""
+    is_index = lambda v: isinstance(v, eqx.nn.StateIndex)  # noqa: E731
+    return jax.tree_util.tree_map(lambda v: IndexMarker(v.marker) if is_index(v) else v, layer, is_leaf=is_index)
+
+
+def batch_norm_state_labels(layer: Any) -> set[str]:
+    """Labels of the state variables the Equinox-lifted BatchNorms in ``layer`` update when training.
+
+    An adapter keeps them in its ``eqx.nn.State`` (held as frozen leaves, the
+    running statistics would be lost after every call).
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> batch_norm_state_labels(pzb.nn.Identity())
+        set()
+    """
+    labels: set[str] = set()
+    for norm in select(layer).at_instances_of(BatchNorm).get_sequence():
+        if getattr(norm, "batch_axes", None) is None:
+            continue  # Not Equinox's (a lifted NNX BatchNorm): convert's run finds what it writes.
+        for variable in (norm.running_mean, norm.running_var, norm.counter, norm.first_call):
+            label = getattr(variable, "label", None)
+            if label is not None:
+                labels.add(label)
+    return labels
+
+
+def batch_statistics_axis(layer: Any, where: str) -> str | None:
+    """The ``vmap`` axis over which the Equinox-lifted BatchNorms in ``layer`` take batch statistics, or None.
+
+    Equinox computes them across the examples of a named ``vmap``; an
+    adapter running per example gathers that axis so the lifted layer sees
+    the batch (as a named axis). None when every such BatchNorm uses its
+    running averages.
+
+    Raises:
+      LowerError: If they reduce over different axes (one gathered batch cannot serve several).
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> batch_statistics_axis(pzb.nn.Identity(), "<root>") is None
+        True
+    """
+    found = {tuple(norm.batch_axes) for norm in select(layer).at_instances_of(BatchNorm).get_sequence()
+             if getattr(norm, "batch_axes", None) is not None and not norm.use_running_average}
+    if not found:
+        return None
+    if len(found) > 1 or len(next(iter(found))) != 1:
+        raise LowerError(
+            f"{where or '<root>'}: the BatchNorms of this adapter reduce over the vmap axes "
+            f"{sorted(list(f) for f in found)}, expected one axis name for all of them. Fix: build them with one "
+            "axis_name (e.g. 'batch'), or keep the edited module's glue unchanged so its own class comes back.")
+    return next(iter(found))[0]
 
 
 def axis_bound(axis_name: str) -> bool:

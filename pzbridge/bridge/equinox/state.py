@@ -34,7 +34,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
+import inspect
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -43,6 +44,7 @@ import jax
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox.adapter import EquinoxAdapter
 from pzbridge.bridge.equinox.traversal import (
+    EQUINOX,
     EqxOrigin,
     equinox_rule,
     lift_foreign,
@@ -51,15 +53,13 @@ from pzbridge.bridge.equinox.traversal import (
     origin_of,
     rebuild_from_origin,
 )
+from pzbridge.bridge.equinox.state_threading import STATE_KEY
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LiftError, LowerError, NamedAxisError, format_path
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.core.variables import StateVariable
 from pzbridge.nn.basic import rename_axes
 from pzbridge.nn.normalization import BatchNorm
-
-_STATE_KEY = "state"
-
 
 _OUT_KEY = "equinox_state_out"
 
@@ -183,7 +183,7 @@ class BatchNormRule:
     """
 
     def lift(self, module: eqx.nn.BatchNorm, ctx: LiftContext) -> Any:
-        state = ctx.shared.extras.get(_STATE_KEY)
+        state = ctx.shared.extras.get(STATE_KEY)
         if state is None:
             raise _missing_state_error(ctx.where)
         batch_axes = _batch_axes(module.axis_name)
@@ -237,6 +237,11 @@ class BatchNormRule:
         else:
             out[counter_index.marker] = ctx.array(layer.counter, ())
             out[batch_index.marker] = stats
+        # Back from an adapter the indices are markers: made again, with the current values as initial ones.
+        first_index, ema_index, counter_index, batch_index = (
+            index if index is None or isinstance(index, eqx.nn.StateIndex)
+            else new_module(eqx.nn.StateIndex, marker=index.marker, init=out[index.marker])
+            for index in layer.indices)
         origin = layer.origin
         size = stats[0].shape[0]
         return rebuild_from_origin(
@@ -314,6 +319,73 @@ def checked_state(state: Any, module: Any) -> eqx.nn.State:
                 "this model (eqx.nn.make_with_state(Model)(...)), not one of another model."
             )
     return state
+
+
+def state_of_example(args: Sequence[Any], kwargs: Mapping[str, Any], state: Any) -> Any:
+    """The State to lift with: ``state=``, else the ``eqx.nn.State`` among the example's arguments.
+
+    ``pzb.lift(model, x, state)`` traces ``y, state = model(x, state)``; the
+    State passed as an argument is the one its BatchNorms hold.
+
+    Raises:
+      LiftError: If ``state=`` and an example's State are different objects.
+
+    Example:
+        >>> bn, st = eqx.nn.make_with_state(eqx.nn.BatchNorm)(2, "batch")
+        >>> state_of_example((jax.numpy.ones(2), st), {}, None) is st
+        True
+    """
+    found = [v for v in jax.tree_util.tree_leaves((tuple(args), dict(kwargs)),
+                                                  is_leaf=lambda v: isinstance(v, eqx.nn.State))
+             if isinstance(v, eqx.nn.State)]
+    if not found:
+        return state
+    if state is not None and any(v is not state for v in found) or len({id(v) for v in found}) > 1:
+        raise LiftError(
+            "<root>: the example arguments hold an eqx.nn.State, expected the same State as state=, found "
+            "another one. Fix: pass the model's State once, pzb.lift(model, x, state) (or state=state only).")
+    return found[0]
+
+
+def example_with_state(module: Any, args: Sequence[Any], state: Any) -> tuple[Any, ...]:
+    """``args`` followed by ``state`` when ``module``'s own ``__call__`` takes the State next (``(x, state)``).
+
+    So ``pzb.lift(model, x, state=state)`` traces a custom module written
+    ``y, state = model(x, state)`` as ``pzb.lift(model, x, state)`` does. A
+    module with a lifting rule (``eqx.nn.BatchNorm``) or an example that
+    already holds a State is left as it is.
+
+    Example:
+        >>> class Block(eqx.Module):
+        ...     bn: eqx.nn.BatchNorm
+        ...     def __call__(self, x, state): return self.bn(x, state)
+        >>> block, st = eqx.nn.make_with_state(Block)(eqx.nn.BatchNorm(2, "batch"))
+        >>> example_with_state(block, (jax.numpy.ones(2),), st)[1] is st
+        True
+    """
+    if state is None or EQUINOX.lift_rule_for(type(module)) is not None or any(
+            isinstance(v, eqx.nn.State) for v in jax.tree_util.tree_leaves(
+                args, is_leaf=lambda v: isinstance(v, eqx.nn.State))):
+        return tuple(args)
+    try:
+        params = list(inspect.signature(type(module).__call__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return tuple(args)
+    takes_state = len(params) > len(args) and params[len(args)].name == "state"
+    return (*args, state) if takes_state else tuple(args)
+
+
+def without_state_args(args: Sequence[Any], state: Any) -> tuple[tuple[Any, ...], Any]:
+    """The example arguments without the ``eqx.nn.State`` among them, and the State (else ``state``).
+
+    Example:
+        >>> bn, st = eqx.nn.make_with_state(eqx.nn.BatchNorm)(2, "batch")
+        >>> rest, found = without_state_args((1.0, st), None)
+        >>> rest, found is st
+        ((1.0,), True)
+    """
+    found = [a for a in args if isinstance(a, eqx.nn.State)]
+    return tuple(a for a in args if not isinstance(a, eqx.nn.State)), (found[0] if found else state)
 
 
 def _axes(variable: Any) -> tuple[str, ...]:
@@ -394,6 +466,8 @@ def lower_with_state(lifted: Any, state: eqx.nn.State | None = None) -> tuple[An
             value = collected[leaf.marker]
         elif leaf.marker in known:
             value = known[leaf.marker]
+        elif jax.tree_util.tree_leaves(leaf.init):  # An adapter's own entry (make_with_state leaves none behind).
+            value = leaf.init
         else:
             raise LowerError(
                 f"<root>: the lowered module has a StateIndex {leaf.marker!r} whose value pzbridge does not "

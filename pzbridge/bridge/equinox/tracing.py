@@ -47,6 +47,13 @@ import jax
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox.adapter import EquinoxAdapter
 from pzbridge.bridge.equinox.stack import lift_stacked_block
+from pzbridge.bridge.equinox.state_threading import (
+    STATE_KEY,
+    call_threading_state,
+    is_token,
+    returned_without_state,
+    with_tokens,
+)
 from pzbridge.bridge.equinox.traversal import (
     EQUINOX,
     EquinoxTemplate,
@@ -147,8 +154,11 @@ def _struct(array: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(array.shape), array.dtype)
 
 
-def _trace(parts: _Parts, example: Example) -> tuple[Any, Any, list[ChildCall], list[InputRole], list[str], Any, Any]:
+def _trace(parts: _Parts, example: Example, state: Any
+           ) -> tuple[Any, Any, list[ChildCall], list[InputRole], list[str], Any, Any]:
     module = parts.module
+    # A threaded eqx.nn.State passes through the trace as a leafless token (see state_threading).
+    example = dataclasses.replace(example, args=with_tokens(example.args), kwargs=with_tokens(dict(example.kwargs)))
     child_splits = [_split_child(child) for _, _, child in parts.children]
     param_roles = [InputRole("param", name=_key_text(keys), array=array, path=keys)
                    for _, keys, array in parts.arrays]
@@ -172,7 +182,8 @@ def _trace(parts: _Parts, example: Example) -> tuple[Any, Any, list[ChildCall], 
             leaves[index] = array
         for (index, keys, _), (_, treedef, static), arrays in zip(parts.children, child_splits, child_leaves):
             def run(leaves_: Any, args: Any, kwargs: Any, treedef: Any = treedef, static: Any = static) -> Any:
-                return eqx.combine(jax.tree_util.tree_unflatten(treedef, list(leaves_)), static)(*args, **kwargs)
+                child = eqx.combine(jax.tree_util.tree_unflatten(treedef, list(leaves_)), static)
+                return call_threading_state(child, args, kwargs, state)
 
             run.pzb_signature = _signature(treedef, static)  # type: ignore[attr-defined]
 
@@ -193,6 +204,7 @@ def _trace(parts: _Parts, example: Example) -> tuple[Any, Any, list[ChildCall], 
     dynamic_structs = [flat_args[i] for i in dynamic]
     closed, out_shape = trace_call(traced_call, own_structs, child_structs, dynamic_structs)
     retrace = retracer(traced_call, (own_structs, child_structs), dynamic_structs, calls)
+    out_shape, _ = returned_without_state(out_shape)  # the lifted layers keep the state themselves
     return closed, out_shape, calls, roles, side_names, jax.tree_util.tree_structure(out_shape), retrace
 
 
@@ -241,7 +253,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     cache = ctx.shared.extras.setdefault(_TRACES, {})
     key = _trace_key(module, example)
     if key is None or key not in cache:
-        traced_once = _trace(parts, example)
+        traced_once = _trace(parts, example, ctx.shared.extras.get(STATE_KEY))
         if key is not None:
             cache[key] = traced_once
     else:
@@ -253,16 +265,23 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
 
     def child_handler(call: ChildCall, structs: Any, arg_names: Any, stack: tuple[str, int] | None = None) -> ChildSpec:
         keys, child = children_by_key[call.key]
-        args, kwargs = call.rebuild_args(structs)
-        args = without_default_nones(type(child).__call__, args)
+        example_args, call_kwargs = call.rebuild_args(structs)
+        example_args = without_default_nones(type(child).__call__, example_args)
+        # The State a child gets stays in its own example (a custom child threads it on); its layers hold it.
+        param_names = [n for n, a in zip(call_names(type(child).__call__, example_args, call_kwargs), example_args)
+                       if not is_token(a)]
+        args = [a for a in example_args if not is_token(a)]
+        kwargs = {k: v for k, v in call_kwargs.items() if not is_token(v)}
         rule = EQUINOX.lift_rule_for(type(child))
         traced_child = False
         if call.key not in lifted:
             child_ctx = plain.child(*keys)
             if rule is None or type(child) is eqx.nn.Sequential:  # A Sequential traces its custom items with it.
-                names = tuple(tuple(n if n is not None else f"axis{i}" for i, n in enumerate(arg))
-                              for arg in arg_names)
-                child_ctx = child_ctx.with_example(Example(tuple(args), dict(kwargs), names))
+                given = iter(arg_names)  # per array argument; a token has none
+                names = tuple(None if is_token(a) else tuple(n if n is not None else f"axis{i}"
+                                                             for i, n in enumerate(next(given)))
+                              for a in example_args)
+                child_ctx = child_ctx.with_example(Example(tuple(example_args), dict(call_kwargs), names))
             if stack is not None:  # one block of a stack run by lax.scan
                 lifted[call.key] = lift_stacked_block(child, child_ctx, stack[0])
             else:
@@ -280,7 +299,6 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
             per_call = getattr(rule, "call_convention", None)  # Names that depend on the call (a mask's rank).
             convention = (per_call(child, ctx.naming, args, kwargs) if per_call is not None
                           else EQUINOX.convention_of(child, ctx.naming))
-        param_names = call_names(type(child).__call__, args, kwargs)
         return child_spec(layer, convention, args, kwargs, traced_child, param_names)
 
     def param_handler(role: InputRole, storage_names: tuple[str, ...]) -> Any:

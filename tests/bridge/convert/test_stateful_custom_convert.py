@@ -1,0 +1,299 @@
+"""Custom Equinox modules called ``y, state = model(x, state)`` (BatchNorm inside): traced, lowered, converted.
+
+Real Equinox ResNets thread the ``eqx.nn.State`` by hand through blocks with
+residual glue. Traced lifting follows the State through the child calls
+(``pzb.lift(model, x, state)``), keeps the statistics in the lifted
+BatchNorms, lowers back to the original classes with the current State
+(``lower_with_state``), lowers edited glue to a stateful adapter, and
+converts to NNX and back with equal outputs and statistics.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pzbridge as pzb
+from pzbridge.bridge.equinox.state import EqxBatchNorm, lower_with_state
+from pzbridge.core.errors import LiftError, LowerError
+from pzbridge.nn.dataflow import Traced
+from pzbridge.nn.foreign import Foreign
+from pzbridge.nn.named_mean import MeanAxes
+
+
+class Block(eqx.Module):
+    """A residual block as Equinox code writes it: the State threaded through two BatchNorms."""
+
+    conv1: eqx.nn.Conv2d
+    norm1: eqx.nn.BatchNorm
+    conv2: eqx.nn.Conv2d
+    norm2: eqx.nn.BatchNorm
+
+    def __init__(self, channels: int, mode: str, key: jax.Array) -> None:
+        k1, k2 = jax.random.split(key)
+        self.conv1 = eqx.nn.Conv2d(channels, channels, 3, padding=1, key=k1)
+        self.norm1 = eqx.nn.BatchNorm(channels, "batch", mode=mode, momentum=0.9)
+        self.conv2 = eqx.nn.Conv2d(channels, channels, 3, padding=1, key=k2)
+        self.norm2 = eqx.nn.BatchNorm(channels, "batch", mode=mode, momentum=0.9)
+
+    def __call__(self, x: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
+        y, state = self.norm1(self.conv1(x), state)
+        y, state = self.norm2(self.conv2(jax.nn.relu(y)), state)
+        return jax.nn.relu(x + y), state
+
+
+class ResNet(eqx.Module):
+    """A stem, residual blocks in a list, global pooling and a linear head."""
+
+    stem: eqx.nn.Conv2d
+    blocks: list[Block]
+    head: eqx.nn.Linear
+
+    def __init__(self, channels: int, depth: int, mode: str, key: jax.Array) -> None:
+        keys = jax.random.split(key, depth + 2)
+        self.stem = eqx.nn.Conv2d(3, channels, 3, padding=1, key=keys[0])
+        self.blocks = [Block(channels, mode, k) for k in keys[1:-1]]
+        self.head = eqx.nn.Linear(channels, 5, key=keys[-1])
+
+    def __call__(self, x: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
+        x = self.stem(x)
+        for block in self.blocks:
+            x, state = block(x, state)
+        return self.head(jnp.mean(x, axis=(1, 2))), state
+
+
+def _build(mode: str = "batch", channels: int = 4, depth: int = 2, seed: int = 0) -> tuple[ResNet, eqx.nn.State]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Equinox's note on the default "ema" mode
+        return eqx.nn.make_with_state(ResNet)(channels, depth, mode, jax.random.key(seed))
+
+
+def _run(model: Any, xs: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
+    return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(xs, state)
+
+
+def _batch(size: int = 4, seed: int = 1) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (size, 3, 6, 6))
+
+
+def _norms(model: Any) -> list[eqx.nn.BatchNorm]:
+    found = jax.tree_util.tree_leaves(model, is_leaf=lambda v: isinstance(v, eqx.nn.BatchNorm))
+    return [n for n in found if isinstance(n, eqx.nn.BatchNorm)]
+
+
+def _statistics(model: Any, state: eqx.nn.State) -> list[np.ndarray]:
+    """Every BatchNorm's (mean, var) and counter / first-call flag, in model order (markers may differ)."""
+    out = []
+    for norm in _norms(model):
+        stats = norm.ema_state_index if norm.mode == "ema" else norm.batch_state_index
+        flag = norm.ema_first_time_index if norm.mode == "ema" else norm.batch_counter
+        out.extend(np.asarray(a, dtype=np.float64) for a in (*state.get(stats), state.get(flag)))
+    return out
+
+
+def _assert_statistics(model: Any, state: Any, reference: Any, reference_state: Any) -> None:
+    got, want = _statistics(model, state), _statistics(reference, reference_state)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["batch", "ema"])
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_a_state_threading_resnet_lifts_traced_and_computes_the_original(mode: str, as_keyword: bool) -> None:
+    model, state = _build(mode)
+    xs = _batch()
+    lifted = pzb.lift(model, xs[0], state=state, strict=True) if as_keyword else pzb.lift(model, xs[0], state,
+                                                                                          strict=True)
+    assert isinstance(lifted.body, Traced)
+    assert not pzb.select(lifted).at_instances_of(Foreign).count()
+    assert pzb.select(lifted).at_instances_of(EqxBatchNorm).count() == 4
+    want, want_state = _run(model, xs, state)
+    out = lifted(pzb.nx.wrap(xs, "batch", "channels", "height", "width"))
+    np.testing.assert_allclose(out.unwrap("batch", "features"), want, atol=1e-5, rtol=1e-5)
+    lowered, new_state = lower_with_state(lifted)  # The lifted BatchNorms updated their statistics as Equinox.
+    _assert_statistics(lowered, new_state, model, want_state)
+    _run(model, xs, state)  # The user's State was not spent by the lift (Equinox refuses a State once set).
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state),
+                                                     jax.tree_util.tree_leaves(_build(mode)[1])))
+
+
+def test_lowering_gives_the_original_classes_and_the_current_state() -> None:
+    model, state = _build()
+    xs = _batch()
+    lifted = pzb.lift(model, xs[0], state)
+    lifted(pzb.nx.wrap(xs, "batch", "channels", "height", "width"))
+    lowered, new_state = lower_with_state(lifted)
+    assert type(lowered) is ResNet and all(type(b) is Block for b in lowered.blocks)
+    assert all(type(n) is eqx.nn.BatchNorm for n in _norms(lowered))
+    assert lowered.blocks[0].conv1.weight is model.blocks[0].conv1.weight  # no copies
+    _, after_one = _run(model, xs, state)
+    got, got_state = _run(lowered, xs, new_state)
+    want, want_state = _run(model, xs, after_one)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    _assert_statistics(lowered, got_state, model, want_state)
+
+
+def test_inference_mode_runs_per_example_without_a_batch_axis() -> None:
+    model, state = _build()
+    model = eqx.nn.inference_mode(model)
+    x = _batch()[0]
+    lifted = pzb.lift(model, x, state)
+    assert isinstance(lifted.body, Traced)
+    want = model(x, state)[0]
+    np.testing.assert_allclose(lifted.positional(x), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("mode", ["batch", "ema"])
+def test_converted_to_nnx_computes_the_batch_trains_and_updates_its_statistics(mode: str) -> None:
+    model, state = _build(mode)
+    xs = _batch()
+    converted = pzb.convert(model, xs[0], state, to="nnx")
+    want, want_state = _run(model, xs, state)
+    np.testing.assert_allclose(converted(xs), want, atol=1e-5, rtol=1e-5)
+    assert len(jax.tree_util.tree_leaves(nnx.state(converted, nnx.BatchStat))) >= 8
+    back = pzb.convert(converted, xs, to="equinox")  # the statistics after one training call come back
+    assert type(back) is ResNet and all(type(n) is eqx.nn.BatchNorm for n in _norms(back))
+    _assert_statistics(back, eqx.nn.State(back), model, want_state)
+
+    labels = jnp.arange(4) % 5
+    optimizer = nnx.Optimizer(converted, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(module: Any, opt: Any) -> jax.Array:
+        def loss(m: Any) -> jax.Array:
+            return optax.softmax_cross_entropy_with_integer_labels(m(xs), labels).mean()
+
+        value, grads = nnx.value_and_grad(loss)(module)
+        opt.update(module, grads)
+        return value
+
+    losses = [float(step(converted, optimizer)) for _ in range(8)]
+    assert losses[-1] < losses[0]
+
+
+def test_converted_back_to_equinox_trains_with_filter_value_and_grad() -> None:
+    model, state = _build()
+    xs = _batch()
+    back = pzb.convert(pzb.convert(model, xs[0], state, to="nnx"), xs, to="equinox")
+    back_state = eqx.nn.State(back)
+    labels = jnp.arange(4) % 5
+    optimizer = optax.adam(1e-2)
+    opt_state = optimizer.init(eqx.filter(back, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(module: Any, st: Any, opt: Any) -> tuple[Any, Any, Any, jax.Array]:
+        def loss(m: Any) -> tuple[jax.Array, Any]:
+            logits, new = _run(m, xs, st)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new
+
+        (value, new), grads = eqx.filter_value_and_grad(loss, has_aux=True)(module)
+        updates, opt = optimizer.update(grads, opt, eqx.filter(module, eqx.is_inexact_array))
+        return eqx.apply_updates(module, updates), new, opt, value
+
+    losses = []
+    for _ in range(8):
+        back, back_state, opt_state, value = step(back, back_state, opt_state)
+        losses.append(float(value))
+    assert losses[-1] < losses[0]
+    counters = [back_state.get(n.batch_counter) for n in _norms(back)]
+    assert all(int(c) == 8 for c in counters)  # the statistics updated at every training step
+
+
+def _structure(model: Any) -> Any:
+    """Classes, fields and parameter shapes (a StateIndex as a leaf: its initial value is the current State)."""
+    leaves, treedef = jax.tree_util.tree_flatten(eqx.filter(model, eqx.is_inexact_array),
+                                                 is_leaf=lambda v: isinstance(v, eqx.nn.StateIndex))
+    return treedef, [getattr(leaf, "shape", leaf.marker if isinstance(leaf, eqx.nn.StateIndex) else None)
+                     for leaf in leaves]
+
+
+def _plain(value: Any) -> Any:
+    return value.unwrap(*value.named_shape) if pzb.nx.is_namedarray(value) else value
+
+
+def _negated_pool(model: ResNet, x: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
+    x = model.stem(x)
+    for block in model.blocks:
+        x, state = block(x, state)
+    return model.head(-jnp.mean(x, axis=(1, 2))), state
+
+
+def test_edited_glue_lowers_to_a_stateful_adapter_that_gathers_the_batch() -> None:
+    model, state = _build()
+    xs = _batch()
+    lifted = pzb.lift(model, xs[0], state)
+    edited = pzb.select(lifted).at_instances_of(MeanAxes).apply(
+        lambda mean: pzb.nn.Sequential([mean, pzb.nn.Elementwise(jnp.negative)]))
+    adapter = pzb.lower(edited)
+    assert adapter.is_stateful()
+    got, got_state = _run(adapter, xs, eqx.nn.State(adapter))
+    want, want_state = jax.vmap(lambda a, s: _negated_pool(model, a, s), axis_name="batch", in_axes=(0, None),
+                                out_axes=(0, None))(xs, state)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    relifted = pzb.lift(adapter, state=got_state)  # its statistics come back from its State
+    held = [np.asarray(_plain(v.value), dtype=np.float64)
+            for norm in pzb.select(relifted).at_instances_of(EqxBatchNorm).get_sequence()
+            for v in (norm.running_mean, norm.running_var, norm.counter)]
+    for g, w in zip(held, _statistics(model, want_state), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
+    with pytest.raises(LowerError, match="axis_name='batch'"):
+        adapter(xs[0], eqx.nn.State(adapter))
+
+
+class OpensTheState(eqx.Module):
+    """Custom code reading a State entry itself (not through a child)."""
+
+    linear: eqx.nn.Linear
+    index: eqx.nn.StateIndex
+
+    def __init__(self, key: jax.Array) -> None:
+        self.linear = eqx.nn.Linear(3, 3, key=key)
+        self.index = eqx.nn.StateIndex(jnp.zeros(3))
+
+    def __call__(self, x: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
+        total = state.get(self.index) + x
+        return self.linear(total), state.set(self.index, total)
+
+
+def test_code_opening_the_state_stays_foreign_naming_why() -> None:
+    model, state = eqx.nn.make_with_state(OpensTheState)(jax.random.key(0))
+    x = jnp.ones(3)
+    assert isinstance(pzb.lift(model, x, state).body, Foreign)
+    with pytest.raises(LiftError, match=r"opens the eqx.nn.State itself \(state.get"):
+        pzb.lift(model, x, state, strict=True)
+
+
+def test_a_second_state_in_the_example_is_refused() -> None:
+    model, state = _build()
+    _, other = _build(seed=1)
+    with pytest.raises(LiftError, match="same State as state="):
+        pzb.lift(model, _batch()[0], other, state=state)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mode=st.sampled_from(["batch", "ema"]), channels=st.integers(2, 4), depth=st.integers(1, 2),
+       size=st.integers(2, 4), seed=st.integers(0, 3))
+def test_round_trip_through_nnx_keeps_outputs_statistics_and_classes(mode: str, channels: int, depth: int,
+                                                                   size: int, seed: int) -> None:
+    model, state = _build(mode, channels, depth, seed)
+    xs = _batch(size, seed + 10)
+    converted = pzb.convert(model, xs[0], state, to="nnx")
+    want, want_state = _run(model, xs, state)
+    np.testing.assert_allclose(converted(xs), want, atol=1e-5, rtol=1e-5)
+    back = pzb.convert(converted, xs, to="equinox")
+    assert _structure(back) == _structure(model)
+    _assert_statistics(back, eqx.nn.State(back), model, want_state)
+    got, _ = _run(back, xs, eqx.nn.State(back))
+    again, _ = _run(model, xs, want_state)
+    np.testing.assert_allclose(got, again, atol=1e-5, rtol=1e-5)
