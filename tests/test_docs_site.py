@@ -47,6 +47,7 @@ AREAS = [
     "pzbridge.checkpoint",
     "pzbridge.testing", "pzbridge.testing.named_arrays", "pzbridge.testing.numerics", "pzbridge.testing.trees",
     "pzbridge.testing.equinox_strategies", "pzbridge.testing.nnx_strategies", "pzbridge.testing.deep_models",
+    "pzbridge.testing.stateful_equinox",
     "pzbridge.models.gpt", "pzbridge.models.gpt_reference",
 ]
 

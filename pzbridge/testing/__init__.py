@@ -6,6 +6,7 @@ structs (:mod:`pzbridge.testing.trees`), numerical comparisons that are bitwise
 only where two programs are the same and within a few ulps otherwise
 (:mod:`pzbridge.testing.numerics`), and random Equinox / NNX models
 (:mod:`pzbridge.testing.equinox_strategies`, :mod:`pzbridge.testing.nnx_strategies`,
+stateful Equinox models with BatchNorm in :mod:`pzbridge.testing.stateful_equinox`;
 imported on first use because they load the frameworks), and deeply nested
 models for depth tests (:mod:`pzbridge.testing.deep_models`).
 
@@ -61,6 +62,9 @@ _LAZY = {
     "assert_same_buffers": "pzbridge.testing.equinox_strategies",
     "assert_outputs_close": "pzbridge.testing.equinox_strategies",
     "nnx_models": "pzbridge.testing.nnx_strategies",
+    "stateful_equinox_models": "pzbridge.testing.stateful_equinox",
+    "StatefulEquinoxExample": "pzbridge.testing.stateful_equinox",
+    "run_batch": "pzbridge.testing.stateful_equinox",
 }
 
 
@@ -95,6 +99,9 @@ __all__ = [
     "positional_shapes",
     "random_struct_trees",
     "same_computation",
+    "run_batch",
     "sequential_like_trees",
+    "stateful_equinox_models",
+    "StatefulEquinoxExample",
     "ulps_difference",
 ]

@@ -44,8 +44,9 @@ from pzbridge.core.variables import AbstractVariableValue, StateVariableValue
 from pzbridge.core.variables_kinds import FrozenMetadata
 from pzbridge.nn.normalization import BatchNorm
 
-__all__ = ["IndexMarker", "WrittenVariable", "markers_for_indices", "axis_bound", "batch_norm_state_labels", "batch_statistics_axis", "gathered_inputs", "new_state", "new_state_index", "split_written",
-           "state_dict", "state_values", "written_variable", "written_variables"]
+__all__ = ["IndexMarker", "WrittenVariable", "axis_bound", "batch_norm_state_labels", "batch_statistics_axis",
+           "gathered_inputs", "markers_for_indices", "new_state", "new_state_index", "split_written", "state_dict",
+           "state_values", "written_variable", "written_variables"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,6 @@ import optax
 import pytest
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import pzbridge as pzb
 from pzbridge.bridge.equinox.state import EqxBatchNorm, lower_with_state
@@ -29,57 +28,19 @@ from pzbridge.core.errors import LiftError, LowerError
 from pzbridge.nn.dataflow import Traced
 from pzbridge.nn.foreign import Foreign
 from pzbridge.nn.named_mean import MeanAxes
-
-
-class Block(eqx.Module):
-    """A residual block as Equinox code writes it: the State threaded through two BatchNorms."""
-
-    conv1: eqx.nn.Conv2d
-    norm1: eqx.nn.BatchNorm
-    conv2: eqx.nn.Conv2d
-    norm2: eqx.nn.BatchNorm
-
-    def __init__(self, channels: int, mode: str, key: jax.Array) -> None:
-        k1, k2 = jax.random.split(key)
-        self.conv1 = eqx.nn.Conv2d(channels, channels, 3, padding=1, key=k1)
-        self.norm1 = eqx.nn.BatchNorm(channels, "batch", mode=mode, momentum=0.9)
-        self.conv2 = eqx.nn.Conv2d(channels, channels, 3, padding=1, key=k2)
-        self.norm2 = eqx.nn.BatchNorm(channels, "batch", mode=mode, momentum=0.9)
-
-    def __call__(self, x: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
-        y, state = self.norm1(self.conv1(x), state)
-        y, state = self.norm2(self.conv2(jax.nn.relu(y)), state)
-        return jax.nn.relu(x + y), state
-
-
-class ResNet(eqx.Module):
-    """A stem, residual blocks in a list, global pooling and a linear head."""
-
-    stem: eqx.nn.Conv2d
-    blocks: list[Block]
-    head: eqx.nn.Linear
-
-    def __init__(self, channels: int, depth: int, mode: str, key: jax.Array) -> None:
-        keys = jax.random.split(key, depth + 2)
-        self.stem = eqx.nn.Conv2d(3, channels, 3, padding=1, key=keys[0])
-        self.blocks = [Block(channels, mode, k) for k in keys[1:-1]]
-        self.head = eqx.nn.Linear(channels, 5, key=keys[-1])
-
-    def __call__(self, x: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
-        x = self.stem(x)
-        for block in self.blocks:
-            x, state = block(x, state)
-        return self.head(jnp.mean(x, axis=(1, 2))), state
+from pzbridge.testing.stateful_equinox import (
+    ConvBlock,
+    ResNet,
+    StatefulEquinoxExample,
+    run_batch,
+    stateful_equinox_models,
+)
 
 
 def _build(mode: str = "batch", channels: int = 4, depth: int = 2, seed: int = 0) -> tuple[ResNet, eqx.nn.State]:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Equinox's note on the default "ema" mode
-        return eqx.nn.make_with_state(ResNet)(channels, depth, mode, jax.random.key(seed))
-
-
-def _run(model: Any, xs: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
-    return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(xs, state)
+        warnings.simplefilter("ignore")  # Equinox's note on BatchNorm defaults
+        return eqx.nn.make_with_state(ResNet)(3, channels, depth, 5, jax.random.key(seed), mode=mode, momentum=0.9)
 
 
 def _batch(size: int = 4, seed: int = 1) -> jax.Array:
@@ -118,12 +79,12 @@ def test_a_state_threading_resnet_lifts_traced_and_computes_the_original(mode: s
     assert isinstance(lifted.body, Traced)
     assert not pzb.select(lifted).at_instances_of(Foreign).count()
     assert pzb.select(lifted).at_instances_of(EqxBatchNorm).count() == 4
-    want, want_state = _run(model, xs, state)
+    want, want_state = run_batch(model, xs, state)
     out = lifted(pzb.nx.wrap(xs, "batch", "channels", "height", "width"))
     np.testing.assert_allclose(out.unwrap("batch", "features"), want, atol=1e-5, rtol=1e-5)
     lowered, new_state = lower_with_state(lifted)  # The lifted BatchNorms updated their statistics as Equinox.
     _assert_statistics(lowered, new_state, model, want_state)
-    _run(model, xs, state)  # The user's State was not spent by the lift (Equinox refuses a State once set).
+    run_batch(model, xs, state)  # The user's State was not spent by the lift (Equinox refuses a State once set).
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state),
                                                      jax.tree_util.tree_leaves(_build(mode)[1])))
 
@@ -134,12 +95,12 @@ def test_lowering_gives_the_original_classes_and_the_current_state() -> None:
     lifted = pzb.lift(model, xs[0], state)
     lifted(pzb.nx.wrap(xs, "batch", "channels", "height", "width"))
     lowered, new_state = lower_with_state(lifted)
-    assert type(lowered) is ResNet and all(type(b) is Block for b in lowered.blocks)
+    assert type(lowered) is ResNet and all(type(b) is ConvBlock for b in lowered.blocks)
     assert all(type(n) is eqx.nn.BatchNorm for n in _norms(lowered))
     assert lowered.blocks[0].conv1.weight is model.blocks[0].conv1.weight  # no copies
-    _, after_one = _run(model, xs, state)
-    got, got_state = _run(lowered, xs, new_state)
-    want, want_state = _run(model, xs, after_one)
+    _, after_one = run_batch(model, xs, state)
+    got, got_state = run_batch(lowered, xs, new_state)
+    want, want_state = run_batch(model, xs, after_one)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     _assert_statistics(lowered, got_state, model, want_state)
 
@@ -159,7 +120,7 @@ def test_converted_to_nnx_computes_the_batch_trains_and_updates_its_statistics(m
     model, state = _build(mode)
     xs = _batch()
     converted = pzb.convert(model, xs[0], state, to="nnx")
-    want, want_state = _run(model, xs, state)
+    want, want_state = run_batch(model, xs, state)
     np.testing.assert_allclose(converted(xs), want, atol=1e-5, rtol=1e-5)
     assert len(jax.tree_util.tree_leaves(nnx.state(converted, nnx.BatchStat))) >= 8
     back = pzb.convert(converted, xs, to="equinox")  # the statistics after one training call come back
@@ -194,7 +155,7 @@ def test_converted_back_to_equinox_trains_with_filter_value_and_grad() -> None:
     @eqx.filter_jit
     def step(module: Any, st: Any, opt: Any) -> tuple[Any, Any, Any, jax.Array]:
         def loss(m: Any) -> tuple[jax.Array, Any]:
-            logits, new = _run(m, xs, st)
+            logits, new = run_batch(m, xs, st)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new
 
         (value, new), grads = eqx.filter_value_and_grad(loss, has_aux=True)(module)
@@ -237,7 +198,7 @@ def test_edited_glue_lowers_to_a_stateful_adapter_that_gathers_the_batch() -> No
         lambda mean: pzb.nn.Sequential([mean, pzb.nn.Elementwise(jnp.negative)]))
     adapter = pzb.lower(edited)
     assert adapter.is_stateful()
-    got, got_state = _run(adapter, xs, eqx.nn.State(adapter))
+    got, got_state = run_batch(adapter, xs, eqx.nn.State(adapter))
     want, want_state = jax.vmap(lambda a, s: _negated_pool(model, a, s), axis_name="batch", in_axes=(0, None),
                                 out_axes=(0, None))(xs, state)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -281,19 +242,21 @@ def test_a_second_state_in_the_example_is_refused() -> None:
         pzb.lift(model, _batch()[0], other, state=state)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mode=st.sampled_from(["batch", "ema"]), channels=st.integers(2, 4), depth=st.integers(1, 2),
-       size=st.integers(2, 4), seed=st.integers(0, 3))
-def test_round_trip_through_nnx_keeps_outputs_statistics_and_classes(mode: str, channels: int, depth: int,
-                                                                   size: int, seed: int) -> None:
-    model, state = _build(mode, channels, depth, seed)
-    xs = _batch(size, seed + 10)
-    converted = pzb.convert(model, xs[0], state, to="nnx")
-    want, want_state = _run(model, xs, state)
+@settings(max_examples=30, database=None, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(stateful_equinox_models())
+def test_random_stateful_models_convert_to_nnx_and_back_with_outputs_statistics_and_classes(
+        example: StatefulEquinoxExample) -> None:
+    model, state, xs = example.model, example.state, example.batch
+    lifted = pzb.lift(model, *example.args, state, strict=True)
+    assert not pzb.select(lifted).at_instances_of(Foreign).count()
+    converted = pzb.convert(model, *example.args, state, to="nnx")
+    want, want_state = run_batch(model, xs, state)
     np.testing.assert_allclose(converted(xs), want, atol=1e-5, rtol=1e-5)
     back = pzb.convert(converted, xs, to="equinox")
     assert _structure(back) == _structure(model)
-    _assert_statistics(back, eqx.nn.State(back), model, want_state)
-    got, _ = _run(back, xs, eqx.nn.State(back))
-    again, _ = _run(model, xs, want_state)
+    assert [(n.inference, n.mode, n.momentum) for n in _norms(back)] == [
+        (n.inference, n.mode, n.momentum) for n in _norms(model)]
+    _assert_statistics(back, eqx.nn.State(back), model, want_state)  # one training call in NNX, as in Equinox
+    got, _ = run_batch(back, xs, eqx.nn.State(back))
+    again, _ = run_batch(model, xs, want_state)
     np.testing.assert_allclose(got, again, atol=1e-5, rtol=1e-5)
