@@ -201,6 +201,7 @@ class LiftedModel(Layer):
             >>> m.positional(jnp.arange(3)).tolist()
             [0, 1, 2]
         """
+        _refuse_state_argument(self.framework, args, kwargs)
         x, side = self.convention.split_call(args, kwargs)
         try:
             out = self.body(x, **side)
@@ -210,6 +211,21 @@ class LiftedModel(Layer):
             _raise_explained(self, args, exc, positional=True)
             raise
         return self.convention.unname_output(out)
+
+
+def _refuse_state_argument(framework: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """A clear error for ``lifted.positional(x, state)``: the lifted model holds its state itself."""
+    if framework != "equinox":
+        return
+    import equinox as eqx  # An Equinox model was lifted: the framework is loaded.
+
+    if any(isinstance(value, eqx.nn.State) for value in (*args, *kwargs.values())):
+        raise NamedAxisError(
+            "<root>: positional call: expected the data arguments only, found an eqx.nn.State. The lifted model "
+            "keeps the statistics in its BatchNorms' StateVariables and updates them itself. Fix: call "
+            "lifted.positional(x) (a training batch: lifted(pzb.nx.wrap(xs, 'batch', ...))); "
+            "pzbridge.bridge.equinox.state.lower_with_state(lifted) gives the module and its State back."
+        )
 
 
 def _raise_explained(model: LiftedModel, inputs: Sequence[Any], exc: Exception, *, positional: bool) -> None:

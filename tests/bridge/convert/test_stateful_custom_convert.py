@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 
 import pzbridge as pzb
 from pzbridge.bridge.equinox.state import EqxBatchNorm, lower_with_state
-from pzbridge.core.errors import LiftError, LowerError
+from pzbridge.core.errors import LiftError, LowerError, NamedAxisError
 from pzbridge.nn.dataflow import Traced
 from pzbridge.nn.foreign import Foreign
 from pzbridge.nn.named_mean import MeanAxes
@@ -113,6 +113,8 @@ def test_inference_mode_runs_per_example_without_a_batch_axis() -> None:
     assert isinstance(lifted.body, Traced)
     want = model(x, state)[0]
     np.testing.assert_allclose(lifted.positional(x), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    with pytest.raises(NamedAxisError, match="found an eqx.nn.State"):  # the lifted model holds its state
+        lifted.positional(x, state)
 
 
 @pytest.mark.parametrize("mode", ["batch", "ema"])
