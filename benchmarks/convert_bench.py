@@ -19,7 +19,9 @@ interleaved repetitions, medians; ratios converted / NNX.
 And the other direction: an Equinox ``Linear -> BatchNorm -> relu -> Linear``
 (``mode="batch"`` and ``"ema"``, training) converted to NNX, against the
 original under ``jax.vmap(..., axis_name="batch")`` with its State (ratios
-converted NNX / Equinox).
+converted NNX / Equinox); and a custom Equinox ResNet (stem, two residual
+blocks of two convolutions and BatchNorms, the State threaded by hand; 32
+channels, 16x16 images, batch 32), traced and converted the same way.
 
 Run: ``python benchmarks/convert_bench.py``.
 """
@@ -37,11 +39,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pzbridge as pzb
+from pzbridge.testing.stateful_equinox import ResNet
 
 sys.path.insert(0, str(Path(__file__).parent))
 from interleaved import interleaved_medians
 
 WIDTH, BATCH, LR = 512, 256, 1e-2
+RESNET_CHANNELS, RESNET_SIZE, RESNET_BATCH = 32, 16, 32
 
 
 def _model(train: bool) -> nnx.Module:
@@ -130,20 +134,29 @@ def _original_equinox_calls(model: Any, state: eqx.nn.State, x: jax.Array, targe
     return lambda: forward(params, state), lambda: step(params, state)
 
 
-def equinox_to_nnx_rows(reps: int = 7, inner: int = 20) -> list[dict[str, Any]]:
-    """One row per (mode, call): the original Equinox and the converted NNX CPU seconds and their ratio."""
+def _equinox_cases() -> list[tuple[str, Any, eqx.nn.State, jax.Array, jax.Array]]:
+    """(name, model, state, batch, target): the stock Sequential per mode, and a custom ResNet threading the State."""
     x = jax.random.normal(jax.random.key(1), (BATCH, WIDTH))
     target = jax.random.normal(jax.random.key(2), (BATCH, WIDTH))
+    cases = [(f"Equinox BatchNorm mode={mode!r}", *_equinox_model(mode), x, target) for mode in ("batch", "ema")]
+    resnet, state = eqx.nn.make_with_state(ResNet)(3, RESNET_CHANNELS, 2, 10, jax.random.key(3), mode="batch")
+    images = jax.random.normal(jax.random.key(4), (RESNET_BATCH, 3, RESNET_SIZE, RESNET_SIZE))
+    cases.append(("custom ResNet (traced)", resnet, state, images, jax.random.normal(jax.random.key(5),
+                                                                                  (RESNET_BATCH, 10))))
+    return cases
+
+
+def equinox_to_nnx_rows(reps: int = 7, inner: int = 20) -> list[dict[str, Any]]:
+    """One row per (model, call): the original Equinox and the converted NNX CPU seconds and their ratio."""
     rows = []
-    for mode in ("batch", "ema"):
-        model, state = _equinox_model(mode)
-        converted = pzb.convert(model, x[0], to="nnx", state=state)
+    for name, model, state, x, target in _equinox_cases():
+        converted = pzb.convert(model, x[0], state, to="nnx")
         eqx_forward, eqx_step = _original_equinox_calls(model, state, x, target)
         nnx_forward, nnx_step = _nnx_calls(converted, x, target)
         times = interleaved_medians([eqx_forward, nnx_forward, eqx_step, nnx_step], reps, inner,
                                     clock=time.process_time)
         for call, (original, ported) in (("forward", times[:2]), ("train step", times[2:])):
-            rows.append({"model": f"Equinox BatchNorm mode={mode!r}", "call": call, "original_ms": original * 1e3,
+            rows.append({"model": name, "call": call, "original_ms": original * 1e3,
                          "converted_ms": ported * 1e3, "ratio": ported / original})
     return rows
 

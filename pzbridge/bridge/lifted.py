@@ -27,6 +27,7 @@ from pzbridge.bridge.context import recursion_headroom
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import NamedAxisError, PzbridgeError
 from pzbridge.core.struct import Struct, pytree_dataclass, static_field
+from pzbridge.nn.foreign import Foreign
 from pzbridge.nn.layer import Layer
 
 
@@ -201,7 +202,8 @@ class LiftedModel(Layer):
             >>> m.positional(jnp.arange(3)).tolist()
             [0, 1, 2]
         """
-        _refuse_state_argument(self.framework, args, kwargs)
+        if not isinstance(self.body, Foreign):  # A Foreign root runs the original code, State and all.
+            _refuse_state_argument(self.framework, args, kwargs)
         x, side = self.convention.split_call(args, kwargs)
         try:
             out = self.body(x, **side)
