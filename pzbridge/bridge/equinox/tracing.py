@@ -305,7 +305,9 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
         return plain.child(*role.path).parameter(role.array, storage_names)
 
     called = {call.key for call in calls}
-    uncalled = {key: plain.lift(child, *keys) for key, (keys, child) in children_by_key.items() if key not in called}
+    # A child the code never calls (arrays the parent reads) runs no code of its own: Foreign is fine, strict or not.
+    holder = dataclasses.replace(plain, strict=False)
+    uncalled = {key: holder.lift(child, *keys) for key, (keys, child) in children_by_key.items() if key not in called}
     def param_hint(role: InputRole) -> tuple[str, ...] | None:
         lifted_already = ctx.shared.by_identity.get(id(role.array))
         value = getattr(lifted_already, "value", None)

@@ -476,7 +476,11 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     by_id = {id(node.value): lifted[key] for key, node in nodes.items() if key in called}
 
     def fill_node(child: Any, child_ctx: LiftContext) -> Any:
-        return by_id[id(child)] if id(child) in by_id else ctx.lift_node(child, child_ctx)
+        if id(child) in by_id:
+            return by_id[id(child)]
+        # A child the code never calls (a holder of Variables the parent reads and writes) runs no code of its
+        # own: kept Foreign for rebuilding even under strict=, its Variables are the ones the body uses.
+        return ctx.lift_node(child, dataclasses.replace(child_ctx, strict=False))
 
     foreign = lift_foreign(module, dataclasses.replace(plain, lift_node=fill_node))
     labels = {role.name: ctx.shared.by_identity[id(source_of[id(role)])].label
