@@ -215,7 +215,8 @@ def _stateful_examples(draw: st.DrawFn) -> StatefulEquinoxExample:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Equinox's notes on BatchNorm defaults
         if root == "resnet":
-            channels, depth, size = draw(st.sampled_from([2, 4])), draw(st.integers(1, 2)), draw(st.sampled_from([4, 5]))
+            channels, depth = draw(st.sampled_from([2, 4])), draw(st.integers(1, 2))
+            size = draw(st.sampled_from([4, 5]))
             model, state = eqx.nn.make_with_state(ResNet)(3, channels, depth, 3, k_model, **norm)
             xs = jax.random.normal(k_data, (batch_size, 3, size, size))
             description = f"ResNet(channels={channels}, depth={depth})"

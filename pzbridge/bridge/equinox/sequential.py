@@ -35,7 +35,7 @@ from pzbridge.bridge.registry import memoised
 from pzbridge.bridge.tracing.container_examples import item_examples
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.core.struct import pytree_dataclass, static_field
-from pzbridge.nn.basic import Elementwise
+from pzbridge.nn.basic import Elementwise, RenameAxes
 from pzbridge.nn.combinators import Identity, Sequential
 from pzbridge.nn.dataflow import Traced
 from pzbridge.nn.foreign import Foreign
@@ -64,6 +64,45 @@ class EqxSequential(Sequential):
         for layer, layer_key in zip(self.sublayers, keys):
             x = layer(x, **{**side_inputs, "key": layer_key})
         return x
+
+
+@pytree_dataclass
+class PositionalJoin(RenameAxes):
+    """The renames a positional container implies between two items that name the same axes differently.
+
+    ``eqx.nn.Sequential`` hands each item's output to the next by position:
+    an adapter returning ``c`` before an ``eqx.nn.Linear`` taking ``features``
+    is one axis. Lifted, the items compute on names, so the join renames the
+    output's names to the next item's input names (in order); lowering into a
+    positional container drops it again.
+
+    Example:
+        >>> import pzbridge as pzb
+        >>> dict(PositionalJoin(("c",), ("features",))(pzb.nx.zeros({"c": 3})).named_shape)
+        {'features': 3}
+    """
+
+
+def _joined(layers: list[Any], conventions: list[CallingConvention | None]) -> list[Any]:
+    """``layers`` with a :class:`PositionalJoin` wherever an item's output names differ from the next one's input.
+
+    Only between items whose conventions name one input and the output with
+    the same number of axes (what Equinox passes positionally); items that
+    keep the layout (no convention) pass the names on.
+    """
+    joined: list[Any] = []
+    previous: tuple[str, ...] | None = None
+    for layer, convention in zip(layers, conventions):
+        ins = tuple(convention.inputs[0]) if convention is not None and len(convention.inputs) == 1 else ()
+        if previous and ins and len(ins) == len(previous) and None not in ins and None not in previous:
+            old = tuple(o for o, i in zip(previous, ins) if o != i)
+            new = tuple(i for o, i in zip(previous, ins) if o != i)
+            if old and not set(new) & (set(previous) - set(old)):
+                joined.append(PositionalJoin(old, new))
+        joined.append(layer)
+        if convention is not None and convention.output:
+            previous = tuple(convention.output)
+    return joined
 
 
 @equinox_rule(source=eqx.nn.Identity, lifted=(Identity,))
@@ -141,6 +180,7 @@ class SequentialRule:
                 after = next((c.inputs[0] for c in conventions[i + 1 :] if c and c.inputs), None)
                 inputs = before if before is not None else (after or ())
                 layers[i] = with_names(lifted, inputs, after if after is not None else inputs)
+        layers = _joined(layers, conventions)
         traced = None
         if any(isinstance(layer, Traced) for layer in layers):
             # Traced items know their names, which the original modules' rules could not say.
@@ -160,6 +200,7 @@ class SequentialRule:
         return None if head is None or tail is None else CallingConvention(head.inputs, tail.output)
 
     def lower(self, layer: Sequential, ctx: LowerContext) -> eqx.nn.Sequential:
-        return new_module(
-            eqx.nn.Sequential, layers=tuple(ctx.lower(sub, "layers", i) for i, sub in enumerate(layer.sublayers))
-        )
+        # A positional join is the identity on Equinox's positional arrays.
+        layers = tuple(ctx.lower(sub, "layers", i) for i, sub in enumerate(layer.sublayers)
+                       if not isinstance(sub, PositionalJoin))
+        return new_module(eqx.nn.Sequential, layers=layers)

@@ -65,7 +65,7 @@ from pzbridge.bridge.equinox.attention import EqxMultiheadAttention, _features
 from pzbridge.bridge.equinox.attention import _parse as _parse_attention
 from pzbridge.bridge.equinox.linear import EqxMLP
 from pzbridge.bridge.equinox.recurrent import EqxCell, _gru_fits, _lstm_fits
-from pzbridge.bridge.equinox.sequential import EqxSequential
+from pzbridge.bridge.equinox.sequential import EqxSequential, PositionalJoin
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.bridge.nnx.containers import ELEMENTWISE_FUNCTIONS, NnxFunction
@@ -654,6 +654,10 @@ class EqxSequentialCrossRule:
         current: tuple[str, ...] | None = None
         for index, sub in enumerate(layer.sublayers):
             if type(sub) is Identity:
+                continue
+            if isinstance(sub, PositionalJoin):  # NNX chains positionally too: the names move on, nothing runs.
+                renames = dict(zip(sub.old, sub.new))
+                current = None if current is None else tuple(renames.get(n, n) for n in current)
                 continue
             if type(sub) is Elementwise:
                 if sub.fn is _MLP_IDENTITY:

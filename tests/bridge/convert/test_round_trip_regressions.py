@@ -22,7 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_round_trip import _equinox_structure, _nnx_structure
 
+import pzbridge as pzb
 from pzbridge.bridge.convert import convert, convert_with_report
+from pzbridge.bridge.equinox.sequential import PositionalJoin
 from pzbridge.core.errors import PzbridgeError
 from pzbridge.testing.equinox_strategies import Residual as EqxResidual
 from pzbridge.testing.equinox_strategies import ScaledByWeight
@@ -160,6 +162,25 @@ def test_an_einsum_renamed_into_the_next_item_of_a_sequential_converts_to_equino
     x = _input(2, 3, 4)
     converted = convert(model, x, to="equinox")
     np.testing.assert_allclose(jax.vmap(converted)(x), model(x), atol=1e-5, rtol=1e-5)
+    # And back: re-lifted, the eqx.nn.Sequential joins the einsum's letter to the Linear's features again (it
+    # came back computing an outer product, shape (3, 3) per example).
+    _assert_nnx_round_trip(model, x)
+
+
+@FEW
+@given(st.integers(1, 2), st.integers(2, 4), st.booleans(), st.integers(0, 99))
+def test_a_sequential_joining_differently_named_items_lifts_with_a_positional_join(batch, width, bias, seed):
+    rngs = nnx.Rngs(seed)
+    model = Residual(nnx.Sequential(nnx.Einsum("ba,ac->bc", (width, width), (width,) if bias else None, rngs=rngs),
+                                    nnx.Linear(width, width, rngs=rngs)))
+    x = _input(batch, width, seed)
+    converted = convert(model, x, to="equinox")
+    native = converted.natives[0]
+    assert type(native) is eqx.nn.Sequential and len(native.layers) == 2  # positional: no join in Equinox
+    relifted = pzb.lift(converted)
+    assert pzb.select(relifted).at_instances_of(PositionalJoin).count() == 1
+    np.testing.assert_allclose(relifted.positional(x), model(x), atol=1e-5, rtol=1e-5)
+    _assert_nnx_round_trip(model, x)
 
 
 def test_einsums_outside_a_conversion_still_lower_to_eqx_linear():
