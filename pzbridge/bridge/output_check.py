@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LiftError
 from pzbridge.core.variables import stateless_call
 
@@ -53,7 +54,19 @@ def _original_shapes(module: Any, framework: str, args: Sequence[Any], kwargs: M
 
 
 def _call_equinox(module: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-    """``module(*args, **kwargs)``; one needing its batch axis (a batch-coupled NNX model converted) as a batch of one."""
+    """``module(*args, **kwargs)``; one needing its batch axis (a batch-coupled NNX model converted) as a batch of one.
+
+    Called with an ``eqx.nn.State`` (``y, state = model(x, state)``), on a copy
+    of it, the BatchNorms' ``vmap`` axes bound (a batch of one), returning
+    ``y`` only: the lifted model holds its state itself.
+    """
+    import equinox as eqx
+
+    state = next((a for a in args if isinstance(a, eqx.nn.State)), None)
+    if state is not None:
+        from pzbridge.bridge.equinox.state_threading import call_threading_state, returned_without_state, with_tokens
+
+        return returned_without_state(call_threading_state(module, with_tokens(tuple(args)), kwargs, state))[0]
     if not getattr(module, "needs_batch_axis", False):
         return module(*args, **kwargs)
     batched = jax.vmap(lambda *a: module(*a, **kwargs), axis_name=module.batch_axis)(*[jnp.asarray(a)[None]
@@ -62,9 +75,29 @@ def _call_equinox(module: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -
 
 
 def _run_lifted(lifted: Any, arguments: Any) -> Any:
-    x, side = lifted.convention.split_call(*arguments)
+    args, kwargs = arguments
+    axis = None
+    if lifted.framework == "equinox":  # y, state = model(x, state): the lifted model takes the data only.
+        from pzbridge.bridge.equinox.adapter_state import batch_statistics_axis
+        from pzbridge.bridge.equinox.state import without_state_args
+
+        args, state = without_state_args(args, None)
+        axis = batch_statistics_axis(lifted.body, "<root>") if state is not None else None
+    x, side = lifted.convention.split_call(args, kwargs)
+    if axis is not None:  # BatchNorms taking batch statistics: one example is a batch of one, as for the original.
+        x = jax.tree_util.tree_map(lambda a: _with_unit_axis(a, axis), x, is_leaf=nx.is_namedarray)
     out, _ = stateless_call(lifted.body, (), x, **side)  # Copies state variables: the lifted model is unchanged.
+    if axis is not None:
+        out = jax.tree_util.tree_map(lambda y: y[{axis: 0}] if nx.is_namedarray(y) and axis in y.named_shape else y,
+                                     out, is_leaf=nx.is_namedarray)
     return lifted.convention.unname_output(out)
+
+
+def _with_unit_axis(x: Any, axis: str) -> Any:
+    if not nx.is_namedarray(x):
+        return x
+    canonical = x.canonicalize()
+    return nx.NamedArray(canonical.data_array[..., None], {**dict(canonical.named_axes), axis: 1})
 
 
 def check_output_shapes(module: Any, lifted: Any, framework: str, args: Sequence[Any],

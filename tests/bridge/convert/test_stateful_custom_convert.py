@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 
 import pzbridge as pzb
 from pzbridge.bridge.equinox.state import EqxBatchNorm, lower_with_state
+from pzbridge.bridge.output_check import check_output_shapes, disagreement_on_examples
 from pzbridge.core.errors import LiftError, LowerError, NamedAxisError
 from pzbridge.nn.dataflow import Traced
 from pzbridge.nn.foreign import Foreign
@@ -87,6 +88,28 @@ def test_a_state_threading_resnet_lifts_traced_and_computes_the_original(mode: s
     run_batch(model, xs, state)  # The user's State was not spent by the lift (Equinox refuses a State once set).
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state),
                                                      jax.tree_util.tree_leaves(_build(mode)[1])))
+
+
+@pytest.mark.parametrize("mode", ["batch", "ema"])
+def test_the_lift_time_checks_run_a_state_threading_model_as_a_batch_of_one(mode: str) -> None:
+    model, state = _build(mode)
+    x = _batch()[0]
+    lifted = pzb.lift(model, x, state)
+    assert disagreement_on_examples(model, lifted, "equinox", (x, state), {}) is None
+    other, _ = _build(mode, seed=7)  # same structure, other weights: the values differ, and the check says so
+    assert "differs" in disagreement_on_examples(other, lifted, "equinox", (x, state), {})
+    check_output_shapes(model, lifted, "equinox", (x, state), {})
+    run_batch(model, _batch(), state)  # the checks ran on copies: the State is not spent
+
+
+def test_an_example_with_a_size_one_axis_lifts_a_model_running_at_other_sizes() -> None:
+    model, state = _build()
+    lifted = pzb.lift(model, jnp.ones((3, 1, 5)), state, strict=True)  # height 1: traced on a widened copy
+    for shape in ((4, 3, 1, 5), (4, 3, 4, 6)):
+        xs = jax.random.normal(jax.random.key(2), shape)
+        want, _ = run_batch(model, xs, state)
+        out = lifted(pzb.nx.wrap(xs, "batch", "channels", "height", "width"))
+        np.testing.assert_allclose(out.unwrap("batch", "features"), want, atol=1e-5, rtol=1e-5)
 
 
 def test_lowering_gives_the_original_classes_and_the_current_state() -> None:
