@@ -321,6 +321,11 @@ def checked_state(state: Any, module: Any) -> eqx.nn.State:
     return state
 
 
+def _states_in(tree: Any) -> list[eqx.nn.State]:
+    is_state = lambda v: isinstance(v, eqx.nn.State)  # noqa: E731
+    return [v for v in jax.tree_util.tree_leaves(tree, is_leaf=is_state) if is_state(v)]
+
+
 def state_of_example(args: Sequence[Any], kwargs: Mapping[str, Any], state: Any) -> Any:
     """The State to lift with: ``state=``, else the ``eqx.nn.State`` among the example's arguments.
 
@@ -335,9 +340,7 @@ def state_of_example(args: Sequence[Any], kwargs: Mapping[str, Any], state: Any)
         >>> state_of_example((jax.numpy.ones(2), st), {}, None) is st
         True
     """
-    found = [v for v in jax.tree_util.tree_leaves((tuple(args), dict(kwargs)),
-                                                  is_leaf=lambda v: isinstance(v, eqx.nn.State))
-             if isinstance(v, eqx.nn.State)]
+    found = _states_in((tuple(args), dict(kwargs)))
     if not found:
         return state
     if state is not None and any(v is not state for v in found) or len({id(v) for v in found}) > 1:
@@ -363,9 +366,7 @@ def example_with_state(module: Any, args: Sequence[Any], state: Any) -> tuple[An
         >>> example_with_state(block, (jax.numpy.ones(2),), st)[1] is st
         True
     """
-    if state is None or EQUINOX.lift_rule_for(type(module)) is not None or any(
-            isinstance(v, eqx.nn.State) for v in jax.tree_util.tree_leaves(
-                args, is_leaf=lambda v: isinstance(v, eqx.nn.State))):
+    if state is None or EQUINOX.lift_rule_for(type(module)) is not None or _states_in(tuple(args)):
         return tuple(args)
     try:
         params = list(inspect.signature(type(module).__call__).parameters.values())[1:]
