@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from hypothesis import strategies as st
 
-__all__ = ["ConvBlock", "NormedMLPBlock", "ResNet", "StatefulEquinoxExample", "StatefulStack", "run_batch",
-           "stateful_equinox_models"]
+__all__ = ["ConvBlock", "NormedMLPBlock", "ResNet", "StatefulEquinoxExample", "StatefulStack", "WarmupBlock",
+           "run_batch", "stateful_equinox_models"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +158,35 @@ class NormedMLPBlock(eqx.Module):
         return x + self.down(self.activation(h)), state
 
 
+class WarmupBlock(eqx.Module):
+    """``x + min(1, (n + 1) / warmup) * linear(x)``, ``n`` a call counter in the block's own State entry.
+
+    Custom code opening the State itself (``state.get`` / ``state.set`` on
+    its own ``eqx.nn.StateIndex``); under :func:`run_batch` the counter
+    advances once per batch.
+
+    Example:
+        >>> block, st = eqx.nn.make_with_state(WarmupBlock)(3, jax.random.key(0))
+        >>> _, st = run_batch(block, jnp.ones((2, 3)), st)
+        >>> float(st.get(block.step))
+        1.0
+    """
+
+    linear: eqx.nn.Linear
+    step: eqx.nn.StateIndex
+    warmup: float = eqx.field(static=True)
+
+    def __init__(self, width: int, key: jax.Array, warmup: float = 4.0) -> None:
+        self.linear = eqx.nn.Linear(width, width, key=key)
+        self.step = eqx.nn.StateIndex(jnp.array(0.0))
+        self.warmup = warmup
+
+    def __call__(self, x: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
+        n = state.get(self.step)
+        scale = jnp.minimum(1.0, (n + 1) / self.warmup)
+        return x + scale * self.linear(x), state.set(self.step, n + 1)
+
+
 class StatefulStack(eqx.Module):
     """Blocks called in turn, the State passed from one to the next, then a linear readout.
 
@@ -168,7 +197,7 @@ class StatefulStack(eqx.Module):
         (4, 1)
     """
 
-    blocks: tuple[NormedMLPBlock, ...]
+    blocks: tuple[NormedMLPBlock | WarmupBlock, ...]
     readout: eqx.nn.Linear
 
     def __init__(self, blocks: Any, readout: eqx.nn.Linear) -> None:
@@ -186,7 +215,8 @@ def stateful_equinox_models() -> st.SearchStrategy[StatefulEquinoxExample]:
 
     Roots drawn: a :class:`ResNet` on ``(3, size, size)`` images, or a
     :class:`StatefulStack` of :class:`NormedMLPBlock` s on ``(width,)``
-    vectors (some with the norm in an ``eqx.nn.Sequential``). BatchNorms in
+    vectors (some with the norm in an ``eqx.nn.Sequential``), one in three
+    followed by a :class:`WarmupBlock` (a counter in its own State entry). BatchNorms in
     mode ``"batch"`` or ``"ema"``, momentum 0.5 or 0.9, with or without the
     affine parameters; one model in four is in ``eqx.nn.inference_mode``
     (running statistics: the examples do not interact).
@@ -224,10 +254,15 @@ def _stateful_examples(draw: st.DrawFn) -> StatefulEquinoxExample:
             width, depth = draw(st.sampled_from([2, 3])), draw(st.integers(1, 2))
             placements = [draw(st.booleans()) for _ in range(depth)]
             keys = jax.random.split(k_model, depth + 1)
-            blocks = [NormedMLPBlock(width, 2 * width, k, in_sequential=p, **norm) for k, p in zip(keys, placements)]
+            blocks: list[Any] = [NormedMLPBlock(width, 2 * width, k, in_sequential=p, **norm)
+                                 for k, p in zip(keys, placements)]
+            warmup = draw(st.integers(0, 2)) == 0
+            if warmup:
+                steps = draw(st.sampled_from([2.0, 3.0]))
+                blocks.append(WarmupBlock(width, jax.random.fold_in(keys[-1], 1), warmup=steps))
             model, state = eqx.nn.make_with_state(StatefulStack)(blocks, eqx.nn.Linear(width, 2, key=keys[-1]))
             xs = jax.random.normal(k_data, (batch_size, width))
-            description = f"StatefulStack(width={width}, in_sequential={placements})"
+            description = f"StatefulStack(width={width}, in_sequential={placements}{', warmup' if warmup else ''})"
     if draw(st.integers(0, 3)) == 0:
         model = eqx.nn.inference_mode(model)
         description += " inference"

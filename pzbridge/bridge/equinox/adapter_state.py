@@ -227,8 +227,11 @@ def state_dict(written: Sequence[WrittenVariable], values: Sequence[AbstractVari
         (3, 2)
     """
     by_label = {value.label: value.value for value in values}
-    return {v.label: by_label[v.label].unwrap(*v.names) if v.names is not None else jnp.asarray(by_label[v.label])
-            for v in written}
+    arrays = {v.label: by_label[v.label].unwrap(*v.names) if v.names is not None else jnp.asarray(by_label[v.label])
+              for v in written}
+    # Never weakly typed: State.set compares weak types, and the traced graph's new values are strong
+    # even where the initial value (``jnp.array(0)``) was weak.
+    return {label: jnp.asarray(array, dtype=array.dtype) for label, array in arrays.items()}
 
 
 def gathered_inputs(inputs: Sequence[Any], axis_name: str) -> tuple[list[Any], Any]:

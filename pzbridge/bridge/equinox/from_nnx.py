@@ -63,7 +63,7 @@ import jax.numpy as jnp
 
 from pzbridge.bridge.context import LowerContext
 from pzbridge.bridge.equinox.adapter import EquinoxAdapter
-from pzbridge.bridge.equinox.state import _OUT_KEY as _STATE_OUT_KEY
+from pzbridge.bridge.equinox.state_entries import STATE_OUT_KEY
 from pzbridge.bridge.equinox.traversal import EQUINOX, equinox_rule, new_module, rebuild_from_origin
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.naming import AxisNaming
@@ -342,7 +342,7 @@ class NnxBatchNormToEquinox:
         bias = None if layer.bias is None else ctx.child("bias").array(layer.bias, f)
         mean, var = ctx.array(layer.running_mean, f), ctx.array(layer.running_var, f)
         counter_index, stats_index = _state_index(ctx, "batch_counter"), _state_index(ctx, "batch_state_index")
-        out = ctx.shared.extras.setdefault(_STATE_OUT_KEY, {})
+        out = ctx.shared.extras.setdefault(STATE_OUT_KEY, {})
         out[counter_index.marker] = jnp.asarray(counter, jnp.int32)
         out[stats_index.marker] = (mean, var)
         return new_module(

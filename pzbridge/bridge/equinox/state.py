@@ -53,15 +53,15 @@ from pzbridge.bridge.equinox.traversal import (
     origin_of,
     rebuild_from_origin,
 )
+from pzbridge.bridge.equinox.state_entries import STATE_OUT_KEY
 from pzbridge.bridge.equinox.state_threading import STATE_KEY
+from pzbridge.bridge.tracing.state_writes import storage_names
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LiftError, LowerError, NamedAxisError, format_path
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.core.variables import StateVariable
 from pzbridge.nn.basic import rename_axes
 from pzbridge.nn.normalization import BatchNorm
-
-_OUT_KEY = "equinox_state_out"
 
 
 @pytree_dataclass
@@ -221,8 +221,8 @@ class BatchNormRule:
         fits = (
             len(params) in (0, 2) and layer.debias == (not ema) and layer.divide_by_sqrt
             and not layer.use_fast_variance and not layer.scale_into_inverse and layer.dtype_policy == "input"
-            and len(layer.indices) == 4 and all(_axes(p) == (c,) for p in params)
-            and all(_axes(s) == (c,) for s in (layer.running_mean, layer.running_var))
+            and len(layer.indices) == 4 and all(storage_names(p) == (c,) for p in params)
+            and all(storage_names(s) == (c,) for s in (layer.running_mean, layer.running_var))
         )
         if not fits:
             return EquinoxAdapter.wrap(layer, ctx)
@@ -230,7 +230,7 @@ class BatchNormRule:
         bias = None if layer.bias is None else ctx.child("bias").array(layer.bias, (c,))
         first_index, ema_index, counter_index, batch_index = layer.indices
         stats = (ctx.array(layer.running_mean, (c,)), ctx.array(layer.running_var, (c,)))
-        out = ctx.shared.extras.setdefault(_OUT_KEY, {})
+        out = ctx.shared.extras.setdefault(STATE_OUT_KEY, {})
         if ema:
             out[first_index.marker] = ctx.array(layer.first_call, ())
             out[ema_index.marker] = stats
@@ -389,11 +389,6 @@ def without_state_args(args: Sequence[Any], state: Any) -> tuple[tuple[Any, ...]
     return tuple(a for a in args if not isinstance(a, eqx.nn.State)), (found[0] if found else state)
 
 
-def _axes(variable: Any) -> tuple[str, ...]:
-    value = getattr(variable, "value", None)
-    return tuple(value.named_shape) if nx.is_namedarray(value) and not value.positional_shape else ()
-
-
 def _is_index(value: Any) -> bool:
     return isinstance(value, eqx.nn.StateIndex)
 
@@ -414,7 +409,7 @@ def with_initial_state(module: Any, ctx: LowerContext) -> Any:
         >>> int(eqx.nn.State(module).get(module.batch_counter))
         0
     """
-    collected: dict[Hashable, Any] = ctx.shared.extras.get(_OUT_KEY, {})
+    collected: dict[Hashable, Any] = ctx.shared.extras.get(STATE_OUT_KEY, {})
     if not collected:
         return module
 
@@ -457,7 +452,7 @@ def lower_with_state(lifted: Any, state: eqx.nn.State | None = None) -> tuple[An
     body = getattr(lifted, "body", lifted)
     ctx = new_lower_context()
     module = ctx.lower_node(body, ctx)
-    collected: dict[Hashable, Any] = ctx.shared.extras.get(_OUT_KEY, {})
+    collected: dict[Hashable, Any] = ctx.shared.extras.get(STATE_OUT_KEY, {})
     known = dict(state._state) if state is not None else {}  # noqa: SLF001 - State has no public mapping view
     keys, values = [], []
     for leaf in jax.tree_util.tree_leaves(module, is_leaf=_is_index):

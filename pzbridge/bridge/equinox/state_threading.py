@@ -12,8 +12,13 @@ While a ``__call__`` is traced the State is therefore replaced by
 into child calls without becoming a jaxpr input or output. A child that gets
 the token runs for real (to learn its output shapes) with the lift's own
 State in its place, and whatever State it returns becomes the token again.
-Code that opens the State itself (``state.get(self.index)``) cannot be
-expressed this way and is reported as untraceable, naming the call.
+A module that opens the State itself (``state.get(self.index)`` /
+``state.set(self.index, new)`` on a ``StateIndex`` it holds: a counter, an
+EMA buffer, a cache) gets an :class:`OpenedState` instead: reading an entry
+gives the traced input standing for its current value, setting one records
+the new value, which becomes an extra output of the trace when the State is
+returned (the lifted layer stores it, see
+:mod:`pzbridge.bridge.tracing.state_writes`).
 
 Equinox's ``BatchNorm`` also reduces over a ``vmap`` axis name (``axis_name``),
 which a trace of one example does not bind: :func:`call_threading_state`
@@ -39,8 +44,8 @@ import jax
 
 from pzbridge.bridge.tracing.graph_types import Untraceable
 
-__all__ = ["STATE_KEY", "STATE_TOKEN", "StateToken", "axis_names_of", "call_threading_state", "holds_state", "is_token",
-           "returned_without_state", "with_tokens"]
+__all__ = ["STATE_KEY", "STATE_TOKEN", "OpenedState", "StateToken", "axis_names_of", "call_threading_state",
+           "holds_state", "is_token", "returned_without_state", "with_tokens"]
 
 STATE_KEY = "state"
 """Where a lift keeps the model's ``eqx.nn.State`` (``ctx.shared.extras``)."""
@@ -50,20 +55,21 @@ class StateToken:
     """Stands for the ``eqx.nn.State`` while a module is traced: a pytree without leaves.
 
     Opening it (``get`` / ``set`` / ``substate`` / ``update``) raises
-    :class:`~pzbridge.bridge.tracing.graph_types.Untraceable`: code that
-    reads or writes State entries itself has no lifted form yet.
+    :class:`~pzbridge.bridge.tracing.graph_types.Untraceable`: only a module
+    holding ``StateIndex`` es gets an :class:`OpenedState`, which it may open.
 
     Example:
         >>> STATE_TOKEN.get(None)
         Traceback (most recent call last):
         ...
-        pzbridge.bridge.tracing.graph_types.Untraceable: its __call__ opens the eqx.nn.State itself (state.get(...)); traced lifting threads the State only through child modules (BatchNorm, custom children), so this module stays Foreign
+        pzbridge.bridge.tracing.graph_types.Untraceable: its __call__ opens the eqx.nn.State itself (state.get(...)) but holds no eqx.nn.StateIndex of its own; traced lifting reads and writes only the entries of a module's own StateIndex fields, so this module stays Foreign
     """
 
     def _opened(self, method: str) -> Untraceable:
         return Untraceable(
-            f"its __call__ opens the eqx.nn.State itself (state.{method}(...)); traced lifting threads the State "
-            "only through child modules (BatchNorm, custom children), so this module stays Foreign")
+            f"its __call__ opens the eqx.nn.State itself (state.{method}(...)) but holds no eqx.nn.StateIndex of "
+            "its own; traced lifting reads and writes only the entries of a module's own StateIndex fields, so "
+            "this module stays Foreign")
 
     def get(self, *args: Any, **kwargs: Any) -> Any:
         raise self._opened("get")
@@ -83,6 +89,61 @@ class StateToken:
 
 STATE_TOKEN = StateToken()
 jax.tree_util.register_pytree_node(StateToken, lambda token: ((), None), lambda aux, children: STATE_TOKEN)
+
+
+class OpenedState(StateToken):
+    """The State as seen by a traced module that reads and writes entries of its own ``StateIndex`` es.
+
+    Like :data:`STATE_TOKEN` it is a pytree without leaves (it passes through
+    the glue and child calls); ``get`` returns the current value of one of the
+    module's entries (a traced input, or the value set last), ``set`` records
+    a new value and returns the same object. Setting checks, as Equinox does,
+    that the new value has the old one's structure, shapes and dtypes.
+
+    Attributes:
+      values: The current value of each of the module's entries, by marker.
+      written: The markers set so far, in the order first set.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> index = eqx.nn.StateIndex(jnp.zeros(2))
+        >>> opened = OpenedState({index.marker: jnp.zeros(2)})
+        >>> opened = opened.set(index, opened.get(index) + 1)
+        >>> opened.get(index).tolist(), len(opened.written)
+        ([1.0, 1.0], 1)
+        >>> jax.tree_util.tree_leaves(opened)
+        []
+    """
+
+    def __init__(self, values: dict[Any, Any]) -> None:
+        self.values = dict(values)
+        self.written: list[Any] = []
+
+    def _entry(self, index: Any, method: str) -> Any:
+        marker = getattr(index, "marker", None)
+        if not isinstance(index, eqx.nn.StateIndex) or marker not in self.values:
+            raise Untraceable(f"its __call__ calls state.{method}(...) on {type(index).__name__} that is not one of "
+                              "its own eqx.nn.StateIndex fields (only those are lifted with the module)")
+        return marker
+
+    def get(self, index: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.values[self._entry(index, "get")]
+
+    def set(self, index: Any, value: Any, *args: Any, **kwargs: Any) -> OpenedState:
+        marker = self._entry(index, "set")
+        value = jax.tree_util.tree_map(jax.numpy.asarray, value)
+        old, new = ((jax.tree_util.tree_structure(v), [(a.shape, a.dtype) for a in jax.tree_util.tree_leaves(v)])
+                    for v in (self.values[marker], value))
+        if old != new:
+            raise Untraceable(f"it sets a State entry to a value of another structure, shape or dtype ({new[1]}, "
+                              f"was {old[1]}); Equinox refuses this too")
+        self.values[marker] = value
+        if marker not in self.written:
+            self.written.append(marker)
+        return self
+
+
+jax.tree_util.register_pytree_node(OpenedState, lambda opened: ((), opened), lambda opened, children: opened)
 
 
 def is_token(value: Any) -> bool:
@@ -109,14 +170,14 @@ def holds_state(tree: Any) -> bool:
     return any(_is_state(leaf) for leaf in jax.tree_util.tree_leaves(tree, is_leaf=_is_state))
 
 
-def with_tokens(tree: Any) -> Any:
-    """``tree`` with every ``eqx.nn.State`` replaced by :data:`STATE_TOKEN`.
+def with_tokens(tree: Any, token: StateToken = STATE_TOKEN) -> Any:
+    """``tree`` with every ``eqx.nn.State`` (or token) replaced by ``token`` (:data:`STATE_TOKEN` by default).
 
     Example:
         >>> with_tokens([STATE_TOKEN, 2])[0] is STATE_TOKEN
         True
     """
-    return jax.tree_util.tree_map(lambda v: STATE_TOKEN if _is_state(v) else v, tree, is_leaf=_is_state)
+    return jax.tree_util.tree_map(lambda v: token if _is_state(v) else v, tree, is_leaf=_is_state)
 
 
 def _with_state(tree: Any, state: Any) -> Any:
@@ -160,8 +221,10 @@ def _bound(fn: Callable[[], Any], names: Sequence[str]) -> Callable[[], Any]:
 def call_threading_state(child: Any, args: Sequence[Any], kwargs: Mapping[str, Any], state: Any) -> Any:
     """Calls ``child(*args, **kwargs)`` with each token replaced by ``state``; a returned State becomes the token.
 
-    The axis names the child's BatchNorms reduce over are bound (size one),
-    so a single traced example runs (only its shapes are used).
+    The token given is the one returned (an :class:`OpenedState` keeps what
+    its module read and set around the child's call). The axis names the
+    child's BatchNorms reduce over are bound (size one), so a single traced
+    example runs (only its shapes are used).
 
     Example:
         >>> bn, st = eqx.nn.make_with_state(eqx.nn.BatchNorm)(2, "batch", mode="batch")
@@ -174,8 +237,9 @@ def call_threading_state(child: Any, args: Sequence[Any], kwargs: Mapping[str, A
         return child(*args, **kwargs)
     if holds_state((args, dict(kwargs))) and state is None:
         raise Untraceable("a child is called with an eqx.nn.State but the lift has none (pass state=)")
+    given = [v for v in jax.tree_util.tree_leaves((args, dict(kwargs)), is_leaf=is_token) if is_token(v)]
     real_args, real_kwargs = _with_state((tuple(args), dict(kwargs)), state)
-    return with_tokens(_bound(lambda: child(*real_args, **real_kwargs), names)())
+    return with_tokens(_bound(lambda: child(*real_args, **real_kwargs), names)(), given[0] if given else STATE_TOKEN)
 
 
 def returned_without_state(out: Any) -> tuple[Any, bool]:

@@ -10,6 +10,12 @@ custom child by tracing it with the shapes it is called with (so
 ``jax.vmap(self.mlp)(x)`` lifts the MLP on one token and the mapped axis
 keeps its name), and an untraceable one as ``Foreign``.
 
+A threaded ``eqx.nn.State`` passes through as a token
+(:mod:`~pzbridge.bridge.equinox.state_threading`); a module's own
+``StateIndex`` fields are read and set through it, their entries lifted as
+``StateVariable`` s that a :class:`~pzbridge.bridge.tracing.state_writes.WritesState`
+updates (:mod:`~pzbridge.bridge.equinox.state_entries`).
+
 Equinox modules act on unbatched arrays: the lifted model names the example's
 axes (default ``seq, features`` for the last two) and any extra named axis
 (``batch``) passes through.
@@ -47,9 +53,12 @@ import jax
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox.adapter import EquinoxAdapter
 from pzbridge.bridge.equinox.stack import lift_stacked_block
+from pzbridge.bridge.equinox.state_entries import entry_variable, lift_state_entry
 from pzbridge.bridge.equinox.state_threading import (
     STATE_KEY,
+    OpenedState,
     call_threading_state,
+    holds_state,
     is_token,
     returned_without_state,
     with_tokens,
@@ -80,9 +89,11 @@ from pzbridge.bridge.tracing.child_calls import ChildCall, bind_proxy, proxy_cla
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.bridge.tracing.graph import ChildSpec, InputRole, Untraceable, convert
 from pzbridge.bridge.tracing.overrides import renames_for
+from pzbridge.bridge.tracing.state_writes import Written, WritesState, write_targets
 from pzbridge.bridge.tracing.structure import build_layer
 from pzbridge.core import named_axes as pzb_nx
 from pzbridge.core.errors import LiftError
+from pzbridge.core.variables import StateVariable
 from pzbridge.nn.dataflow import Traced
 from pzbridge.nn.foreign import Foreign
 
@@ -91,26 +102,64 @@ _TRACES = "equinox_traces"
 
 @dataclasses.dataclass
 class _Parts:
-    """An Equinox module flattened one level: its children, its arrays, everything else."""
+    """An Equinox module flattened one level: its children, its arrays, its ``StateIndex`` es, everything else."""
 
     module: Any
     flat: list[tuple[Any, Any]]
     treedef: Any
     children: list[tuple[int, tuple[str | int, ...], Any]]
     arrays: list[tuple[int, tuple[str | int, ...], Any]]
+    indices: list[tuple[tuple[str | int, ...], eqx.nn.StateIndex]]
 
     @classmethod
     def of(cls, module: Any) -> _Parts:
         is_submodule = lambda value: value is not module and isinstance(value, eqx.Module)  # noqa: E731
         flat, treedef = jax.tree_util.tree_flatten_with_path(module, is_leaf=is_submodule)
-        children, arrays = [], []
+        children, arrays, indices = [], [], []
         for index, (path, leaf) in enumerate(flat):
             keys = _child_key(path)
-            if isinstance(leaf, eqx.Module):
+            if isinstance(leaf, eqx.nn.StateIndex):  # stays in place: the code passes it to state.get / set
+                indices.append((keys, leaf))
+            elif isinstance(leaf, eqx.Module):
                 children.append((index, keys, leaf))
             elif is_array(leaf):
                 arrays.append((index, keys, leaf))
-        return cls(module, flat, treedef, children, arrays)
+        return cls(module, flat, treedef, children, arrays, indices)
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One of a module's ``StateIndex`` es with its value in the lift's State, flattened."""
+
+    keys: tuple[str | int, ...]
+    index: eqx.nn.StateIndex
+    leaves: list[Any]
+    treedef: Any
+
+    def path(self, leaf: int) -> tuple[str | int, ...]:
+        return self.keys if len(self.leaves) == 1 else (*self.keys, str(leaf))
+
+
+def _entries(parts: _Parts, state: Any) -> list[_Entry]:
+    """The module's State entries (none without a State: the code then cannot open one).
+
+    Raises:
+      Untraceable: If the State has no entry for one of the module's ``StateIndex`` es, or one is not arrays.
+    """
+    if state is None:
+        return []
+    entries = []
+    for keys, index in parts.indices:
+        try:
+            value = state.get(index)
+        except (KeyError, ValueError) as error:
+            raise Untraceable(f"the eqx.nn.State has no entry for its StateIndex {_key_text(keys)!r} "
+                              f"({type(error).__name__}: {error})") from None
+        leaves, treedef = jax.tree_util.tree_flatten(value)
+        if not all(is_array(leaf) for leaf in leaves):
+            raise Untraceable(f"its State entry {_key_text(keys)!r} holds values that are not arrays")
+        entries.append(_Entry(keys, index, leaves, treedef))
+    return entries
 
 
 def _split_child(child: Any) -> tuple[list[Any], Any, Any]:
@@ -155,11 +204,12 @@ def _struct(array: Any) -> jax.ShapeDtypeStruct:
 
 
 def _trace(parts: _Parts, example: Example, state: Any
-           ) -> tuple[Any, Any, list[ChildCall], list[InputRole], list[str], Any, Any]:
+           ) -> tuple[Any, Any, list[ChildCall], list[InputRole], list[str], Any, Any, list[Written]]:
     module = parts.module
     # A threaded eqx.nn.State passes through the trace as a leafless token (see state_threading).
     example = dataclasses.replace(example, args=with_tokens(example.args), kwargs=with_tokens(dict(example.kwargs)))
     child_splits = [_split_child(child) for _, _, child in parts.children]
+    entries = _entries(parts, state)
     param_roles = [InputRole("param", name=_key_text(keys), array=array, path=keys)
                    for _, keys, array in parts.arrays]
     for (_, keys, _), (leaves, treedef, static) in zip(parts.children, child_splits):
@@ -167,6 +217,9 @@ def _trace(parts: _Parts, example: Example, state: Any
         for path, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]:
             sub = _child_key(path)
             param_roles.append(InputRole("param", name=_key_text((*keys, *sub)), array=leaf, path=(*keys, *sub)))
+    for entry in entries:  # the State's own arrays: their identity ties them to the entries' variables
+        param_roles.extend(InputRole("param", name=_key_text(entry.path(i)), array=leaf, path=entry.path(i))
+                           for i, leaf in enumerate(entry.leaves))
     given = example.input_names[0] if example.input_names else None
     first = example.args[0] if example.args else None
     data_names = given if given is not None else (
@@ -175,8 +228,10 @@ def _trace(parts: _Parts, example: Example, state: Any
                                                            names_fixed=given is not None)
     flat_args = jax.tree_util.tree_leaves((example.args, dict(example.kwargs)))
     calls: list[ChildCall] = []
+    known_writes: list[list[int]] = []
 
-    def traced_call(own: list[Any], child_leaves: list[list[Any]], dynamic_args: list[Any]) -> Any:
+    def traced_call(own: list[Any], child_leaves: list[list[Any]], state_leaves: list[list[Any]],
+                    dynamic_args: list[Any]) -> Any:
         leaves = [leaf for _, leaf in parts.flat]
         for (index, _, _), array in zip(parts.arrays, own):
             leaves[index] = array
@@ -197,15 +252,37 @@ def _trace(parts: _Parts, example: Example, state: Any
         for position, value in zip(dynamic, dynamic_args):
             values[position] = value
         args, kwargs = jax.tree_util.tree_unflatten(args_treedef, values)
-        return type(module).__call__(traced_module, *args, **kwargs)
+        opened = None
+        if entries:  # The module may read and set its own entries: it gets the State opened on them.
+            opened = OpenedState({entry.index.marker: jax.tree_util.tree_unflatten(entry.treedef, list(arrays))
+                                  for entry, arrays in zip(entries, state_leaves)})
+            args, kwargs = with_tokens((args, kwargs), opened)
+        out = type(module).__call__(traced_module, *args, **kwargs)
+        # Entries set but not returned are dropped by Equinox too (the State returned is the new one).
+        written = [i for i, entry in enumerate(entries)
+                   if opened is not None and entry.index.marker in opened.written and holds_state(out)]
+        if not known_writes:
+            known_writes.append(written)
+        elif known_writes[0] != written:
+            raise Untraceable("it sets other State entries when called at other sizes")
+        # The new values are extra outputs; WritesState stores them (a module setting none traces as before).
+        news = [leaf for i in written for leaf in jax.tree_util.tree_leaves(opened.values[entries[i].index.marker])]
+        return (out, tuple(news)) if written else out
 
     own_structs = [_struct(a) for _, _, a in parts.arrays]
     child_structs = [[_struct(a) for a in leaves] for leaves, _, _ in child_splits]
+    state_structs = [[_struct(a) for a in entry.leaves] for entry in entries]
     dynamic_structs = [flat_args[i] for i in dynamic]
-    closed, out_shape = trace_call(traced_call, own_structs, child_structs, dynamic_structs)
-    retrace = retracer(traced_call, (own_structs, child_structs), dynamic_structs, calls)
-    out_shape, _ = returned_without_state(out_shape)  # the lifted layers keep the state themselves
-    return closed, out_shape, calls, roles, side_names, jax.tree_util.tree_structure(out_shape), retrace
+    closed, out_shape = trace_call(traced_call, own_structs, child_structs, state_structs, dynamic_structs)
+    retrace = retracer(traced_call, (own_structs, child_structs, state_structs), dynamic_structs, calls)
+    written_entries = [entries[i] for i in known_writes[0]] if known_writes else []
+    if written_entries:
+        out_shape = (returned_without_state(out_shape[0])[0], out_shape[1])
+    else:
+        out_shape, _ = returned_without_state(out_shape)  # the lifted layers keep the state themselves
+    writes = [Written(_key_text(entry.path(i)), entry.path(i), leaf, _struct(leaf))
+              for entry in written_entries for i, leaf in enumerate(entry.leaves)]
+    return closed, out_shape, calls, roles, side_names, jax.tree_util.tree_structure(out_shape), retrace, writes
 
 
 def _hashable(value: Any) -> Any:
@@ -229,16 +306,20 @@ def _trace_key(module: Any, example: Example) -> Any:
     return key
 
 
-def _with_roles_of(parts: _Parts, cached: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A cached trace with the input roles pointing at this module's own arrays."""
-    closed, out_shape, calls, roles, side_names, out_treedef, retrace = cached
+def _with_roles_of(parts: _Parts, cached: tuple[Any, ...], state: Any) -> tuple[Any, ...]:
+    """A cached trace with the input roles pointing at this module's own arrays (and its State entries')."""
+    closed, out_shape, calls, roles, side_names, out_treedef, retrace, writes = cached
     arrays = [array for _, _, array in parts.arrays]
     for _, _, child in parts.children:
         leaves, _, _ = _split_child(child)
         arrays.extend(leaves)
+    for entry in _entries(parts, state):
+        arrays.extend(entry.leaves)
     params = iter(arrays)
     fresh = [dataclasses.replace(role, array=next(params)) if role.kind == "param" else role for role in roles]
-    return closed, out_shape, calls, fresh, side_names, out_treedef, retrace
+    by_path = {role.path: role.array for role in fresh if role.kind == "param"}
+    writes = [dataclasses.replace(write, source=by_path[write.keys]) for write in writes]
+    return closed, out_shape, calls, fresh, side_names, out_treedef, retrace, writes
 
 
 def lift_traced(module: Any, ctx: LiftContext) -> Traced:
@@ -252,13 +333,14 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     # Modules of one structure called the same way (the blocks of a model) trace to the same jaxpr.
     cache = ctx.shared.extras.setdefault(_TRACES, {})
     key = _trace_key(module, example)
+    state = ctx.shared.extras.get(STATE_KEY)
     if key is None or key not in cache:
-        traced_once = _trace(parts, example, ctx.shared.extras.get(STATE_KEY))
+        traced_once = _trace(parts, example, state)
         if key is not None:
             cache[key] = traced_once
     else:
-        traced_once = _with_roles_of(parts, cache[key])
-    closed, out_shape, calls, roles, side_names, out_treedef, retrace = traced_once
+        traced_once = _with_roles_of(parts, cache[key], state)
+    closed, out_shape, calls, roles, side_names, out_treedef, retrace, writes = traced_once
     children_by_key = {_key_text(keys): (keys, child) for _, keys, child in parts.children}
     lifted: dict[str, Any] = {}
     plain = ctx.child()
@@ -301,8 +383,16 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
                           else EQUINOX.convention_of(child, ctx.naming))
         return child_spec(layer, convention, args, kwargs, traced_child, param_names)
 
+    entries = {id(leaf): (entry, i) for entry in _entries(parts, state) for i, leaf in enumerate(entry.leaves)}
+
     def param_handler(role: InputRole, storage_names: tuple[str, ...]) -> Any:
+        if id(role.array) in entries:  # a State entry the code reads: state, not a trainable parameter
+            return _entry_variable(entries[id(role.array)], role.array, storage_names)
         return plain.child(*role.path).parameter(role.array, storage_names)
+
+    def _entry_variable(found: tuple[_Entry, int], array: Any, names: tuple[str, ...] | None) -> StateVariable:
+        entry, i = found
+        return entry_variable(plain.child(*entry.keys), array, names, i, len(entry.leaves))
 
     called = {call.key for call in calls}
     # A child the code never calls (arrays the parent reads) runs no code of its own: Foreign is fine, strict or not.
@@ -315,7 +405,15 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
 
     graph = convert(closed, roles, child_handler, param_handler, param_hint, renames_for(ctx), retrace)
     body = build_layer(graph, out_treedef)
+    if writes:  # The traced function returned (out, new entry values): store them, return out.
+        targets, storage = write_targets(graph, writes, plain, lambda write, names: _entry_variable(
+            entries[id(write.source)], write.source, names))
+        body = WritesState(body, targets, storage)
+        out_treedef = out_treedef.children()[0]
     by_id = {id(child): {**uncalled, **lifted}[key] for key, (_, child) in children_by_key.items()}
+    for keys, index in parts.indices:  # Kept to rebuild the StateIndex, holding the body's variables.
+        by_id[id(index)] = (lift_state_entry(index, state, plain.child(*keys)) if state is not None
+                            else holder.lift(index, *keys))
     fill = dataclasses.replace(plain, lift_node=lambda m, c: by_id[id(m)] if id(m) in by_id else ctx.lift_node(m, c))
     foreign = lift_foreign(module, fill)
     own = {role.name for i, role in enumerate(roles[: len(parts.arrays)]) if i not in graph.unused_params}

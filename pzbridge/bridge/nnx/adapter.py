@@ -34,7 +34,7 @@ from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.native_calls import NativeCall, conventions_chain, fill_native_slots, native_lowerer, split_natives, \
     wants_native_children
 from pzbridge.bridge.nnx.traversal import convention_of, new_lift_context, nnx_rule
-from pzbridge.bridge.nnx.variables import is_array, lowered_layout, nnx_variable, storage_names
+from pzbridge.bridge.nnx.variables import is_array, lowered_layout, nnx_variable
 from pzbridge.core import named_axes as nx
 from pzbridge.bridge.train_modes import with_modes
 from pzbridge.core.selectors import select
@@ -221,7 +221,9 @@ class NnxAdapter(nnx.Module):
             if isinstance(target, nnx.Variable):
                 names = next(s.names for s in self.specs if s.label == value.label)
                 new = value.value
-                target.set_raw_value(new.untag(*names).unwrap() if names and nx.is_namedarray(new) else new)
+                # A scalar entry comes back as a NamedArray without axes: the Variable holds its raw array.
+                unwrap = nx.is_namedarray(new) and (names or not new.named_shape)
+                target.set_raw_value(new.untag(*names).unwrap() if unwrap else new)
         return convention.unname_output(out)
 
     def lifted_layer(self, ctx: LiftContext | None = None) -> Any:

@@ -42,32 +42,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from pzbridge.bridge.context import LiftContext
-from pzbridge.bridge.nnx.variables import lift_variable, storage_names
-from pzbridge.bridge.tracing.graph_types import Graph, Untraceable
-from pzbridge.core import named_axes as nx
-from pzbridge.core.variables import StateVariable
-
-
-@dataclasses.dataclass
-class Written:
-    """One Variable the traced call wrote.
-
-    Attributes:
-      key: Its key in the traced module (``calls``, ``norm.mean``).
-      keys: Its key path (for the lifted variable's label).
-      source: The user's Variable (only read; identity defines sharing).
-      value: The value the call left in it (a tracer while tracing, then its ``ShapeDtypeStruct``).
-
-    Example:
-        >>> Written("calls", ("calls",), None, 1).key
-        'calls'
-    """
-
-    key: str
-    keys: tuple[str | int, ...]
-    source: Any
-    value: Any
+from pzbridge.bridge.tracing.graph_types import Untraceable
+from pzbridge.bridge.tracing.state_writes import Written
 
 
 @dataclasses.dataclass
@@ -114,42 +90,3 @@ def written_variables(fresh: Sequence[tuple[str, nnx.Variable, Any]],
                               f"(found {type(value).__name__})")
         found.append(Written(key, tuple(keys), source, value))
     return found
-
-
-def write_targets(graph: Graph, written: Sequence[Written], ctx: LiftContext
-                  ) -> tuple[tuple[StateVariable, ...], tuple[tuple[str, ...], ...]]:
-    """The lifted ``StateVariable`` and storage names for each write (the graph's last outputs, in order).
-
-    A Variable the call also reads was lifted by the converter with the names
-    its operand got; one that is only written is lifted here, stored with the
-    names of its new value.
-
-    Args:
-      graph: The converted graph; its last ``len(written)`` outputs are the new values.
-      written: The writes.
-      ctx: The module's lift context (its shared table keeps one variable per Variable).
-
-    Returns:
-      ``(targets, storage names)``.
-
-    Raises:
-      Untraceable: If a new value has an unnamed axis or other axes than its variable.
-    """
-    ids = graph.output_ids[len(graph.output_ids) - len(written):]
-    targets, storage = [], []
-    for write, value_id in zip(written, ids):
-        names = graph.names.get(value_id, ())
-        if None in names or len(names) != len(write.value.shape):
-            raise Untraceable(f"the new value of {write.key!r} has an axis without a name ({names})")
-        existing = ctx.shared.by_identity.get(id(write.source))
-        if existing is None:
-            existing = lift_variable(write.source, ctx.child(*write.keys), names)
-        stored = storage_names(existing)
-        value = getattr(existing, "value", None)
-        if not isinstance(existing, StateVariable) or not nx.is_namedarray(value) or value.positional_shape \
-                or set(stored) != set(names):
-            raise Untraceable(f"the new value of {write.key!r} has axes {list(names)}; its variable is stored as "
-                              f"{list(stored)}")
-        targets.append(existing)
-        storage.append(stored)
-    return tuple(targets), tuple(storage)

@@ -77,7 +77,7 @@ from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.nnx.adapter import NnxAdapter
 from pzbridge.bridge.nnx.containers import LayerDict, LayerList
 from pzbridge.bridge.nnx.stack import lift_stacked_block
-from pzbridge.bridge.nnx.state_writes import Writes, Written, write_targets, written_variables
+from pzbridge.bridge.nnx.state_writes import Writes, written_variables
 from pzbridge.bridge.nnx.statics import NnxStatics, build_module, data_attributes
 from pzbridge.bridge.nnx.traversal import (
     NNX,
@@ -107,7 +107,7 @@ from pzbridge.bridge.tracing.child_calls import ChildCall, bind_proxy, proxy_cla
 from pzbridge.bridge.tracing.example import Example
 from pzbridge.bridge.tracing.graph import ChildSpec, InputRole, Untraceable, convert
 from pzbridge.bridge.tracing.overrides import renames_for
-from pzbridge.bridge.tracing.state_writes import WritesState
+from pzbridge.bridge.tracing.state_writes import Written, WritesState, write_targets
 from pzbridge.bridge.tracing.structure import build_layer
 from pzbridge.core import named_axes as pzb_nx
 from pzbridge.core.struct import Struct, pytree_dataclass, static_field
@@ -467,7 +467,8 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     body = build_layer(graph, out_treedef)
     written_labels: dict[str, str] = {}
     if written:  # The traced function returned (out, new values): store them, return out.
-        targets, storage = write_targets(graph, written, plain)
+        targets, storage = write_targets(
+            graph, written, plain, lambda write, names: lift_variable(write.source, plain.child(*write.keys), names))
         body = WritesState(body, targets, storage)
         out_treedef = out_treedef.children()[0]
         own_keys = {key for _, key, _, _ in parts.own}

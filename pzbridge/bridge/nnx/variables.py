@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from pzbridge.bridge.context import LiftContext, LowerContext
+from pzbridge.bridge.tracing.state_writes import storage_names
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LowerError
 from pzbridge.core.variables import (
@@ -130,18 +131,6 @@ def lift_variable(variable: Any, ctx: LiftContext, axis_names: Sequence[str] | N
         return ctx.raw_parameter(raw, metadata=metadata, source=variable)
     value = raw if axis_names is None else nx.wrap(raw, *axis_names)
     return ctx.state_variable(value, metadata=metadata, source=variable)
-
-
-def storage_names(variable: Any) -> tuple[str, ...]:
-    """The axis names of a variable's NamedArray value in storage order (``()`` for raw values).
-
-    Example:
-        >>> from pzbridge.core.variables import Parameter
-        >>> storage_names(Parameter(nx.wrap(np.ones((2, 3)), "a", "b"), "p"))
-        ('a', 'b')
-    """
-    value = getattr(variable, "value", None)
-    return tuple(value.named_shape) if nx.is_namedarray(value) and not value.positional_shape else ()
 
 
 def nnx_variable(variable: Any, ctx: LowerContext, axis_names: Sequence[str] | None = None,

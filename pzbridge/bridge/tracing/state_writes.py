@@ -12,8 +12,10 @@ call of the lifted model its state is therefore what the module's state is
 after one call, and every pzbridge state mechanism (``stateless_call``,
 ``variable_jit``, the NNX adapter's write-back) sees ordinary state updates.
 
-The layer is framework-neutral; the NNX bridge (``bridge/nnx/tracing.py``)
-decides what was written. See ``docs/architecture.md`` ("The lift / lower
+The layer is framework-neutral; the bridges decide what was written (NNX:
+``bridge/nnx/state_writes.py``, Variables changed in place; Equinox:
+``bridge/equinox/state_threading.py``, entries set in an ``eqx.nn.State``)
+and :func:`write_targets` finds the variable each new value goes to. See ``docs/architecture.md`` ("The lift / lower
 contract") and ``docs/lifting_custom_modules.md``.
 
 Example:
@@ -29,11 +31,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
+from pzbridge.bridge.context import LiftContext
+from pzbridge.bridge.tracing.graph_types import Graph, Untraceable
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LowerError, NamedAxisError
 from pzbridge.core.selectors import select
@@ -100,6 +105,15 @@ def to_storage(value: Any, names: Sequence[str], label: str) -> Any:
     """
     if not nx.is_namedarray(value):
         value = nx.wrap(jax.numpy.asarray(value))
+    extra = [n for n in value.named_shape if n not in names]
+    if not value.positional_shape and extra and set(names) <= set(value.named_shape):
+        raise NamedAxisError(
+            f"WritesState: the new value of state variable {label!r} has the axes {extra} its variable (stored "
+            f"with axes {list(names)}) lacks: the update depends on each example of the batch (a cache or buffer "
+            "written per example), and one shared state cannot hold it (Equinox's jax.vmap with an unbatched "
+            "State refuses it too). Fix: call the model on one example at a time (without the batch axis), or "
+            "keep one state per example."
+        )
     if value.positional_shape or set(value.named_shape) != set(names):
         raise NamedAxisError(
             f"WritesState: the new value of state variable {label!r} has named axes "
@@ -108,6 +122,83 @@ def to_storage(value: Any, names: Sequence[str], label: str) -> Any:
             "value's shape)."
         )
     return nx.wrap(value.unwrap(*names), *names)
+
+
+
+@dataclasses.dataclass
+class Written:
+    """One state entry the traced call wrote (an NNX Variable, an ``eqx.nn.State`` entry's array).
+
+    Attributes:
+      key: Its key in the traced module (``calls``, ``norm.mean``, ``index``).
+      keys: Its key path (for the lifted variable's label).
+      source: The user's object (only read; identity defines sharing: the
+        Variable, or the State's array).
+      value: The value the call left in it (a tracer while tracing, then its ``ShapeDtypeStruct``).
+
+    Example:
+        >>> Written("calls", ("calls",), None, 1).key
+        'calls'
+    """
+
+    key: str
+    keys: tuple[str | int, ...]
+    source: Any
+    value: Any
+
+
+def storage_names(variable: Any) -> tuple[str, ...]:
+    """The axis names of a variable's NamedArray value in storage order (``()`` for raw values).
+
+    Example:
+        >>> import numpy as np
+        >>> from pzbridge.core.variables import Parameter
+        >>> storage_names(Parameter(nx.wrap(np.ones((2, 3)), "a", "b"), "p"))
+        ('a', 'b')
+    """
+    value = getattr(variable, "value", None)
+    return tuple(value.named_shape) if nx.is_namedarray(value) and not value.positional_shape else ()
+
+
+def write_targets(graph: Graph, written: Sequence[Written], ctx: LiftContext,
+                  lift_written: Callable[[Written, tuple[str, ...]], Any]
+                  ) -> tuple[tuple[StateVariable, ...], tuple[tuple[str, ...], ...]]:
+    """The lifted ``StateVariable`` and storage names for each write (the graph's last outputs, in order).
+
+    An entry the call also reads was lifted by the converter with the names
+    its operand got; one that is only written is lifted by ``lift_written``
+    (the bridge's way to lift it), stored with the names of its new value.
+
+    Args:
+      graph: The converted graph; its last ``len(written)`` outputs are the new values.
+      written: The writes.
+      ctx: The module's lift context (its shared table keeps one variable per source).
+      lift_written: ``(write, names) -> variable`` for a source not lifted yet.
+
+    Returns:
+      ``(targets, storage names)``.
+
+    Raises:
+      Untraceable: If a new value has an unnamed axis or other axes than its variable.
+    """
+    ids = graph.output_ids[len(graph.output_ids) - len(written):]
+    targets, storage = [], []
+    for write, value_id in zip(written, ids):
+        names = graph.names.get(value_id, ())
+        if None in names or len(names) != len(write.value.shape):
+            raise Untraceable(f"the new value of {write.key!r} has an axis without a name ({names})")
+        existing = ctx.shared.by_identity.get(id(write.source))
+        if existing is None:
+            existing = lift_written(write, names)
+        stored = storage_names(existing)
+        value = getattr(existing, "value", None)
+        if not isinstance(existing, StateVariable) or not nx.is_namedarray(value) or value.positional_shape \
+                or set(stored) != set(names):
+            raise Untraceable(f"the new value of {write.key!r} has axes {list(names)}; its variable is stored as "
+                              f"{list(stored)}")
+        targets.append(existing)
+        storage.append(stored)
+    return tuple(targets), tuple(storage)
 
 
 class StateWritesNotConvertible(LowerError, NotImplementedError):

@@ -238,7 +238,7 @@ def test_edited_glue_lowers_to_a_stateful_adapter_that_gathers_the_batch() -> No
 
 
 class OpensTheState(eqx.Module):
-    """Custom code reading a State entry itself (not through a child)."""
+    """Custom code reading and setting a State entry of its own."""
 
     linear: eqx.nn.Linear
     index: eqx.nn.StateIndex
@@ -252,11 +252,20 @@ class OpensTheState(eqx.Module):
         return self.linear(total), state.set(self.index, total)
 
 
-def test_code_opening_the_state_stays_foreign_naming_why() -> None:
-    model, state = eqx.nn.make_with_state(OpensTheState)(jax.random.key(0))
+class ReadsAChildsEntry(eqx.Module):
+    """Custom code opening the State at a ``StateIndex`` its child holds (not one of its own)."""
+
+    inner: OpensTheState
+
+    def __call__(self, x: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
+        return x + state.get(self.inner.index), state
+
+
+def test_code_opening_the_state_at_a_childs_index_stays_foreign_naming_why() -> None:
+    model, state = eqx.nn.make_with_state(ReadsAChildsEntry)(OpensTheState(jax.random.key(0)))
     x = jnp.ones(3)
     assert isinstance(pzb.lift(model, x, state).body, Foreign)
-    with pytest.raises(LiftError, match=r"opens the eqx.nn.State itself \(state.get"):
+    with pytest.raises(LiftError, match=r"opens the eqx.nn.State itself \(state.get.*holds no eqx.nn.StateIndex"):
         pzb.lift(model, x, state, strict=True)
 
 
