@@ -150,7 +150,21 @@ def _check_k(k: Any, d: int, where: str) -> int:
     return k
 
 
-def _check_routes(routes: Sequence[int], where: str) -> tuple[int, ...]:
+def _check_routes(routes: Sequence[Any], where: str, blocks: Sequence[int] = ()) -> tuple[Any, ...]:
+    """``routes`` as a tuple (one source world per world), or with ``blocks`` one such tuple per block."""
+    if blocks:
+        nested = tuple(tuple(r) if isinstance(r, Sequence) else r for r in routes)
+        sizes = tuple(blocks)
+        worlds = len(nested[0]) if nested and isinstance(nested[0], tuple) else 0
+        if (not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in sizes)
+                or len(nested) != len(sizes) or not all(isinstance(r, tuple) and len(r) == worlds for r in nested)):
+            raise PzbridgeError(
+                f"{where}: with blocks={sizes} (the number of rotated coordinates each source interchanges), "
+                f"routes must hold one tuple of source worlds per block, each as long as the number of worlds, "
+                f"found routes={nested}. Fix: e.g. blocks=(2, 2), routes=((1, 1, 2), (2, 1, 2)): world 0 takes "
+                "the first 2 coordinates from world 1 and the next 2 from world 2."
+            )
+        return tuple(_check_routes(r, where) for r in nested)
     routes = tuple(routes)
     if not routes or not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < len(routes)
                              for r in routes):
@@ -159,6 +173,16 @@ def _check_routes(routes: Sequence[int], where: str) -> tuple[int, ...]:
             f"[0, {len(routes)}), found {routes}. Fix: routes=(1, 1) (world 0 reads its subspace from world 1)."
         )
     return routes
+
+
+def _check_blocks(blocks: Any, where: str) -> tuple[int, ...]:
+    if isinstance(blocks, int) and not isinstance(blocks, bool):
+        return ()
+    sizes = tuple(blocks)
+    if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in sizes):
+        raise PzbridgeError(f"{where}: k must be an int or a non-empty tuple of ints >= 0 (one per source), "
+                            f"found {blocks!r}.")
+    return sizes
 
 
 def _raw_matrix(key: jax.Array, d: int, r: int, init: str, where: str) -> jax.Array:
@@ -185,38 +209,84 @@ class SubspaceInterchange(Layer):
 
     # Declared by every subclass as static fields (dataclass field order is set there, after its arrays).
     axis: str
-    routes: tuple[int, ...]
+    routes: tuple[Any, ...]
     worlds: str
+    blocks: tuple[int, ...]
 
     @abc.abstractmethod
     def subspace(self) -> tuple[jax.Array, jax.Array | None]:
         """``(Q, m)``: a ``d x r`` orthonormal basis and ``r`` weights in ``[0, 1]`` (``None``: all ones)."""
 
+    def world_count(self) -> int:
+        """The number of worlds the layer reads (the size of its worlds axis).
+
+        Example:
+            >>> import jax
+            >>> LowRankRotatedInterchange.from_config("das", jax.random.key(0), {"f": 4}, k=(1, 1),
+            ...                                       routes=((1, 1, 2), (2, 1, 2))).world_count()
+            3
+        """
+        return len(self.routes[0]) if self.blocks else len(self.routes)
+
+    def route_blocks(self, r: int) -> list[tuple[int, int, tuple[int, ...]]]:
+        """``(first, stop, routes)`` per block of the ``r`` interchanged coordinates (one block without ``blocks``).
+
+        Multi-source interchange: block ``g`` of world ``w`` is read from world
+        ``routes[g][w]`` (distributed alignment search of several causal
+        variables, each from its own source).
+
+        Raises:
+          NamedAxisError: If the blocks do not add up to ``r``.
+
+        Example:
+            >>> import jax
+            >>> das = LowRankRotatedInterchange.from_config("das", jax.random.key(0), {"f": 4}, k=(1, 2),
+            ...                                             routes=((1, 1, 2), (2, 1, 2)))
+            >>> das.route_blocks(3)
+            [(0, 1, (1, 1, 2)), (1, 3, (2, 1, 2))]
+        """
+        if not self.blocks:
+            return [(0, r, tuple(self.routes))]
+        if sum(self.blocks) != r:
+            raise NamedAxisError(
+                f"{type(self).__name__}: its blocks {self.blocks} add up to {sum(self.blocks)} coordinates, its "
+                f"subspace has {r}. Fix: give blocks that add up to the interchanged coordinates (k).")
+        starts = [sum(self.blocks[:g]) for g in range(len(self.blocks))]
+        return [(a, a + size, tuple(routes)) for a, size, routes in zip(starts, self.blocks, self.routes)]
+
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
         name = type(self).__name__
         found = dict(x.named_shape) if nx.is_namedarray(x) else {}
         q, weights = self.subspace()
-        wanted = {self.axis: q.shape[0], self.worlds: len(self.routes)}
+        wanted = {self.axis: q.shape[0], self.worlds: self.world_count()}
         bad = {axis: size for axis, size in wanted.items() if found.get(axis) != size}
         if bad:
             positional = getattr(x, "positional_shape", getattr(x, "shape", ()))
             raise NamedAxisError(
                 f"{name}: expected an activation with named axes {wanted}, found named axes {found} (positional "
                 f"shape {positional}); {bad} are missing or differ in size. Fix: run the model on "
-                f"stack_worlds([base, source]) (axis {self.worlds!r}) and insert the layer where the activation "
+                f"stack_worlds([base, *sources]) (axis {self.worlds!r}) and insert the layer where the activation "
                 f"has the axis {self.axis!r} of size {q.shape[0]}."
             )
-        source = x[{self.worlds: nx.wrap(jnp.asarray(self.routes, dtype=jnp.int32), self.worlds)}]
+        blocks = self.route_blocks(q.shape[1])
+        sources = [x[{self.worlds: nx.wrap(jnp.asarray(routes, dtype=jnp.int32), self.worlds)}].untag(self.axis)
+                   for _, _, routes in blocks]
 
-        def interchange(base: jax.Array, src: jax.Array) -> jax.Array:
-            coordinates = q.T @ (src - base)
-            if weights is not None:
-                coordinates = weights * coordinates
-            return base + q @ coordinates
+        def interchange(base: jax.Array, *srcs: jax.Array) -> jax.Array:
+            moved_coordinates = None
+            for (first, stop, _), src in zip(blocks, srcs):
+                basis = q if len(blocks) == 1 else q[:, first:stop]
+                coordinates = basis.T @ (src - base)
+                if weights is not None:
+                    coordinates = (weights if len(blocks) == 1 else weights[first:stop]) * coordinates
+                moved_coordinates = basis @ coordinates if moved_coordinates is None else (
+                    moved_coordinates + basis @ coordinates)
+            return base + moved_coordinates
 
-        new = nx.nmap(interchange)(x.untag(self.axis), source.untag(self.axis)).tag(self.axis)
+        new = nx.nmap(interchange)(x.untag(self.axis), *sources).tag(self.axis)
         # A world routed to itself keeps its activation as is, whatever the values (inf - inf would be NaN).
-        moved = nx.wrap(jnp.asarray([r != w for w, r in enumerate(self.routes)]), self.worlds)
+        moved = nx.wrap(jnp.asarray([any(routes[w] != w for _, _, routes in blocks)
+                                     for w in range(self.world_count())]), self.worlds)
         return nx.where(moved, new, x)
 
     def basis(self) -> nx.NamedArray:
@@ -251,8 +321,10 @@ class RotatedSubspaceInterchange(SubspaceInterchange):
       weight: ``Parameter`` (or array) holding a named array ``{axis: d, rotated: d}``.
       k: The number of interchanged rotated coordinates (static).
       axis: The activation's feature axis the rotation acts on (static).
-      routes: Source world of each world (static); default ``(1, 1)``.
+      routes: Source world of each world (static); default ``(1, 1)``. With ``blocks``: one such tuple per block.
       worlds: The worlds axis (static).
+      blocks: Multi-source interchange: how many of the interchanged coordinates each source block takes, in
+        order (static); ``()`` for one source. See :meth:`SubspaceInterchange.route_blocks`.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -265,33 +337,47 @@ class RotatedSubspaceInterchange(SubspaceInterchange):
     weight: Any
     k: int = static_field()
     axis: str = static_field()
-    routes: tuple[int, ...] = static_field(default=(1, 1))
+    routes: tuple[Any, ...] = static_field(default=(1, 1))
     worlds: str = static_field(default=WORLDS)
+    blocks: tuple[int, ...] = static_field(default=())
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "routes", _check_routes(self.routes, "RotatedSubspaceInterchange"))
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        object.__setattr__(self, "routes", _check_routes(self.routes, "RotatedSubspaceInterchange", self.blocks))
 
     @classmethod
-    def from_config(cls, label: str, key: jax.Array, axis: Mapping[str, int], k: int, *, init: str = "random",
-                    routes: Sequence[int] = (1, 1), worlds: str = WORLDS) -> RotatedSubspaceInterchange:
+    def from_config(cls, label: str, key: jax.Array, axis: Mapping[str, int], k: int | Sequence[int], *,
+                    init: str = "random", routes: Sequence[Any] = (1, 1),
+                    worlds: str = WORLDS) -> RotatedSubspaceInterchange:
         """A layer with a random (or identity) rotation in a ``Parameter`` labelled ``{label}.rotation``.
 
         Args:
           label: Prefix of the parameter label.
           key: Random key for ``init="random"``.
           axis: ``{name: size}`` of the feature axis, e.g. ``{"features": 16}``.
-          k: Number of interchanged coordinates, ``0 <= k <= size``.
+          k: Number of interchanged coordinates, ``0 <= k <= size``; or one count per source block
+            (multi-source interchange, ``routes`` then one tuple per block).
           init: ``"random"`` (a uniformly random rotation) or ``"identity"``.
-          routes: Source world of each world.
+          routes: Source world of each world (per block with several blocks).
           worlds: The worlds axis name.
 
         Raises:
           PzbridgeError: For a malformed axis, ``k`` out of range or an unknown ``init``.
+
+        Example:
+            >>> import jax
+            >>> das = RotatedSubspaceInterchange.from_config("das", jax.random.key(0), {"f": 4}, k=(1, 2),
+            ...                                              routes=((1, 1, 2), (2, 1, 2)))
+            >>> das.k, das.blocks
+            (3, (1, 2))
         """
-        name, d = _single_axis(axis, "RotatedSubspaceInterchange.from_config")
-        k = _check_k(k, d, "RotatedSubspaceInterchange.from_config")
-        raw = _raw_matrix(key, d, d, init, "RotatedSubspaceInterchange.from_config")
-        return cls(Parameter(nx.wrap(raw, name, ROTATED), f"{label}.rotation"), k, name, tuple(routes), worlds)
+        where = "RotatedSubspaceInterchange.from_config"
+        name, d = _single_axis(axis, where)
+        blocks = _check_blocks(k, where)
+        k = _check_k(sum(blocks) if blocks else k, d, where)
+        raw = _raw_matrix(key, d, d, init, where)
+        return cls(Parameter(nx.wrap(raw, name, ROTATED), f"{label}.rotation"), k, name, tuple(routes), worlds,
+                   blocks)
 
     def subspace(self) -> tuple[jax.Array, None]:
         raw = _weight_matrix(self)
@@ -326,8 +412,10 @@ class LowRankRotatedInterchange(SubspaceInterchange):
     Attributes:
       weight: ``Parameter`` (or array) holding a named array ``{axis: d, rotated: k}``.
       axis: The activation's feature axis (static).
-      routes: Source world of each world (static); default ``(1, 1)``.
+      routes: Source world of each world (static); default ``(1, 1)``. With ``blocks``: one such tuple per block.
       worlds: The worlds axis (static).
+      blocks: Multi-source interchange: how many of the interchanged coordinates each source block takes, in
+        order (static); ``()`` for one source. See :meth:`SubspaceInterchange.route_blocks`.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -339,24 +427,33 @@ class LowRankRotatedInterchange(SubspaceInterchange):
 
     weight: Any
     axis: str = static_field()
-    routes: tuple[int, ...] = static_field(default=(1, 1))
+    routes: tuple[Any, ...] = static_field(default=(1, 1))
     worlds: str = static_field(default=WORLDS)
+    blocks: tuple[int, ...] = static_field(default=())
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "routes", _check_routes(self.routes, "LowRankRotatedInterchange"))
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        object.__setattr__(self, "routes", _check_routes(self.routes, "LowRankRotatedInterchange", self.blocks))
 
     @classmethod
-    def from_config(cls, label: str, key: jax.Array, axis: Mapping[str, int], k: int, *, init: str = "random",
-                    routes: Sequence[int] = (1, 1), worlds: str = WORLDS) -> LowRankRotatedInterchange:
+    def from_config(cls, label: str, key: jax.Array, axis: Mapping[str, int], k: int | Sequence[int], *,
+                    init: str = "random", routes: Sequence[Any] = (1, 1),
+                    worlds: str = WORLDS) -> LowRankRotatedInterchange:
         """A layer with a random (or identity-column) basis in a ``Parameter`` labelled ``{label}.basis``.
+
+        ``k`` is the basis size, or one size per source block (multi-source
+        interchange; ``routes`` then holds one tuple per block), as for
+        :meth:`RotatedSubspaceInterchange.from_config`.
 
         Raises:
           PzbridgeError: For a malformed axis, ``k`` out of range or an unknown ``init``.
         """
-        name, d = _single_axis(axis, "LowRankRotatedInterchange.from_config")
-        k = _check_k(k, d, "LowRankRotatedInterchange.from_config")
-        raw = _raw_matrix(key, d, k, init, "LowRankRotatedInterchange.from_config")
-        return cls(Parameter(nx.wrap(raw, name, ROTATED), f"{label}.basis"), name, tuple(routes), worlds)
+        where = "LowRankRotatedInterchange.from_config"
+        name, d = _single_axis(axis, where)
+        blocks = _check_blocks(k, where)
+        k = _check_k(sum(blocks) if blocks else k, d, where)
+        raw = _raw_matrix(key, d, k, init, where)
+        return cls(Parameter(nx.wrap(raw, name, ROTATED), f"{label}.basis"), name, tuple(routes), worlds, blocks)
 
     @classmethod
     def of_units(cls, axis: Mapping[str, int], units: Sequence[int], *, routes: Sequence[int] = (1, 1),
@@ -400,8 +497,10 @@ class BoundlessMask(SubspaceInterchange):
       mask_logits: ``Parameter`` (or array) holding ``{rotated: d}``.
       temperature: ``StateVariable`` (or number) holding the positive temperature.
       axis: The activation's feature axis (static).
-      routes: Source world of each world (static); default ``(1, 1)``.
+      routes: Source world of each world (static); default ``(1, 1)``. With ``blocks``: one such tuple per block.
       worlds: The worlds axis (static).
+      blocks: Multi-source interchange: how many of the interchanged coordinates each source block takes, in
+        order (static); ``()`` for one source. See :meth:`SubspaceInterchange.route_blocks`.
 
     Example:
         >>> import jax
@@ -414,16 +513,18 @@ class BoundlessMask(SubspaceInterchange):
     mask_logits: Any
     temperature: Any
     axis: str = static_field()
-    routes: tuple[int, ...] = static_field(default=(1, 1))
+    routes: tuple[Any, ...] = static_field(default=(1, 1))
     worlds: str = static_field(default=WORLDS)
+    blocks: tuple[int, ...] = static_field(default=())
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "routes", _check_routes(self.routes, "BoundlessMask"))
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        object.__setattr__(self, "routes", _check_routes(self.routes, "BoundlessMask", self.blocks))
 
     @classmethod
     def from_config(cls, label: str, key: jax.Array, axis: Mapping[str, int], *, temperature: float = 1.0,
-                    logit: float = 0.0, init: str = "random", routes: Sequence[int] = (1, 1),
-                    worlds: str = WORLDS) -> BoundlessMask:
+                    logit: float = 0.0, init: str = "random", routes: Sequence[Any] = (1, 1),
+                    worlds: str = WORLDS, blocks: Sequence[int] = ()) -> BoundlessMask:
         """A layer with parameters ``{label}.rotation``, ``{label}.mask_logits`` and state ``{label}.temperature``.
 
         Args:
@@ -433,8 +534,10 @@ class BoundlessMask(SubspaceInterchange):
           temperature: The initial temperature (> 0).
           logit: The initial value of every mask logit (0: mask 0.5).
           init: ``"random"`` or ``"identity"`` rotation.
-          routes: Source world of each world.
+          routes: Source world of each world (per block with ``blocks``).
           worlds: The worlds axis name.
+          blocks: For several sources, how many rotated coordinates (adding up to the axis size) each block
+            of ``routes`` covers; the mask then learns which coordinates of each block to take.
 
         Raises:
           PzbridgeError: For a malformed axis, a non-positive temperature or an unknown ``init``.
@@ -446,7 +549,7 @@ class BoundlessMask(SubspaceInterchange):
         return cls(Parameter(nx.wrap(raw, name, ROTATED), f"{label}.rotation"),
                    Parameter(nx.full({ROTATED: d}, float(logit)), f"{label}.mask_logits"),
                    StateVariable(jnp.float32(temperature), f"{label}.temperature"),
-                   name, tuple(routes), worlds)
+                   name, tuple(routes), worlds, tuple(blocks))
 
     def subspace(self) -> tuple[jax.Array, jax.Array]:
         return orthonormal_columns(_weight_matrix(self)), self.mask().unwrap(ROTATED)
@@ -491,19 +594,29 @@ def _get_parameter(ref: Any, field: str, get_array: Callable[[Any, str], Any], w
 
 
 def _common_to_json(layer: Any) -> dict[str, Any]:
-    return {"axis": layer.axis, "routes": list(layer.routes), "worlds": layer.worlds}
+    # "blocks" only for multi-source layers, so single-source specs read as before.
+    routes = [list(r) for r in layer.routes] if layer.blocks else list(layer.routes)
+    return {"axis": layer.axis, "routes": routes, "worlds": layer.worlds,
+            **({"blocks": list(layer.blocks)} if layer.blocks else {})}
 
 
-def _common_from_json(params: Mapping[str, Any], where: str) -> tuple[str, tuple[int, ...], str]:
+def _common_from_json(params: Mapping[str, Any], where: str) -> tuple[str, tuple[Any, ...], str, tuple[int, ...]]:
     axis, routes, worlds = params.get("axis"), params.get("routes"), params.get("worlds")
+    blocks = params.get("blocks", [])
     if not isinstance(axis, str) or not isinstance(worlds, str):
         raise SpecError(f"{where}.params: axis and worlds must be strings, found {axis!r} and {worlds!r}.")
-    if not isinstance(routes, list) or not all(type(r) is int for r in routes):
-        raise SpecError(f"{where}.params.routes: expected a list of ints, found {routes!r}.")
-    return axis, tuple(routes), worlds
+    if not isinstance(blocks, list) or not all(type(b) is int for b in blocks):
+        raise SpecError(f"{where}.params.blocks: expected a list of ints, found {blocks!r}.")
+    rows = routes if blocks else [routes]
+    if not isinstance(routes, list) or not all(isinstance(r, list) and all(type(w) is int for w in r) for r in rows):
+        raise SpecError(f"{where}.params.routes: expected a list of ints (a list of such lists with blocks), "
+                        f"found {routes!r}.")
+    return axis, tuple(tuple(r) for r in routes) if blocks else tuple(routes), worlds, tuple(blocks)
 
 
 def _check(params: Mapping[str, Any], fields: tuple[str, ...], where: str) -> None:
+    if isinstance(params, Mapping) and "blocks" in params:
+        fields = (*fields, "blocks")
     if not isinstance(params, Mapping) or set(params) != set(fields):
         found = sorted(params) if isinstance(params, Mapping) else type(params).__name__
         raise SpecError(f"{where}.params: expected the fields {sorted(fields)}, found {found}. "
@@ -517,11 +630,11 @@ def _rotated_to_json(layer: Any, put_array: Callable[[Any], Any]) -> dict[str, A
 def _rotated_from_json(params: Mapping[str, Any], get_array: Callable[[Any, str], Any]) -> RotatedSubspaceInterchange:
     where = "RotatedSubspaceInterchange"
     _check(params, (*_COMMON, "k", "weight"), where)
-    axis, routes, worlds = _common_from_json(params, where)
+    axis, routes, worlds, blocks = _common_from_json(params, where)
     if type(params["k"]) is not int:
         raise SpecError(f"{where}.params.k: expected an int, found {params['k']!r}.")
     return RotatedSubspaceInterchange(_get_parameter(params["weight"], "weight", get_array, where), params["k"],
-                                      axis, routes, worlds)
+                                      axis, routes, worlds, blocks)
 
 
 def _low_rank_to_json(layer: Any, put_array: Callable[[Any], Any]) -> dict[str, Any]:
@@ -531,9 +644,9 @@ def _low_rank_to_json(layer: Any, put_array: Callable[[Any], Any]) -> dict[str, 
 def _low_rank_from_json(params: Mapping[str, Any], get_array: Callable[[Any, str], Any]) -> LowRankRotatedInterchange:
     where = "LowRankRotatedInterchange"
     _check(params, (*_COMMON, "weight"), where)
-    axis, routes, worlds = _common_from_json(params, where)
+    axis, routes, worlds, blocks = _common_from_json(params, where)
     return LowRankRotatedInterchange(_get_parameter(params["weight"], "weight", get_array, where), axis, routes,
-                                     worlds)
+                                     worlds, blocks)
 
 
 def _mask_to_json(layer: Any, put_array: Callable[[Any], Any]) -> dict[str, Any]:
@@ -545,7 +658,7 @@ def _mask_to_json(layer: Any, put_array: Callable[[Any], Any]) -> dict[str, Any]
 def _mask_from_json(params: Mapping[str, Any], get_array: Callable[[Any, str], Any]) -> BoundlessMask:
     where = "BoundlessMask"
     _check(params, (*_COMMON, "weight", "mask_logits", "temperature"), where)
-    axis, routes, worlds = _common_from_json(params, where)
+    axis, routes, worlds, blocks = _common_from_json(params, where)
     temperature = params["temperature"]
     if (not isinstance(temperature, Mapping) or set(temperature) != {"value", "label"}
             or type(temperature["value"]) not in (int, float) or not temperature["value"] > 0):
@@ -558,7 +671,7 @@ def _mask_from_json(params: Mapping[str, Any], get_array: Callable[[Any, str], A
         raise SpecError(f"{where}.params.temperature.label: expected a non-empty string or null, found {label!r}.")
     return BoundlessMask(_get_parameter(params["weight"], "weight", get_array, where),
                          _get_parameter(params["mask_logits"], "mask_logits", get_array, where), held, axis, routes,
-                         worlds)
+                         worlds, blocks)
 
 
 register_spec_operation("RotatedSubspaceInterchange", RotatedSubspaceInterchange, _rotated_to_json,

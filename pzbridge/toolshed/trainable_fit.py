@@ -61,7 +61,7 @@ from pzbridge.toolshed.training import build_train_step
 from pzbridge.toolshed.where import Where
 from pzbridge.toolshed.worlds import WORLDS, stack_worlds
 
-__all__ = ["InterventionFit", "cross_entropy", "interchange_accuracy", "intervened", "train_intervention"]
+__all__ = ["InterventionFit", "Sources", "cross_entropy", "interchange_accuracy", "intervened", "train_intervention"]
 
 LossFn = Callable[[Any, Any], Any]
 
@@ -191,12 +191,50 @@ def _take(tree: Any, index: jax.Array, batch_axis: str) -> Any:
         tree, is_leaf=nx.is_namedarray)
 
 
-def _check_pair(intervention: Layer, what: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    """Several source inputs of one multi-source interchange, in world order (world ``1 + i`` runs ``inputs[i]``).
+
+    Pass it as ``source_inputs`` of :func:`train_intervention` /
+    :func:`interchange_accuracy` with a layer built with one block of
+    coordinates per source (``k=(k1, k2)``, ``routes=((1, 1, 2), (2, 1, 2))``).
+
+    Attributes:
+      inputs: One input pytree per source, each like the base inputs.
+
+    Example:
+        >>> len(Sources(1.0, 2.0).inputs)
+        2
+    """
+
+    inputs: tuple[Any, ...]
+
+    def __init__(self, *inputs: Any) -> None:
+        if not inputs:
+            raise PzbridgeError("Sources: expected at least one source input. Fix: Sources(source_1, source_2).")
+        object.__setattr__(self, "inputs", tuple(inputs))
+
+
+def _source_list(source_inputs: Any) -> list[Any]:
+    return list(source_inputs.inputs) if isinstance(source_inputs, Sources) else [source_inputs]
+
+
+def _check_worlds(intervention: Layer, sources: int, what: str) -> str:
+    """The layer's worlds axis, checked to read world 0 (the base) from the ``sources`` source worlds."""
     routes = getattr(intervention, "routes", None)
-    if routes is not None and (len(routes) != 2 or routes[0] != 1):
+    if routes is None:
+        return getattr(intervention, "worlds", WORLDS)
+    rows = routes if getattr(intervention, "blocks", ()) else (routes,)
+    count = len(rows[0])
+    if count != 1 + sources or not any(row[0] != 0 for row in rows):
+        expected = "routes=(1, 1) (the default)" if sources == 1 else (
+            f"one block per source, k=(k_1, ..., k_{sources}) and routes=(r_1, ..., r_{sources}) with "
+            f"r_i[0] = i over {1 + sources} worlds")
+        more = f", or pass Sources(...) of {count - 1} source inputs" if count > 2 else ""
         raise PzbridgeError(
-            f"{what}: expects world 0 (the base) to read world 1 (the source), found routes {tuple(routes)}. "
-            "Fix: build the intervention with routes=(1, 1) (the default)."
+            f"{what}: the intervention reads {count} worlds (routes {tuple(routes)}); expected 1 + {sources} (the "
+            f"base and the {sources} source input(s) given) with world 0 (the base) reading from a source. "
+            f"Fix: build the intervention with {expected}{more}."
         )
     return getattr(intervention, "worlds", WORLDS)
 
@@ -240,7 +278,8 @@ def train_intervention(
       intervention: A layer reading the worlds axis with trainable ``Parameter``s, e.g.
         :class:`~pzbridge.toolshed.trainable.RotatedSubspaceInterchange`.
       base_inputs: The base inputs, named arrays with ``batch_axis`` (a pytree of them for several inputs).
-      source_inputs: The source inputs, same structure and batch size.
+      source_inputs: The source inputs, same structure and batch size; or :class:`Sources` of several (one
+        per block of a multi-source interchange).
       targets: The counterfactual targets (labels for the default loss), a named array with
         ``batch_axis`` or a plain array whose first axis is the batch.
       loss: ``loss(base_world_output, targets) -> scalar``; default :func:`cross_entropy` over ``class_axis``.
@@ -259,12 +298,14 @@ def train_intervention(
       An :class:`InterventionFit`; its ``intervention`` is the object passed in, trained in place.
 
     Raises:
-      PzbridgeError: If the intervention has no ``Parameter``, the batch sizes disagree, the routes are not
-        ``(1, 1)``, or a ``temperature_schedule`` is given for a layer without a temperature variable.
+      PzbridgeError: If the intervention has no ``Parameter``, the batch sizes disagree, the routes do not
+        read world 0 from the source worlds, or a ``temperature_schedule`` is given for a layer without a
+        temperature variable.
       SelectionError: If ``at`` selects nothing.
     """
     what = "train_intervention"
-    worlds = _check_pair(intervention, what)
+    sources = _source_list(source_inputs)
+    worlds = _check_worlds(intervention, len(sources), what)
     _, own = unbind_variables(intervention)
     # By label: inside the compiled step the variables are copies, so identity does not carry over.
     trainable_labels = {v.label for v in own if isinstance(v, Parameter)}
@@ -281,7 +322,7 @@ def train_intervention(
                             "or build the layer with BoundlessMask.from_config(...).")
     if not isinstance(steps, int) or steps < 1:
         raise PzbridgeError(f"{what}: steps must be a positive int, found {steps!r}.")
-    n = _batch_size((base_inputs, source_inputs, targets), batch_axis, what)
+    n = _batch_size((base_inputs, sources, targets), batch_axis, what)
     size = n if batch_size is None else batch_size
     if not isinstance(size, int) or not 1 <= size <= n:
         raise PzbridgeError(f"{what}: batch_size must be an int in [1, {n}], found {batch_size!r}.")
@@ -290,8 +331,8 @@ def train_intervention(
 
     edited = intervened(model, at, intervention, where=where)
 
-    def objective(m: Any, base: Any, source: Any, target: Any, index: jax.Array) -> Any:
-        output = m(stack_worlds([_take(base, index, batch_axis), _take(source, index, batch_axis)], worlds))
+    def objective(m: Any, base: Any, source: list[Any], target: Any, index: jax.Array) -> Any:
+        output = m(stack_worlds([_take(x, index, batch_axis) for x in (base, *source)], worlds))
         value = loss(_world(output, 0, worlds), _take(target, index, batch_axis))
         if penalty is not None:
             value = value + penalty(_find_copy(m, intervention))
@@ -304,7 +345,7 @@ def train_intervention(
     for i in range(steps):
         if temperature_schedule is not None and isinstance(temperature, StateVariable):
             temperature.value = jnp.float32(temperature_schedule(i))
-        value, _, opt_state = step(edited, opt_state, base_inputs, source_inputs, targets, order[i])
+        value, _, opt_state = step(edited, opt_state, base_inputs, sources, targets, order[i])
         losses.append(value)
     return InterventionFit(intervention, np.asarray(jax.device_get(jnp.stack(losses))), opt_state)
 
@@ -348,7 +389,7 @@ def interchange_accuracy(
       at: The site.
       intervention: Any layer reading the worlds axis (an interchange layer, ``RouteWorlds((1, 1))``, ...).
       base_inputs: Base inputs (named arrays with a batch axis).
-      source_inputs: Source inputs, same structure.
+      source_inputs: Source inputs, same structure; or :class:`Sources` of several.
       labels: Counterfactual labels, a named array or a plain array on the prediction's axes.
       predict: ``predict(output) -> labels`` (named array or plain array).
       class_axis: The output's class axis for the default argmax.
@@ -369,9 +410,10 @@ def interchange_accuracy(
         >>> interchange_accuracy(model, pzb.nn.Identity, RouteWorlds((1, 1)), x, y, jnp.array([1]))
         1.0
     """
-    worlds = _check_pair(intervention, "interchange_accuracy")
+    sources = _source_list(source_inputs)
+    worlds = _check_worlds(intervention, len(sources), "interchange_accuracy")
     edited = freeze_variables(intervened(model, at, intervention, where=where))
-    output = _world(_run(edited, stack_worlds([base_inputs, source_inputs], worlds)), 0, worlds)
+    output = _world(_run(edited, stack_worlds([base_inputs, *sources], worlds)), 0, worlds)
     if predict is not None:
         predicted = predict(output)
     else:

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -120,6 +121,29 @@ class GroupNormRule:
     def convention(self, module: eqx.nn.GroupNorm, naming: Any) -> CallingConvention:
         # Nothing named: EqxGroupNormNd names (channels, *spatial) itself, whatever the rank.
         return CallingConvention(((),), ())
+
+    def call_convention(self, module: eqx.nn.GroupNorm, naming: Any, args: Sequence[Any],
+                        kwargs: Mapping[str, Any]) -> CallingConvention:
+        """One call's names, ``(channels, *spatial[-rank + 1:])`` by the input's rank (traced parents ask it).
+
+        A traced parent then renames what reaches the norm (a Linear's
+        ``features``) to ``channels``, as Equinox takes the first axis as the
+        channels whatever it means upstream.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from pzbridge.bridge.naming import AxisNaming
+            >>> norm, x = eqx.nn.GroupNorm(2, 4), jnp.ones((4, 5))
+            >>> convention = GroupNormRule().call_convention(norm, AxisNaming(), (x,), {})
+            >>> convention.inputs, convention.output
+            ((('channels', 'width'),), ('channels', 'width'))
+        """
+        rank = len(getattr(args[0], "shape", ())) if args else 0
+        spatial = (naming.depth, naming.height, naming.width)
+        if not 1 <= rank <= len(spatial) + 1:
+            return self.convention(module, naming)
+        names = (naming.channels, *spatial[len(spatial) - rank + 1:])
+        return CallingConvention((names,), names)
 
     def lower(self, layer: EqxGroupNormNd, ctx: LowerContext) -> Any:
         c = layer.channel_axis

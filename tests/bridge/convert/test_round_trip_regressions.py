@@ -247,3 +247,28 @@ def test_self_attention_inside_a_sequential_converts_or_is_refused_with_a_fix(ba
         return
     assert _nnx_structure(back) == _nnx_structure(model)
     np.testing.assert_allclose(back(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class NormedProjection(eqx.Module):
+    """A custom block feeding a Linear's ``features`` into an ``eqx.nn.GroupNorm`` (channels by position)."""
+
+    linear: eqx.nn.Linear
+    norm: eqx.nn.GroupNorm
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(self.norm(self.linear(x)))
+
+
+@settings(max_examples=8, database=None, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(groups=st.sampled_from([1, 2]), width=st.sampled_from([2, 4]), seed=st.integers(0, 2**16))
+def test_a_linear_into_a_group_norm_in_custom_code_converts_and_comes_back(groups: int, width: int,
+                                                                         seed: int) -> None:
+    # Was: the traced GroupNorm got the Linear's axis named `features` and failed wanting `channels`.
+    model = NormedProjection(eqx.nn.Linear(3, width, key=jax.random.key(seed)), eqx.nn.GroupNorm(groups, width))
+    xs = jax.random.normal(jax.random.key(seed + 1), (2, 3))
+    np.testing.assert_allclose(pzb.lift(model, xs[0], strict=True).positional(xs[0]), model(xs[0]), atol=1e-5)
+    converted = convert(model, xs[0], to="nnx")
+    np.testing.assert_allclose(converted(xs), jax.vmap(model)(xs), atol=1e-5)
+    back = convert(converted, xs, to="equinox")
+    assert _equinox_structure(back) == _equinox_structure(model)
+    np.testing.assert_allclose(jax.vmap(back)(xs), jax.vmap(model)(xs), atol=1e-5)
