@@ -144,6 +144,10 @@ class SelectWorlds(Layer):
 
         return jax.tree_util.tree_map(pick, x, is_leaf=nx.is_namedarray)
 
+    def reads_across(self) -> tuple[str, ...]:
+        """The worlds axis: the layer mixes its entries (an adapter runs it on all of them at once)."""
+        return (self.axis,)
+
 
 def _is_world(value: Any, n: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n
@@ -189,6 +193,10 @@ class TransferWorlds(Layer):
                 f"TransferWorlds: targets, plus and minus must have one entry each per target, found lengths "
                 f"{len(self.targets)}, {len(self.plus)}, {len(self.minus)}. Fix: pass equally long tuples."
             )
+
+    def reads_across(self) -> tuple[str, ...]:
+        """The worlds axis: the layer mixes its entries (an adapter runs it on all of them at once)."""
+        return (self.axis,)
 
     def __call__(self, x: Any, /, **side_inputs: Any) -> Any:
         who = f"TransferWorlds at {self.site}" if self.site else "TransferWorlds"

@@ -273,21 +273,28 @@ class SubspaceInterchange(Layer):
                    for _, _, routes in blocks]
 
         def interchange(base: jax.Array, *srcs: jax.Array) -> jax.Array:
+            # Row vectors (..., d): leading positional axes (an NNX adapter's batch) pass through.
             moved_coordinates = None
             for (first, stop, _), src in zip(blocks, srcs):
                 basis = q if len(blocks) == 1 else q[:, first:stop]
-                coordinates = basis.T @ (src - base)
+                coordinates = (src - base) @ basis
                 if weights is not None:
-                    coordinates = (weights if len(blocks) == 1 else weights[first:stop]) * coordinates
-                moved_coordinates = basis @ coordinates if moved_coordinates is None else (
-                    moved_coordinates + basis @ coordinates)
+                    coordinates = coordinates * (weights if len(blocks) == 1 else weights[first:stop])
+                moved_coordinates = coordinates @ basis.T if moved_coordinates is None else (
+                    moved_coordinates + coordinates @ basis.T)
             return base + moved_coordinates
 
-        new = nx.nmap(interchange)(x.untag(self.axis), *sources).tag(self.axis)
+        new = nx.nmap(interchange)(x.untag(self.axis), *sources)
+        lead = [f"__lead{i}" for i in range(len(new.positional_shape) - 1)]  # leading positional axes stay so
+        new = new.tag(*lead, self.axis).untag(*lead) if lead else new.tag(self.axis)
         # A world routed to itself keeps its activation as is, whatever the values (inf - inf would be NaN).
         moved = nx.wrap(jnp.asarray([any(routes[w] != w for _, _, routes in blocks)
                                      for w in range(self.world_count())]), self.worlds)
         return nx.where(moved, new, x)
+
+    def reads_across(self) -> tuple[str, ...]:
+        """The worlds axis: the layer reads its source worlds (an adapter runs it on all worlds at once)."""
+        return (self.worlds,)
 
     def basis(self) -> nx.NamedArray:
         """The interchanged subspace's orthonormal basis ``Q`` as a named array ``{axis: d, rotated: r}``.

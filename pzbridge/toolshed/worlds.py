@@ -129,6 +129,10 @@ class RouteWorlds(Layer):
 
         return jax.tree_util.tree_map(route, x, is_leaf=nx.is_namedarray)
 
+    def reads_across(self) -> tuple[str, ...]:
+        """The worlds axis: the layer mixes its entries (an adapter runs it on all of them at once)."""
+        return (self.axis,)
+
 
 def patch_worlds(
     model: Any, at: LayerSelector, routes: Sequence[int], *, where: str | None = None, axis: str = WORLDS

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import pzbridge as pzb
 from pzbridge import checkpoint
-from pzbridge.core.errors import NamedAxisError, PzbridgeError
+from pzbridge.core.errors import LowerError, NamedAxisError, PzbridgeError
 from pzbridge.toolshed.intermediates import capture_intermediates
 from pzbridge.toolshed.interventions import patch_activations
 from pzbridge.toolshed.specs import Spec, SpecError, load_spec, save_spec
@@ -401,10 +401,16 @@ def test_errors_name_what_was_expected_and_the_fix() -> None:
         train_intervention(case.model, case.at, das, x, inputs(1, 5), jnp.zeros(4, jnp.int32), steps=1)
 
 
-def test_a_lowered_model_with_the_layer_lowers_to_an_adapter_and_says_it_needs_worlds() -> None:
+def test_a_lowered_model_with_the_layer_runs_under_a_worlds_vmap_and_says_so_outside_one() -> None:
     case = equinox_mlp_case(0)
     das = RotatedSubspaceInterchange.from_config("das", jax.random.key(0), {"features": HIDDEN}, k=2)
-    lowered = pzb.lower(pzb.toolshed.insert_intervention(case.model, case.at, das))
+    edited = pzb.toolshed.insert_intervention(case.model, case.at, das)
+    lowered = pzb.lower(edited)
     assert isinstance(lowered, eqx.Module)
-    with pytest.raises(NamedAxisError, match="'worlds': 2"):
+    base, source = inputs(7, 1), inputs(8, 1)
+    want = base_world(edited, base, source)
+    stacked = jnp.stack([base.unwrap("batch", "features")[0], source.unwrap("batch", "features")[0]])
+    got = jax.vmap(lowered, axis_name="worlds")(stacked)
+    np.testing.assert_allclose(got[0], want.unwrap("batch", "features")[0], **TOL)
+    with pytest.raises(LowerError, match=r"jax.vmap\(model, axis_name=.worlds.\)"):
         lowered(jnp.ones(D_IN))

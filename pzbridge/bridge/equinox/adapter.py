@@ -34,13 +34,18 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from pzbridge.bridge.across_axes import (
+    axes_read_across,
+    axis_bound,
+    gathered_inputs,
+    require_bound,
+    require_entries_kept,
+)
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.equinox.adapter_state import (
     WrittenVariable,
-    axis_bound,
     batch_norm_state_labels,
     batch_statistics_axis,
-    gathered_inputs,
     markers_for_indices,
     new_state,
     new_state_index,
@@ -261,8 +266,19 @@ class EquinoxAdapter(eqx.nn.StatefulLayer):
                     f"jax.vmap(model, axis_name={self.batch_axis!r})(xs) (one example: a batch of one, xs[None])."
                 )
             inputs, row = gathered_inputs(inputs, self.batch_axis)
+        across = axes_read_across(layer)  # a worlds axis the layer reads across (an interchange intervention)
+        if across:
+            if len(across) > 1 or row is not None:
+                raise LowerError(
+                    f"<root>: this adapter's layer reads across the axes {list(across)} and "
+                    f"{'the batch' if row is not None else 'more than one of them'}; an adapter gathers one vmap "
+                    "axis per call. Fix: keep such a model lifted (call it on named axes), or apply one "
+                    "intervention reading one worlds axis to a model without batch statistics.")
+            require_bound(across[0], "<root>", "an intervention in this module")
+            gathered = across[0]
+            inputs, row = gathered_inputs(inputs, gathered)
         x, side = convention.split_call(inputs, side)
-        if gathered is not None:  # The gathered examples are the lifted BatchNorms' named batch axis.
+        if gathered is not None:  # The gathered examples (worlds) are the lifted layers' named axis.
             x = jax.tree_util.tree_map(lambda a: a.tag_prefix(gathered), x, is_leaf=nx.is_namedarray)
         values = self.values if state is None else self._values_with(state.get(self.state_index))
         # Only Parameters train: state (running statistics) and the glue's constants get no gradient, so optax
@@ -276,6 +292,8 @@ class EquinoxAdapter(eqx.nn.StatefulLayer):
         out, new_values = stateless_call(self._with_native_slots(layer), values, x, **side)
         written = {variable.label for variable in self.written}
         report_state([v for v in new_values if v.label not in written], self.values)
+        if across:
+            require_entries_kept(out, gathered, jax.tree_util.tree_leaves(inputs)[0].shape[0])
         out = convention.unname_output(out)
         if row is not None:
             out = jax.tree_util.tree_map(lambda y: y[row], out)

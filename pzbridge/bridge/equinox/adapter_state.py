@@ -36,6 +36,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from pzbridge.bridge.across_axes import axis_bound, gathered_inputs
 from pzbridge.bridge.tracing.state_writes import WritesState
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LiftError, LowerError
@@ -234,26 +235,6 @@ def state_dict(written: Sequence[WrittenVariable], values: Sequence[AbstractVari
     return {label: jnp.asarray(array, dtype=array.dtype) for label, array in arrays.items()}
 
 
-def gathered_inputs(inputs: Sequence[Any], axis_name: str) -> tuple[list[Any], Any]:
-    """The batched inputs of one per-example call, and the row of this example in them.
-
-    Under a ``vmap`` (or another transformation) that names ``axis_name``
-    every input is gathered over it, so the batched computation sees the
-    whole batch (unmapped: it runs once); else each input gets a leading axis
-    of size one and the row is 0.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> rows = jax.vmap(lambda x: gathered_inputs([x], "batch")[0][0].sum(), axis_name="batch")
-        >>> rows(jnp.arange(3.0)).tolist()  # every example sees the whole batch
-        [3.0, 3.0, 3.0]
-    """
-    if not axis_bound(axis_name):  # No transformation names the axis: this call is a batch of one.
-        return [jnp.asarray(a)[None] if hasattr(a, "shape") else a for a in inputs], 0
-    gathered = [jax.lax.all_gather(a, axis_name) if hasattr(a, "shape") else a for a in inputs]
-    return gathered, jax.lax.axis_index(axis_name)
-
-
 @dataclasses.dataclass(frozen=True)
 class IndexMarker:
     """A lifted layer's ``eqx.nn.StateIndex`` inside an adapter: only its marker (static, no leaves).
@@ -326,20 +307,3 @@ def batch_statistics_axis(layer: Any, where: str) -> str | None:
             f"{sorted(list(f) for f in found)}, expected one axis name for all of them. Fix: build them with one "
             "axis_name (e.g. 'batch'), or keep the edited module's glue unchanged so its own class comes back.")
     return next(iter(found))[0]
-
-
-def axis_bound(axis_name: str) -> bool:
-    """Whether an enclosing transformation (``jax.vmap(..., axis_name=...)``, ``shard_map``) names ``axis_name``.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> seen = []
-        >>> _ = jax.vmap(lambda x: seen.append(axis_bound("batch")) or x, axis_name="batch")(jnp.ones(2))
-        >>> axis_bound("batch"), seen
-        (False, [True])
-    """
-    try:
-        jax.lax.axis_index(axis_name)
-    except NameError:
-        return False
-    return True

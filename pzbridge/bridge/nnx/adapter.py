@@ -28,6 +28,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from pzbridge.bridge.across_axes import axes_read_across, gathered_inputs, require_bound, require_entries_kept
 from pzbridge.bridge.context import LiftContext, LowerContext
 from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.naming import AxisNaming
@@ -37,6 +38,7 @@ from pzbridge.bridge.nnx.traversal import convention_of, new_lift_context, nnx_r
 from pzbridge.bridge.nnx.variables import is_array, lowered_layout, nnx_variable
 from pzbridge.core import named_axes as nx
 from pzbridge.bridge.train_modes import with_modes
+from pzbridge.core.errors import LowerError
 from pzbridge.core.selectors import select
 from pzbridge.core.variables import (
     AbstractVariableValue,
@@ -212,8 +214,24 @@ class NnxAdapter(nnx.Module):
         rank = len(getattr(x, "shape", ()))
         convention = self.convention or CallingConvention((("features",) if rank else (),), ("features",))
         # A traced module's extra positional arguments (a mask) are side inputs named in its convention.
-        inputs, side = convention.split_call([x, *args], kwargs)
         layer = self._switched(self.layer_with_slots())
+        across = axes_read_across(layer)  # a worlds axis the layer reads across (an interchange intervention)
+        row = None
+        if across:
+            if len(across) > 1:
+                raise LowerError(f"<root>: this adapter's layer reads across the axes {list(across)}; an adapter "
+                                 "gathers one vmap axis per call. Fix: keep such a model lifted.")
+            require_bound(across[0], "<root>", "an intervention in this module")
+            gathered, row = gathered_inputs([x, *args], across[0])
+            # The gathered worlds become the named axis just before each input's named trailing axes (NNX's
+            # leading batch axes stay positional), and the output keeps it there until the row is taken.
+            gathered = [jax.numpy.moveaxis(a, 0, a.ndim - len(names) - 1) if names and hasattr(a, "ndim") else a
+                        for a, names in zip(gathered, (*convention.inputs, *[()] * len(gathered)))]
+            x, args = gathered[0], tuple(gathered[1:])
+            convention = dataclasses.replace(
+                convention, inputs=tuple((across[0], *names) if names else names for names in convention.inputs),
+                output=(across[0], *convention.output))
+        inputs, side = convention.split_call([x, *args], kwargs)
         out, new_state = stateless_call(layer, self.frozen_values(), inputs, **side)
         by_label = {spec.label: var for spec, var in zip(self.specs, self.variables)}
         for value in new_state:
@@ -224,6 +242,11 @@ class NnxAdapter(nnx.Module):
                 # A scalar entry comes back as a NamedArray without axes: the Variable holds its raw array.
                 unwrap = nx.is_namedarray(new) and (names or not new.named_shape)
                 target.set_raw_value(new.untag(*names).unwrap() if unwrap else new)
+        if across:
+            require_entries_kept(out, across[0], gathered[0].shape[gathered[0].ndim - len(convention.inputs[0])])
+            world = len(convention.output)
+            return jax.tree_util.tree_map(lambda y: jax.numpy.take(y, row, axis=y.ndim - world),
+                                          convention.unname_output(out))
         return convention.unname_output(out)
 
     def lifted_layer(self, ctx: LiftContext | None = None) -> Any:
