@@ -16,8 +16,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from classifier_steps import equinox_classifier_run, nnx_classifier_losses
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -175,40 +175,12 @@ def test_converted_counters_advance_while_nnx_and_equinox_train() -> None:
     xs = jax.random.normal(jax.random.key(6), (8, 3))
     labels = jnp.arange(8) % 2
     converted = pzb.convert(model, xs[0], state, to="nnx")
-    optimizer = nnx.Optimizer(converted, optax.adam(1e-2), wrt=nnx.Param)
-
-    @nnx.jit
-    def nnx_step(module: Any, opt: Any) -> jax.Array:
-        def loss(m: Any) -> jax.Array:
-            return optax.softmax_cross_entropy_with_integer_labels(m(xs), labels).mean()
-
-        value, grads = nnx.value_and_grad(loss)(module)
-        opt.update(module, grads)
-        return value
-
-    losses = [float(nnx_step(converted, optimizer)) for _ in range(20)]
+    losses = nnx_classifier_losses(converted, xs, labels, 20)
     assert losses[-1] < losses[0]
     back = pzb.convert(converted, xs, to="equinox")
     back_state = eqx.nn.State(back)
     assert [float(back_state.get(b.step)) for b in back.blocks] == [20.0, 20.0]
-
-    opt = optax.adam(1e-2)
-    opt_state = opt.init(eqx.filter(back, eqx.is_inexact_array))
-
-    @eqx.filter_jit
-    def eqx_step(module: Any, st_: Any, opt_state_: Any) -> tuple[Any, Any, Any, jax.Array]:
-        def loss(m: Any) -> tuple[jax.Array, Any]:
-            logits, new = run_batch(m, xs, st_)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new
-
-        (value, new), grads = eqx.filter_value_and_grad(loss, has_aux=True)(module)
-        updates, opt_state_ = opt.update(grads, opt_state_)
-        return eqx.apply_updates(module, updates), new, opt_state_, value
-
-    eqx_losses = []
-    for _ in range(10):
-        back, back_state, opt_state, value = eqx_step(back, back_state, opt_state)
-        eqx_losses.append(float(value))
+    back, back_state, eqx_losses = equinox_classifier_run(back, back_state, xs, labels, 10)
     assert eqx_losses[-1] < eqx_losses[0]
     assert [float(back_state.get(b.step)) for b in back.blocks] == [30.0, 30.0]
 

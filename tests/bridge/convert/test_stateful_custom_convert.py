@@ -17,8 +17,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from classifier_steps import equinox_classifier_run, nnx_classifier_losses
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 
@@ -152,19 +152,7 @@ def test_converted_to_nnx_computes_the_batch_trains_and_updates_its_statistics(m
     assert type(back) is ResNet and all(type(n) is eqx.nn.BatchNorm for n in _norms(back))
     _assert_statistics(back, eqx.nn.State(back), model, want_state)
 
-    labels = jnp.arange(4) % 5
-    optimizer = nnx.Optimizer(converted, optax.adam(1e-2), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(module: Any, opt: Any) -> jax.Array:
-        def loss(m: Any) -> jax.Array:
-            return optax.softmax_cross_entropy_with_integer_labels(m(xs), labels).mean()
-
-        value, grads = nnx.value_and_grad(loss)(module)
-        opt.update(module, grads)
-        return value
-
-    losses = [float(step(converted, optimizer)) for _ in range(8)]
+    losses = nnx_classifier_losses(converted, xs, jnp.arange(4) % 5, 8)
     assert losses[-1] < losses[0]
 
 
@@ -172,25 +160,7 @@ def test_converted_back_to_equinox_trains_with_filter_value_and_grad() -> None:
     model, state = _build()
     xs = _batch()
     back = pzb.convert(pzb.convert(model, xs[0], state, to="nnx"), xs, to="equinox")
-    back_state = eqx.nn.State(back)
-    labels = jnp.arange(4) % 5
-    optimizer = optax.adam(1e-2)
-    opt_state = optimizer.init(eqx.filter(back, eqx.is_inexact_array))
-
-    @eqx.filter_jit
-    def step(module: Any, st: Any, opt: Any) -> tuple[Any, Any, Any, jax.Array]:
-        def loss(m: Any) -> tuple[jax.Array, Any]:
-            logits, new = run_batch(m, xs, st)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new
-
-        (value, new), grads = eqx.filter_value_and_grad(loss, has_aux=True)(module)
-        updates, opt = optimizer.update(grads, opt, eqx.filter(module, eqx.is_inexact_array))
-        return eqx.apply_updates(module, updates), new, opt, value
-
-    losses = []
-    for _ in range(8):
-        back, back_state, opt_state, value = step(back, back_state, opt_state)
-        losses.append(float(value))
+    back, back_state, losses = equinox_classifier_run(back, eqx.nn.State(back), xs, jnp.arange(4) % 5, 8)
     assert losses[-1] < losses[0]
     counters = [back_state.get(n.batch_counter) for n in _norms(back)]
     assert all(int(c) == 8 for c in counters)  # the statistics updated at every training step
