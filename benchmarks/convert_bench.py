@@ -21,7 +21,10 @@ And the other direction: an Equinox ``Linear -> BatchNorm -> relu -> Linear``
 original under ``jax.vmap(..., axis_name="batch")`` with its State (ratios
 converted NNX / Equinox); and a custom Equinox ResNet (stem, two residual
 blocks of two convolutions and BatchNorms, the State threaded by hand; 32
-channels, 16x16 images, batch 32), traced and converted the same way.
+channels, 16x16 images, batch 32), traced and converted the same way; and
+a custom MLP of two residual warm-up blocks whose own ``StateIndex`` counts
+the calls (``state.get`` / ``state.set`` in ``__call__``; width 512, batch
+256), whose counters become NNX Variables.
 
 Run: ``python benchmarks/convert_bench.py``.
 """
@@ -39,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pzbridge as pzb
-from pzbridge.testing.stateful_equinox import ResNet
+from pzbridge.testing.stateful_equinox import ResNet, StatefulStack, WarmupBlock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from interleaved import interleaved_medians
@@ -143,6 +146,10 @@ def _equinox_cases() -> list[tuple[str, Any, eqx.nn.State, jax.Array, jax.Array]
     images = jax.random.normal(jax.random.key(4), (RESNET_BATCH, 3, RESNET_SIZE, RESNET_SIZE))
     cases.append(("custom ResNet (traced)", resnet, state, images, jax.random.normal(jax.random.key(5),
                                                                                   (RESNET_BATCH, 10))))
+    keys = jax.random.split(jax.random.key(6), 3)
+    warm, warm_state = eqx.nn.make_with_state(StatefulStack)(
+        [WarmupBlock(WIDTH, k) for k in keys[:2]], eqx.nn.Linear(WIDTH, WIDTH, key=keys[2]))
+    cases.append(("custom warm-up MLP (own State)", warm, warm_state, x, target))
     return cases
 
 
