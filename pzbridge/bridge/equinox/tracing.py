@@ -387,10 +387,10 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
 
     def param_handler(role: InputRole, storage_names: tuple[str, ...]) -> Any:
         if id(role.array) in entries:  # a State entry the code reads: state, not a trainable parameter
-            return _entry_variable(entries[id(role.array)], role.array, storage_names)
+            return state_entry_variable(entries[id(role.array)], role.array, storage_names)
         return plain.child(*role.path).parameter(role.array, storage_names)
 
-    def _entry_variable(found: tuple[_Entry, int], array: Any, names: tuple[str, ...] | None) -> StateVariable:
+    def state_entry_variable(found: tuple[_Entry, int], array: Any, names: tuple[str, ...] | None) -> StateVariable:
         entry, i = found
         return entry_variable(plain.child(*entry.keys), array, names, i, len(entry.leaves))
 
@@ -406,7 +406,7 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
     graph = convert(closed, roles, child_handler, param_handler, param_hint, renames_for(ctx), retrace)
     body = build_layer(graph, out_treedef)
     if writes:  # The traced function returned (out, new entry values): store them, return out.
-        targets, storage = write_targets(graph, writes, plain, lambda write, names: _entry_variable(
+        targets, storage = write_targets(graph, writes, plain, lambda write, names: state_entry_variable(
             entries[id(write.source)], write.source, names))
         body = WritesState(body, targets, storage)
         out_treedef = out_treedef.children()[0]

@@ -222,6 +222,9 @@ class NnxAdapter(nnx.Module):
                 raise LowerError(f"<root>: this adapter's layer reads across the axes {list(across)}; an adapter "
                                  "gathers one vmap axis per call. Fix: keep such a model lifted.")
             require_bound(across[0], "<root>", "an intervention in this module")
+            if not convention.inputs or not convention.inputs[0]:
+                raise LowerError(f"<root>: this adapter's layer reads across the axis {across[0]!r}, but its input "
+                                 "has no named axes to place that axis before. Fix: keep such a model lifted.")
             gathered, row = gathered_inputs([x, *args], across[0])
             # The gathered worlds become the named axis just before each input's named trailing axes (NNX's
             # leading batch axes stay positional), and the output keeps it there until the row is taken.
