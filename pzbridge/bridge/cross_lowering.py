@@ -187,7 +187,7 @@ def _native_root(body: Any, target: str, traversal: Any, ctx: Any, root: Calling
         return None
     if adapter_runs(module) is not None:
         return None
-    own = traversal.RULES.convention_of(module, naming)
+    own = traversal.RULES.lowered_convention(body, module, naming) or traversal.RULES.convention_of(module, naming)
     if own is None or not _same_layout(own, root, naming):
         return None
     if type(module).__name__ == "Sequential" and not _chains(module, traversal, naming):

@@ -156,13 +156,16 @@ def wants_native_children(ctx: Any) -> bool:
 
 def native_lowerer(ctx: Any, convention_of: Callable[[Any, Any], CallingConvention | None],
                    is_native: Callable[[Any], bool],
-                   accept: Callable[[Any], bool] = lambda layer: True
+                   accept: Callable[[Any], bool] = lambda layer: True,
+                   lowered_convention: Callable[[Any, Any, Any], CallingConvention | None] | None = None,
                    ) -> Callable[[Any, str], tuple[Any, CallingConvention] | None]:
     """The ``lower_native`` function :func:`split_natives` needs, for one framework's lowering ``ctx``.
 
     A sub-layer counts as native when ``accept`` takes it, it lowers without
     error to a module ``is_native`` accepts (not an adapter), and that
-    module's lift rule records a convention with named inputs and one output.
+    module's lift rule records a convention with named inputs and one output
+    (``lowered_convention(layer, module, naming)``, where given and not None,
+    says it for natives whose convention depends on the lifted layer).
 
     Example:
         >>> from pzbridge.bridge.context import LowerContext
@@ -182,7 +185,8 @@ def native_lowerer(ctx: Any, convention_of: Callable[[Any, Any], CallingConventi
             return None
         if not is_native(module):
             return None
-        convention = convention_of(module, naming)
+        convention = lowered_convention(layer, module, naming) if lowered_convention is not None else None
+        convention = convention or convention_of(module, naming)
         if convention is None or convention.output is None or not convention.inputs:
             return None
         keywords = keyword_inputs_of(module, naming)

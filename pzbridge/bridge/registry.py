@@ -291,6 +291,26 @@ class RuleRegistry:
             return None
         return memoised(f"{self.framework}-convention", module, lambda: rule.convention(module, naming), naming)
 
+    def lowered_convention(self, layer: Any, module: Any, naming: Any) -> Any | None:
+        """The convention of ``module``, the native ``layer`` lowered to, where it depends on ``layer``; else None.
+
+        A lowering rule defines ``native_convention(layer, module, naming)``
+        when the native class takes inputs of any rank (``eqx.nn.GroupNorm``:
+        ``(channels, *spatial)``), so only the lifted layer says how its
+        call's axes are named; other natives use :meth:`convention_of`.
+
+        Example:
+            >>> registry = RuleRegistry("toy")
+            >>> class R:
+            ...     def lower(self, layer, ctx): return layer
+            ...     def native_convention(self, layer, module, naming): return ("channels",)
+            >>> registry.add(R(), lifted=(int,))
+            >>> registry.lowered_convention(3, 3, None), registry.lowered_convention("x", "x", None)
+            (('channels',), None)
+        """
+        own = getattr(self.lower_rule_for(type(layer)), "native_convention", None)
+        return own(layer, module, naming) if own is not None else None
+
     def known_sources(self) -> list[str]:
         """Names of the framework classes with lift rules (for error messages).
 

@@ -153,7 +153,7 @@ class EquinoxAdapter(eqx.nn.StatefulLayer):
             # Inside a conversion, sub-layers with an Equinox counterpart become native children;
             # stateful or random ones stay lifted (an Equinox call would need state / key arguments).
             lower_native = native_lowerer(ctx, EQUINOX.convention_of, lambda m: not isinstance(m, EquinoxAdapter),
-                                          accept=_is_pure)
+                                          accept=_is_pure, lowered_convention=EQUINOX.lowered_convention)
             layer, natives = split_natives(layer, lower_native, ctx.where)
         structure, values = unbind_variables(markers_for_indices(layer), freeze=True)
         written = written_variables(structure, values)

@@ -33,8 +33,11 @@ Where NNX and Equinox differ beyond layout (documented per rule and pinned by
 - ``nnx.GroupNorm`` becomes ``eqx.nn.GroupNorm`` and ``nnx.BatchNorm``
   ``eqx.nn.BatchNorm`` (its statistics in an ``eqx.nn.State``), both taking
   channels first (``(C, *spatial)`` per example) where NNX takes them last;
-  inside a conversion (``pzb.convert``) both keep the adapter, since their
-  Equinox conventions cannot describe that layout (or thread the State);
+  inside a conversion (``pzb.convert``) a GroupNorm lifted for a known call
+  (traced, or a root lifted with examples) is a native child called with
+  ``(channels, *spatial)`` by name, a BatchNorm keeps the adapter (its
+  Equinox convention cannot thread the State); ``nnx.InstanceNorm`` has no
+  Equinox class and keeps the adapter;
 - NNX recurrent cells keep the adapter: they are called ``(carry, x) ->
   (carry, y)``, Equinox's ``(x, hidden) -> hidden``, so an ``eqx.nn.GRUCell``
   could not stand in for one positionally.
@@ -216,10 +219,24 @@ class NnxGroupNormToEquinox:
     Equinox takes channels first (``(C, *spatial)`` per example) where NNX
     takes them last, and has scale and bias both or neither: a GroupNorm with
     only one of them, non-float32 parameters or named ``across_axes`` keeps
-    the adapter. So does one lowered inside a conversion (``pzb.convert``):
-    the convention Equinox's lift rule records for ``eqx.nn.GroupNorm``
-    names no axis, so the converter could not lay its input out.
+    the adapter. Inside a conversion (``pzb.convert``) the native is called
+    by name, ``(channels, *middle_axes)`` (:meth:`native_convention`), so a
+    GroupNorm whose call the lift never saw (``middle_axes`` None) keeps the
+    adapter too.
     """
+
+    def native_convention(self, layer: NnxGroupNorm, module: Any, naming: Any) -> CallingConvention | None:
+        """``(channels, *middle_axes)`` in and out: the lifted call's axes, channels first as Equinox takes them.
+
+        Example:
+            >>> norm = NnxGroupNorm(None, None, "channels", 1, (), 0.0, middle_axes=("height", "width"))
+            >>> NnxGroupNormToEquinox().native_convention(norm, None, None).inputs
+            (('channels', 'height', 'width'),)
+        """
+        if layer.middle_axes is None:
+            return None
+        names = (layer.channel_axis, *layer.middle_axes)
+        return CallingConvention((names,), names)
 
     def lower(self, layer: NnxGroupNorm, ctx: LowerContext) -> Any:
         c = layer.channel_axis
@@ -229,7 +246,7 @@ class NnxGroupNormToEquinox:
             config["num_groups"] * config["group_size"] if config is not None else None)
         fits = (len(params) in (0, 2) and not layer.across_axes and layer.dtype is None and _float32(*params)
                 and all(storage_names(p) == (c,) for p in params) and channels is not None
-                and not wants_native_children(ctx))
+                and (layer.middle_axes is not None or not wants_native_children(ctx)))
         if not fits:
             return EquinoxAdapter.wrap(OneExample(layer), ctx, CallingConvention(((c,),), (c,)))
         weight = None if layer.scale is None else ctx.child("weight").array(layer.scale, (c,))

@@ -76,8 +76,10 @@ def _lower_norm(layer: Any, ctx: LowerContext, eqx_cls: type) -> Any:
         and layer.dtype_policy == "input" and all(tuple(p.value.named_axes) == (axis,) for p in params)
     )
     origin = getattr(layer, "origin", None)
+    if not fits:  # (an NNX InstanceNorm reaches here too: it reduces over no named axis)
+        return EquinoxAdapter.wrap(layer, ctx)
     size = params[0].value.named_shape[axis] if params else (origin.get("shape", (None,))[0] if origin else None)
-    if not fits or size is None:
+    if size is None:
         return EquinoxAdapter.wrap(layer, ctx)
     weight = None if layer.scale is None else ctx.child("weight").array(layer.scale, (axis,))
     bias = None if layer.bias is None else ctx.child("bias").array(layer.bias, (axis,))

@@ -34,7 +34,7 @@ from pzbridge.bridge.lifted import CallingConvention
 from pzbridge.bridge.naming import AxisNaming
 from pzbridge.bridge.native_calls import NativeCall, conventions_chain, fill_native_slots, native_lowerer, split_natives, \
     wants_native_children
-from pzbridge.bridge.nnx.traversal import convention_of, new_lift_context, nnx_rule
+from pzbridge.bridge.nnx.traversal import NNX, convention_of, new_lift_context, nnx_rule
 from pzbridge.bridge.nnx.variables import is_array, lowered_layout, nnx_variable
 from pzbridge.core import named_axes as nx
 from pzbridge.bridge.train_modes import with_modes
@@ -174,7 +174,10 @@ class NnxAdapter(nnx.Module):
         """
         natives: list[Any] = []
         if wants_native_children(ctx):
-            layer, natives = split_natives(layer, native_lowerer(ctx, convention_of, _is_native_module), ctx.where)
+            lower_native = native_lowerer(
+                ctx, convention_of, _is_native_module, lowered_convention=NNX.lowered_convention
+            )
+            layer, natives = split_natives(layer, lower_native, ctx.where)
         # Running statistics are nnx.BatchStat, as in nnx.BatchNorm (nnx.state(model, nnx.BatchStat) finds them).
         statistics = {id(v) for norm in select(layer).at_instances_of(BatchNorm).get_sequence()
                       for v in (norm.running_mean, norm.running_var)}

@@ -6,14 +6,19 @@ over the channels of a group). That rule is positional, so the lifted
 classes here keep it for positional axes and add names on top:
 
 - named ``across_axes`` (empty after lifting) are reduced;
+- named ``middle_axes`` are reduced: the names the axes between NNX's leading
+  batch axis and the features have at the call the layer was lifted for
+  (``height, width`` after a 2-D convolution in a traced parent, ``width``
+  for a ``(batch, seq, channels)`` call), so a named call reduces what NNX
+  reduces positionally; ``None`` when the lift saw no call;
 - positional axes are reduced, except the leading positional axis when no
   named batch axis is present (NNX's own convention for a positional call);
-- every other named axis (``batch``, ``seq`` ...) is a batch axis and passes
-  through.
+- every other named axis (``batch``, ``worlds`` ...) is a batch axis and
+  passes through.
 
 So a lifted root called positionally behaves exactly like NNX, and a named
 call ``{batch, ..., channels}`` with spatial axes left positional (or named
-in ``across_axes``) gives the same numbers. Numerics follow NNX bit for bit
+as ``middle_axes``) gives the same numbers. Numerics follow NNX bit for bit
 (``scale_into_inverse=True``, ``dtype_policy="promote"``, the configured
 ``use_fast_variance``), as in :mod:`pzbridge.bridge.nnx.norm`.
 
@@ -36,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flax import nnx
@@ -54,6 +59,7 @@ from pzbridge.bridge.nnx.statics import (
 )
 from pzbridge.bridge.nnx.traversal import lift_foreign, nnx_rule
 from pzbridge.bridge.nnx.variables import lift_variable, nnx_variable, storage_names
+from pzbridge.bridge.tracing.graph_types import Untraceable
 from pzbridge.core import named_axes as nx
 from pzbridge.core.struct import pytree_dataclass, static_field
 from pzbridge.nn.normalization import GroupNorm, InstanceNorm
@@ -79,6 +85,45 @@ def _untag(out: nx.NamedArrayBase, x: nx.NamedArrayBase, name: str) -> nx.NamedA
     return out.untag(*names)
 
 
+def _present(middle_axes: tuple[str, ...] | None, x: nx.NamedArrayBase) -> tuple[str, ...]:
+    return tuple(n for n in middle_axes or () if nx.is_namedarray(x) and n in x.named_shape)
+
+
+def middle_names(rank: int, naming: AxisNaming) -> tuple[str, ...]:
+    """Names for the axes NNX's GroupNorm / InstanceNorm reduce in a rank-``rank`` call (between batch and features).
+
+    Spatial names for up to three (``depth, height, width``, the last ones
+    first), numbered ``spatial{i}`` beyond.
+
+    Example:
+        >>> middle_names(4, AxisNaming()), middle_names(2, AxisNaming())
+        (('height', 'width'), ())
+    """
+    count = max(rank - 2, 0)
+    spatial = (naming.depth, naming.height, naming.width)
+    if count <= len(spatial):
+        return spatial[len(spatial) - count:]
+    return tuple(f"spatial{i}" for i in range(count))
+
+
+def _call_middle(naming: AxisNaming, args: Sequence[Any]) -> tuple[str, ...] | None:
+    """The middle axes of the call ``args`` (the rank of its first input), or None without one."""
+    if not args or not hasattr(args[0], "shape"):
+        return None
+    return middle_names(len(args[0].shape), naming)
+
+
+def _for_call(layer: Any, convention: CallingConvention | None) -> Any:
+    """``layer`` with the middle axes one traced call names (``convention.inputs[0]`` but the channels)."""
+    if convention is None or not convention.inputs:
+        return layer
+    middle = tuple(convention.inputs[0][:-1])
+    if layer.middle_axes is not None and layer.middle_axes != middle:
+        raise Untraceable(f"a {type(layer).__name__} is called on inputs of different ranks (middle axes "
+                          f"{list(layer.middle_axes)} and {list(middle)})")
+    return dataclasses.replace(layer, middle_axes=middle)
+
+
 def _reject_mask(side_inputs: dict[str, Any], what: str) -> None:
     if side_inputs.get("mask") is not None:
         raise NotImplementedError(f"{what}: the NNX `mask` argument is not supported by the lifted layer; "
@@ -91,6 +136,8 @@ class NnxGroupNorm(GroupNorm):
 
     Attributes:
       config: The original module's statics (static; None if built in pzbridge).
+      middle_axes: Names of the axes NNX reduces between its leading batch axis
+        and the channels at the lifted call, or None when unknown (static).
 
     Example:
         >>> import jax.numpy as jnp
@@ -101,12 +148,14 @@ class NnxGroupNorm(GroupNorm):
     """
 
     config: Any = static_field(default=None)
+    middle_axes: tuple[str, ...] | None = static_field(default=None)
 
     def __call__(self, x: nx.NamedArrayBase, /, **side_inputs: Any) -> nx.NamedArrayBase:
         _reject_mask(side_inputs, "NnxGroupNorm")
-        kept = {self.channel_axis, *self.across_axes}
+        middle = _present(self.middle_axes, x)
+        kept = {self.channel_axis, *self.across_axes, *middle}
         tagged, temps = _positional_reduction(x, kept, "groupnorm")
-        layer = dataclasses.replace(self, across_axes=(*self.across_axes, *temps))
+        layer = dataclasses.replace(self, across_axes=(*self.across_axes, *middle, *temps))
         return _untag(GroupNorm.__call__(layer, tagged, **side_inputs), x, "groupnorm")
 
 
@@ -116,6 +165,7 @@ class NnxInstanceNorm(InstanceNorm):
 
     Attributes:
       config: The original module's statics (static).
+      middle_axes: As for :class:`NnxGroupNorm` (static).
 
     Example:
         >>> import jax.numpy as jnp
@@ -125,13 +175,15 @@ class NnxInstanceNorm(InstanceNorm):
     """
 
     config: Any = static_field(default=None)
+    middle_axes: tuple[str, ...] | None = static_field(default=None)
 
     def __call__(self, x: nx.NamedArrayBase, /, **side_inputs: Any) -> nx.NamedArrayBase:
         _reject_mask(side_inputs, "NnxInstanceNorm")
         param = self.scale if self.scale is not None else self.bias
-        kept = {*self.across_axes, *storage_names(param)} if param is not None else set(self.across_axes)
+        middle = _present(self.middle_axes, x)
+        kept = {*self.across_axes, *middle, *(storage_names(param) if param is not None else ())}
         tagged, temps = _positional_reduction(x, kept, "instancenorm")
-        layer = dataclasses.replace(self, across_axes=(*self.across_axes, *temps))
+        layer = dataclasses.replace(self, across_axes=(*self.across_axes, *middle, *temps))
         return _untag(InstanceNorm.__call__(layer, tagged, **side_inputs), x, "instancenorm")
 
 
@@ -151,6 +203,45 @@ def _convention(naming: AxisNaming) -> CallingConvention:
     return CallingConvention(((naming.channels,),), (naming.channels,))
 
 
+def _call_convention(naming: AxisNaming, args: Sequence[Any]) -> CallingConvention:
+    """One call's names: ``(*middle, channels)``, the leading (batch) axis passing through as NNX keeps it."""
+    names = (*(_call_middle(naming, args) or ()), naming.channels)
+    return CallingConvention((names,), names)
+
+
+class _MiddleAxes:
+    """What the GroupNorm and InstanceNorm rules share: per-call names of the axes NNX reduces.
+
+    A traced parent asks :meth:`call_convention` per call site and then
+    :meth:`for_call` for the lifted layer of that call, so a Conv's
+    ``height, width`` reaching the norm are reduced as NNX reduces them.
+    """
+
+    _supported: Callable[[Any], bool]  # Each rule's own test of the module's settings.
+
+    def call_convention(self, module: Any, naming: AxisNaming, args: Sequence[Any],
+                        kwargs: Mapping[str, Any]) -> CallingConvention | None:
+        """The names of one call: ``(*middle, channels)`` by the input's rank (None when kept Foreign).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> norm = nnx.GroupNorm(4, num_groups=2, rngs=nnx.Rngs(0))
+            >>> GroupNormRule().call_convention(norm, AxisNaming(), (jnp.ones((2, 3, 3, 4)),), {}).inputs
+            (('height', 'width', 'channels'),)
+        """
+        return _call_convention(naming, args) if self._supported(module) else None
+
+    def for_call(self, layer: Any, convention: CallingConvention | None) -> Any:
+        """The lifted layer knowing the middle axes of the traced call ``convention`` describes."""
+        return _for_call(layer, convention)
+
+
+def _example_middle(ctx: LiftContext) -> tuple[str, ...] | None:
+    """A root lifted with an example knows its call's middle axes (named only when called by name)."""
+    example = ctx.example
+    return None if example is None else _call_middle(ctx.naming, example.args)
+
+
 def _native(layer: Any, channel_names: tuple[str, ...]) -> bool:
     params = [p for p in (layer.scale, layer.bias) if p is not None]
     return (layer.config is not None and layer.scale_into_inverse and layer.dtype_policy == "promote"
@@ -159,7 +250,7 @@ def _native(layer: Any, channel_names: tuple[str, ...]) -> bool:
 
 
 @nnx_rule(source=nnx.GroupNorm, lifted=(NnxGroupNorm,))
-class GroupNormRule:
+class GroupNormRule(_MiddleAxes):
     """``nnx.GroupNorm`` <-> ``NnxGroupNorm``; ``scale`` / ``bias (C,)`` -> ``{channels}``.
 
     ``num_groups`` -> ``groups``; statistics over the channels of a group and
@@ -178,7 +269,8 @@ class GroupNormRule:
         bias = lift_variable(module.bias, ctx.child("bias"), (c,)) if module.bias is not None else None
         return NnxGroupNorm(scale, bias, c, module.num_groups, (), module.epsilon,
                             use_fast_variance=module.use_fast_variance, scale_into_inverse=True,
-                            dtype_policy="promote", config=NnxStatics.of(module))
+                            dtype_policy="promote", config=NnxStatics.of(module),
+                            middle_axes=_example_middle(ctx))
 
     def convention(self, module: nnx.GroupNorm, naming: AxisNaming) -> CallingConvention | None:
         return _convention(naming) if self._supported(module) else None
@@ -195,7 +287,7 @@ class GroupNormRule:
 
 
 @nnx_rule(source=nnx.InstanceNorm, lifted=(NnxInstanceNorm,))
-class InstanceNormRule:
+class InstanceNormRule(_MiddleAxes):
     """``nnx.InstanceNorm`` <-> ``NnxInstanceNorm``; ``scale`` / ``bias (C,)`` -> ``{channels}``.
 
     Statistics per example and channel over the positional axes after the
@@ -213,7 +305,8 @@ class InstanceNormRule:
         scale = lift_variable(module.scale, ctx.child("scale"), (c,)) if module.scale is not None else None
         bias = lift_variable(module.bias, ctx.child("bias"), (c,)) if module.bias is not None else None
         return NnxInstanceNorm(scale, bias, (), module.epsilon, use_fast_variance=module.use_fast_variance,
-                               scale_into_inverse=True, dtype_policy="promote", config=NnxStatics.of(module))
+                               scale_into_inverse=True, dtype_policy="promote", config=NnxStatics.of(module),
+                               middle_axes=_example_middle(ctx))
 
     def convention(self, module: nnx.InstanceNorm, naming: AxisNaming) -> CallingConvention | None:
         return _convention(naming) if self._supported(module) else None

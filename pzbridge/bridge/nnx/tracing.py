@@ -449,8 +449,12 @@ def lift_traced(module: Any, ctx: LiftContext) -> Traced:
             lifted[call.key] = layer
             convention = CallingConvention((in_names,), out_names)
         else:
-            per_call = getattr(NNX.lift_rule_for(type(child)), "call_convention", None)  # Names by call (a mask=).
+            rule = NNX.lift_rule_for(type(child))
+            per_call = getattr(rule, "call_convention", None)  # Names by call (a mask=, a norm's middle axes).
             convention = per_call(child, ctx.naming, args, kwargs) if per_call is not None else None
+            for_call = getattr(rule, "for_call", None)  # The lifted layer told what this call names.
+            if convention is not None and for_call is not None:
+                layer = lifted[call.key] = for_call(layer, convention)
             convention = convention or NNX.convention_of(child, ctx.naming)
         param_names = call_names(type(child).__call__, args, kwargs)
         return child_spec(layer, convention, args, kwargs, traced_child, param_names)
