@@ -55,3 +55,25 @@ def equinox_classifier_run(module: Any, state: eqx.nn.State, xs: jax.Array, labe
         module, state, opt_state, value = step(module, state, opt_state)
         losses.append(float(value))
     return module, state, losses
+
+
+def equinox_plain_classifier_run(module: Any, xs: jax.Array, labels: jax.Array,
+                                 steps: int) -> tuple[Any, list[float]]:
+    """Trains a stateless Equinox ``module`` (called per example, under ``jax.vmap``); the trained module, losses."""
+    optimizer = optax.adam(1e-2)
+    opt_state = optimizer.init(eqx.filter(module, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(model: Any, opt: Any) -> tuple[Any, Any, jax.Array]:
+        def loss(m: Any) -> jax.Array:
+            return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(m)(xs), labels).mean()
+
+        value, grads = eqx.filter_value_and_grad(loss)(model)
+        updates, opt = optimizer.update(grads, opt, eqx.filter(model, eqx.is_inexact_array))
+        return eqx.apply_updates(model, updates), opt, value
+
+    losses = []
+    for _ in range(steps):
+        module, opt_state, value = step(module, opt_state)
+        losses.append(float(value))
+    return module, losses

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from classifier_steps import nnx_classifier_losses
+from classifier_steps import equinox_plain_classifier_run, nnx_classifier_losses
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -122,28 +122,11 @@ def test_converted_to_equinox_and_back(example: tuple[nnx.Module, jax.Array]) ->
 
 def test_converted_group_norm_trains_in_equinox() -> None:
     """The converted model's native GroupNorm is trained by ``eqx.filter_value_and_grad`` + optax; loss falls."""
-    import optax
-
     model = ConvNormBlock(2, 4, _norm_maker("group", 4, 2, True), 0)
     xs = jax.random.normal(jax.random.key(1), (8, 5, 5, 3))
     labels = jnp.arange(8) % 4
     converted = pzb.convert(model, xs, to="equinox")
-    optimizer = optax.adam(1e-2)
-    opt_state = optimizer.init(eqx.filter(converted, eqx.is_inexact_array))
-
-    @eqx.filter_jit
-    def step(m: Any, opt: Any) -> tuple[Any, Any, jax.Array]:
-        def loss(m: Any) -> jax.Array:
-            return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(m)(xs), labels).mean()
-
-        value, grads = eqx.filter_value_and_grad(loss)(m)
-        updates, opt = optimizer.update(grads, opt, eqx.filter(m, eqx.is_inexact_array))
-        return eqx.apply_updates(m, updates), opt, value
-
-    losses = []
-    for _ in range(12):
-        converted, opt_state, value = step(converted, opt_state)
-        losses.append(float(value))
+    converted, losses = equinox_plain_classifier_run(converted, xs, labels, 12)
     assert losses[-1] < losses[0]
     norms = [leaf for leaf in jax.tree_util.tree_leaves(converted, is_leaf=lambda m: isinstance(m, eqx.nn.GroupNorm))
              if isinstance(leaf, eqx.nn.GroupNorm)]
