@@ -301,6 +301,9 @@ def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, target
         want = lifted.positional(*args, **kwargs)
         if target == "equinox":
             converted = _keep_written_state(converted, before, _state_values(lifted.body))
+        # The original itself, where it runs on the examples as given: a lifting that computes something else
+        # would otherwise convert faithfully to the wrong model.
+        want = _original_output(model, source, args, kwargs, state, default=want)
     if source == "equinox":
         probe = nnx.clone(converted)  # Running may update state (batch statistics, RNG counts): not the user's.
         batched = [jnp.asarray(a)[None] for a in args]
@@ -330,6 +333,25 @@ def _verify(model: Any, lifted: LiftedModel, converted: Any, source: str, target
         if _mismatch(want, named) is None:
             return dataclasses.replace(converted, needs_batch_axis=True)
     raise LowerError(plain)
+
+
+def _original_output(model: Any, source: str, args: Sequence[Any], kwargs: Mapping[str, Any], state: Any,
+                     default: Any) -> Any:
+    """What the user's model returns on the examples, run on copies (never the user's module or State).
+
+    ``default`` (the lifted model's output) where the original does not run
+    as called here (code that needs a named ``vmap`` axis, for one).
+    """
+    try:
+        if source == "nnx":
+            from flax import nnx
+
+            return nnx.clone(model)(*args, **kwargs)
+        if state is None:
+            return model(*args, **kwargs)
+        return model(*args, _copied(state), **kwargs)[0]
+    except Exception:  # noqa: BLE001 - the lifted model's output stands in; the comparison below still runs
+        return default
 
 
 def _batch_coupled_equinox(model: Any, lifted: LiftedModel, state: Any) -> bool:

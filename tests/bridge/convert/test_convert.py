@@ -207,3 +207,26 @@ def test_untraceable_custom_module_is_refused_naming_the_reason():
 
     with pytest.raises(pzb.errors.LiftError, match="UntilSmall"):
         convert(UntilSmall(jnp.full(3, 0.5)), jnp.ones(3), to="nnx")
+
+
+@pytest.mark.parametrize("framework", ["equinox", "nnx"])
+def test_verification_compares_against_the_original_not_the_lifted_model(framework, monkeypatch):
+    """A lifting that computes something else must not convert faithfully to the wrong model."""
+    import pzbridge.bridge.convert as convert_module
+
+    if framework == "equinox":
+        model, x, to = Block(4, KEY), jax.random.normal(jax.random.key(7), (3, 4)), "nnx"
+    else:
+        model, x, to = NnxBlock(4, nnx.Rngs(0)), jax.random.normal(jax.random.key(7), (6, 4)), "equinox"
+    lift = convert_module.lift
+
+    def off_by_a_little(*args, **kwargs):  # Every parameter nudged: lifted and converted agree, the original not.
+        lifted = lift(*args, **kwargs)
+        for parameter in pzb.select(lifted.body).at_instances_of(pzb.Parameter).get_sequence():
+            parameter.value = parameter.value + 1e-2
+        return lifted
+
+    convert(model, x, to=to)  # As lifted: converts.
+    monkeypatch.setattr(convert_module, "lift", off_by_a_little)
+    with pytest.raises(pzb.errors.LowerError, match="differs from the original"):
+        convert(model, x, to=to)
