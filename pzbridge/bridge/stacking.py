@@ -36,8 +36,22 @@ from pzbridge.bridge.context import LiftContext, LowerContext, _Shared
 from pzbridge.bridge.tracing.graph_types import Untraceable
 from pzbridge.core import named_axes as nx
 from pzbridge.core.errors import LiftError, PzbridgeError
-from pzbridge.core.variables_kinds import AbstractVariableValue, LabeledVariable, Parameter, ParameterValue
-from pzbridge.nn.layer_stack import STACK_AXIS, LayerStack, distinct_variables, stacked_variables, with_slices
+from pzbridge.core.random_stream import RandomStream
+from pzbridge.core.selectors import select
+from pzbridge.core.variables_kinds import (
+    AbstractVariableValue,
+    LabeledVariable,
+    Parameter,
+    ParameterValue,
+    StateVariable,
+)
+from pzbridge.nn.layer_stack import (
+    STACK_AXIS,
+    LayerStack,
+    distinct_variables,
+    stacked_variables,
+    with_slices,
+)
 
 
 def stack_size(leaves: Sequence[Any]) -> int | None:
@@ -112,8 +126,8 @@ def lift_stacked(module: Any, ctx: LiftContext, split: Split, axis: str = STACK_
       The lifted block; wrap it in :class:`~pzbridge.nn.LayerStack` to run it.
 
     Raises:
-      LiftError: If a block holds state (batch statistics) or arrays whose
-        axes have no names (a ``Foreign`` block), which cannot be stacked yet
+      LiftError: If a block holds state that is not a named array (a random
+        stream's counter) or arrays whose axes have no names (a ``Foreign`` block), which cannot be stacked yet
         (``Untraceable`` instead while tracing a parent without ``strict``,
         so that the parent stays ``Foreign``).
     """
@@ -130,9 +144,13 @@ def lift_stacked(module: Any, ctx: LiftContext, split: Split, axis: str = STACK_
     first = [_first(leaf) for leaf in unique]
     lifted = ctx.lift_node(block(first), scratch)
     variables = distinct_variables(lifted)
+    streams = {id(stream.offset) for stream in select(lifted).at_instances_of(RandomStream).get_sequence()}
     for variable in variables:
-        if not isinstance(variable, (Parameter, ParameterValue)) or not nx.is_namedarray(variable.value):
-            what = "state" if not isinstance(variable, (Parameter, ParameterValue)) else "an array with unnamed axes"
+        if not isinstance(variable, (Parameter, ParameterValue, StateVariable)) or not nx.is_namedarray(
+                variable.value):
+            what = ("a random stream (a Dropout's RNG counter and key per block)" if id(variable) in streams
+                    else "state that is not a named array" if isinstance(variable, StateVariable)
+                    else "an array with unnamed axes")
             error = Untraceable if ctx.example is not None and not ctx.strict else LiftError  # traced: parent Foreign
             raise error(
                 f"{ctx.where}: the stacked {type(module).__qualname__} holds {what} ({variable.label!r}), which "
@@ -158,8 +176,10 @@ def lift_stacked(module: Any, ctx: LiftContext, split: Split, axis: str = STACK_
             replacements[id(variable)] = ParameterValue(value, variable.label, dict(variable.metadata))
             continue
         source = sources.get(id(variable))
+        # Batch statistics stay state: one per block, sliced per step and written back stacked by the LayerStack.
+        kind = StateVariable if isinstance(variable, StateVariable) else Parameter
         replacements[id(variable)] = ctx.variable(
-            Parameter, source if source is not None else object(), lambda value=value: value, variable.label,
+            kind, source if source is not None else object(), lambda value=value: value, variable.label,
             dict(variable.metadata))
     return jax.tree_util.tree_map(lambda leaf: replacements.get(id(leaf), leaf), lifted, is_leaf=_is_variable)
 
